@@ -1,0 +1,1 @@
+"""Data store: the home directory layout, atomic Parquet tables, DuckDB views, problem loaders, mining."""

@@ -1,0 +1,1 @@
+"""Prefect flows (evolve, round, evaluate) and the `kaizen` command line; the outermost layer."""

@@ -1,0 +1,60 @@
+"""The `kaizen` console script: one entry point, one subcommand per pipeline stage.
+
+Each subcommand is implemented next to the code it drives (a `cli_*` function taking argv and
+returning an exit code) and imported only when called, so `kaizen exec` does not pay for
+importing torch or Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# name -> (implementation "module:function", one-line summary for `kaizen --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "exec": ("search.sandbox:cli_exec", "run a program (stdin) in the code sandbox; prints JSON"),
+    "grade": ("search.grading:cli_grade", "grade predicted answers against references"),
+    "tiny-model": ("models.tiny:cli_tiny_model", "build a tiny tokenizer + causal LM locally (no hub)"),
+    "vllm": ("models.vllm_server:cli_vllm", "install / start / stop the vLLM server used for rollouts"),
+    "rollout": ("models.rollout:cli_rollout", "run MCTS rollouts over problems; writes the nodes table"),
+    "mine": ("data_store.mining:cli_mine", "mine PPM preference pairs and SFT data from nodes tables"),
+    "train": ("models.training_cli:cli_train", "train the policy (sft) or the process preference model (ppm)"),
+    "score": ("models.ppm:cli_score", "score texts with a PPM checkpoint"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: kaizen <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`kaizen <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"kaizen: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(command(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"kaizen {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        # Users get one line; KAIZEN_DEBUG=1 shows the traceback for bug reports.
+        if os.environ.get("KAIZEN_DEBUG"):
+            raise
+        print(f"kaizen {name}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

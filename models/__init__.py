@@ -1,0 +1,1 @@
+"""Models: generation backends (transformers, vLLM server), tiny-model builder, PPM scorer, training."""

@@ -1,0 +1,190 @@
+"""The code-augmented chain-of-thought format of rStar-Math: rendering prompts and parsing steps.
+
+A solution is a Python program written one step at a time; the comments carry the reasoning:
+
+    # Step 1: <reasoning in words>
+    total = 2 * 20 * 12
+    <end_of_step>
+    # Now print the final answer
+    print(total)
+    <end_of_code>
+    <output>480<end_of_output>
+    <answer>The total is \\boxed{480}.<end_of_answer>
+
+A step's own code is its text without the closing marker (the `# Step k:` line is a comment, so
+the text is valid Python as it stands); the program of a step is the code of its whole path. Only
+the final code step's output is shown to the model, right before it writes the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+USER_TAG = "<|user|>"
+ASSISTANT_TAG = "<|assistant|>"
+END_OF_STEP = "<end_of_step>"
+END_OF_CODE = "<end_of_code>"
+OUTPUT_START = "<output>"
+END_OF_OUTPUT = "<end_of_output>"
+ANSWER_START = "<answer>"
+END_OF_ANSWER = "<end_of_answer>"
+
+STEP_SPECIAL_TOKENS: list[str] = [
+    USER_TAG,
+    ASSISTANT_TAG,
+    END_OF_STEP,
+    END_OF_CODE,
+    OUTPUT_START,
+    END_OF_OUTPUT,
+    ANSWER_START,
+    END_OF_ANSWER,
+]
+"""Every marker the format uses; tokenizers add them as special tokens so each is one token."""
+
+PROMPT_TEMPLATE = (
+    f"{USER_TAG}:\n{{question}}\n{ASSISTANT_TAG}: Let's think step by step and solve the problem with code.\n"
+)
+
+
+class Phase(Enum):
+    """What the policy writes next: a (possibly final) code step, or the answer after the output."""
+
+    STEP = "step"
+    ANSWER = "answer"
+
+
+STOP_STRINGS: dict[Phase, tuple[str, ...]] = {
+    Phase.STEP: (END_OF_STEP, END_OF_CODE),
+    Phase.ANSWER: (END_OF_ANSWER,),
+}
+
+
+class StepKind(Enum):
+    CODE = "code"  # an intermediate step, closed by <end_of_step>
+    FINAL_CODE = "final_code"  # the last code step, closed by <end_of_code>; its output comes next
+    ANSWER = "answer"  # <answer> ... <end_of_answer>
+    MALFORMED = "malformed"  # no closing marker (cut at max tokens), stray markers, wrong phase
+
+
+_PHASE_OF_KIND = {StepKind.CODE: Phase.STEP, StepKind.FINAL_CODE: Phase.STEP, StepKind.ANSWER: Phase.ANSWER}
+
+
+@dataclass(frozen=True)
+class ParsedStep:
+    kind: StepKind
+    code: str | None = None  # code steps: the text without its closing marker
+    answer_text: str | None = None  # answer steps: the text between <answer> and <end_of_answer>
+
+
+@dataclass(frozen=True)
+class SolutionStep:
+    """A step as it appears in a rendered solution; `output` is shown only after a final code step."""
+
+    text: str
+    output: str | None = None
+
+
+def render_prompt(question: str) -> str:
+    """The policy's prompt for a problem; a solution continues right after it."""
+    return PROMPT_TEMPLATE.format(question=question.strip())
+
+
+def render_output(output: str) -> str:
+    return f"{OUTPUT_START}{output.strip()}{END_OF_OUTPUT}"
+
+
+def render_solution(steps: Sequence[SolutionStep]) -> str:
+    """The completion text of a solution (what SFT trains on): one step per block, each ending in a newline."""
+    parts: list[str] = []
+    for step in steps:
+        parts.append(step.text.strip() + "\n")
+        if step.output is not None:
+            parts.append(render_output(step.output) + "\n")
+    return "".join(parts)
+
+
+def render_trajectory(question: str, steps: Sequence[SolutionStep]) -> str:
+    """Prompt plus solution so far: the text the policy continues and the PPM scores."""
+    return render_prompt(question) + render_solution(steps)
+
+
+def stop_strings(phase: Phase) -> list[str]:
+    return list(STOP_STRINGS[phase])
+
+
+def _strip_marker(text: str, marker: str) -> str | None:
+    """`text` without a trailing `marker`, or None when it does not end with it."""
+    return text[: -len(marker)] if text.endswith(marker) else None
+
+
+def _has_marker(text: str) -> bool:
+    return any(marker in text for marker in STEP_SPECIAL_TOKENS)
+
+
+def parse_step(text: str, phase: Phase | None = None) -> ParsedStep:
+    """Classify one generated step; with `phase`, a well-formed step of the other phase is malformed."""
+    stripped = text.strip()
+    parsed = _parse_unchecked(stripped)
+    if phase is not None and parsed.kind is not StepKind.MALFORMED and _PHASE_OF_KIND[parsed.kind] is not phase:
+        return ParsedStep(StepKind.MALFORMED)
+    return parsed
+
+
+def _parse_unchecked(stripped: str) -> ParsedStep:
+    for marker, kind in ((END_OF_STEP, StepKind.CODE), (END_OF_CODE, StepKind.FINAL_CODE)):
+        body = _strip_marker(stripped, marker)
+        if body is not None:
+            code = body.strip("\n").rstrip()
+            if not code.strip() or _has_marker(code):
+                return ParsedStep(StepKind.MALFORMED)
+            return ParsedStep(kind, code=code)
+    body = _strip_marker(stripped, END_OF_ANSWER)
+    if body is not None and body.startswith(ANSWER_START):
+        answer_text = body[len(ANSWER_START) :].strip()
+        if answer_text and not _has_marker(answer_text):
+            return ParsedStep(StepKind.ANSWER, answer_text=answer_text)
+    return ParsedStep(StepKind.MALFORMED)
+
+
+def path_program(codes: Sequence[str]) -> str:
+    """The program of a step: the code of every step on its path, in order."""
+    return "\n".join(codes) + "\n"
+
+
+def parse_solution(solution: str) -> list[SolutionStep]:
+    """Split a rendered solution back into steps (inverse of `render_solution` up to whitespace).
+
+    Raises ValueError on text that is not a sequence of closed steps.
+    """
+    steps: list[SolutionStep] = []
+    rest = solution.lstrip()
+    while rest:
+        end, marker = min(
+            ((rest.find(m), m) for m in (END_OF_STEP, END_OF_CODE, END_OF_ANSWER) if m in rest),
+            default=(-1, ""),
+        )
+        if end < 0:
+            raise ValueError(f"unterminated step: {rest[:80]!r}")
+        text, rest = rest[: end + len(marker)].strip(), rest[end + len(marker) :].lstrip()
+        output = None
+        if marker == END_OF_CODE and rest.startswith(OUTPUT_START):
+            close = rest.find(END_OF_OUTPUT)
+            if close < 0:
+                raise ValueError("unterminated <output>")
+            output = rest[len(OUTPUT_START) : close].strip()
+            rest = rest[close + len(END_OF_OUTPUT) :].lstrip()
+        steps.append(SolutionStep(text, output))
+    return steps
+
+
+def parse_trajectory(text: str) -> tuple[str, list[SolutionStep]]:
+    """Split a rendered trajectory into its question and steps; ValueError if it is not one."""
+    head, _, tail = PROMPT_TEMPLATE.partition("{question}")
+    if not text.startswith(head):
+        raise ValueError("text does not start with the prompt template")
+    question, found, solution = text[len(head) :].partition(tail)
+    if not found:
+        raise ValueError("text does not contain the assistant turn of the prompt template")
+    return question, parse_solution(solution)

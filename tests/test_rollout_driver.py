@@ -1,0 +1,339 @@
+"""The rollout driver on a toy environment: a scripted policy, an in-process executor, a boxed-answer checker.
+
+The toy problem is "2 + 3": step 1 picks a = 2 or a = 7, step 2 adds three, multiplies by three or
+divides by zero, and the final step prints b. Exactly one path gives the reference answer 5.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
+from search.policy import Completion, StepScorer
+from search.rollout import AnswerChecker, Executor, Problem, RolloutProgress, RolloutResult, run_rollouts
+from search.steps import END_OF_STEP
+
+QUESTION = "What is 2 + 3?"
+FIRST_STEPS = [
+    "# Step 1: start from two\na = 2\n<end_of_step>",
+    "# Step 1: start from seven\na = 7\n<end_of_step>",
+]
+SECOND_STEPS = [
+    "# Step 2: add three\nb = a + 3\n<end_of_step>",
+    "# Step 2: multiply by three\nb = a * 3\n<end_of_step>",
+    "# Step 2: divide by nothing\nb = a / 0\n<end_of_step>",
+]
+FINAL_STEP = "# Now print the final answer\nprint(b)\n<end_of_code>"
+ENDLESS_STEP = "# Step: keep going\nx = 1\n<end_of_step>"
+TOY_MENUS = (FIRST_STEPS, SECOND_STEPS, [FINAL_STEP])
+
+
+class ScriptedPolicy:
+    """Offers a fixed menu of steps per depth (in a seeded order) and boxes whatever the program printed."""
+
+    def __init__(self, menus: Sequence[Sequence[str]] = TOY_MENUS, seed: int = 0) -> None:
+        self.menus = menus
+        self.rng = random.Random(seed)
+        self.calls: list[list[str]] = []
+        self.tokens = 0
+
+    def generate(
+        self, prompts: Sequence[str], *, n: int, stop: Sequence[str], temperature: float, max_tokens: int
+    ) -> list[list[Completion]]:
+        self.calls.append(list(prompts))
+        results = [[Completion(text, len(text.split())) for text in self._continue(p, n)] for p in prompts]
+        self.tokens += sum(c.num_tokens for completions in results for c in completions)
+        return results
+
+    def _continue(self, prompt: str, n: int) -> list[str]:
+        printed = re.search(r"<output>(.*)<end_of_output>\n$", prompt, re.S)
+        if printed:
+            return [f"<answer>The result is \\boxed{{{printed.group(1)}}}.<end_of_answer>"] * n
+        menu = self.menus[min(prompt.count(END_OF_STEP), len(self.menus) - 1)]
+        order = self.rng.sample(list(menu), len(menu))
+        return [order[i % len(order)] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ToyResult:
+    ok: bool
+    stdout: str
+
+
+class InProcessExecutor:
+    """Runs the scripted toy programs with exec: acceptable for these fixed test programs only."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def run_many(self, programs: Sequence[str]) -> list[ToyResult]:
+        self.calls.append(list(programs))
+        return [self._run(program) for program in programs]
+
+    @staticmethod
+    def _run(program: str) -> ToyResult:
+        printed: list[str] = []
+        try:
+            exec(program, {"print": lambda *values: printed.append(" ".join(map(str, values)) + "\n")})
+        except Exception:
+            return ToyResult(False, "".join(printed))
+        return ToyResult(True, "".join(printed))
+
+
+@dataclass(frozen=True)
+class ToyGrade:
+    equal: bool
+    pred_answer: str | None
+
+
+class BoxedChecker:
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str]]] = []
+
+    def grade_many(self, pairs: Sequence[tuple[str, str]]) -> list[ToyGrade]:
+        self.calls.append(list(pairs))
+        boxed = [re.search(r"\\boxed\{([^}]*)\}", text) for text, _ in pairs]
+        answers = [match.group(1) if match else None for match in boxed]
+        return [ToyGrade(answer == gold, answer) for answer, (_, gold) in zip(answers, pairs, strict=True)]
+
+
+class StepPreferringScorer:
+    """A stand-in PPM that likes steps starting from two."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        self.calls.append(list(texts))
+        return [0.5 if "a = 2" in text else -0.5 for text in texts]
+
+
+def toy_problems(count: int) -> list[Problem]:
+    return [Problem(f"toy-{i}", f"{QUESTION} (copy {i})", "5") for i in range(count)]
+
+
+def search(
+    problems: Sequence[Problem],
+    config: MCTSConfig,
+    policy: ScriptedPolicy | None = None,
+    *,
+    executor: Executor | None = None,
+    checker: AnswerChecker | None = None,
+    scorer: StepScorer | None = None,
+    pipeline_groups: int = 2,
+    on_progress: Callable[[RolloutProgress], None] | None = None,
+) -> RolloutResult:
+    return run_rollouts(
+        problems,
+        config,
+        generator=policy or ScriptedPolicy(),
+        executor=executor or InProcessExecutor(),
+        checker=checker or BoxedChecker(),
+        scorer=scorer,
+        pipeline_groups=pipeline_groups,
+        on_progress=on_progress,
+    )
+
+
+def greedy_path(tree: Tree) -> list[Node]:
+    node, path = tree.root, []
+    while node.children:
+        node = max(node.children, key=lambda child: child.q_value)
+        path.append(node)
+    return path
+
+
+def expansions_per_tree(tree: Tree) -> int:
+    return sum(bool(node.children) for node in tree.nodes)
+
+
+# -- the search on the toy problem ------------------------------------------------------------------
+
+
+def test_search_finds_the_known_best_path() -> None:
+    [tree] = search(toy_problems(1), MCTSConfig(width=3, rollouts=16)).trees
+    path = greedy_path(tree)
+    assert [node.code.splitlines()[-1] for node in path[:-1]] == ["a = 2", "b = a + 3", "print(b)"]
+    assert (path[-1].kind, path[-1].answer, path[-1].correct) == (NodeKind.ANSWER, "5", True)
+
+
+def test_search_records_wrong_answers_and_failed_programs() -> None:
+    [tree] = search(toy_problems(1), MCTSConfig(width=3, rollouts=16)).trees
+    outcomes = Counter((node.kind, node.correct) for node in tree.nodes if node.is_terminal)
+    assert outcomes == {(NodeKind.ANSWER, True): 1, (NodeKind.ANSWER, False): 3, (NodeKind.ERROR, None): 2}
+
+
+def test_same_seeds_replay_exactly() -> None:
+    def rows() -> list[dict[str, object]]:
+        config = MCTSConfig(width=2, rollouts=3, seed=7)
+        result = search(toy_problems(3), config, ScriptedPolicy(seed=1), pipeline_groups=2)
+        return result.node_rows("run", 1)
+
+    assert rows() == rows()
+
+
+def test_endless_steps_stop_at_max_depth_as_depth_limit_nodes() -> None:
+    [tree] = search(toy_problems(1), MCTSConfig(width=2, max_depth=3), ScriptedPolicy([[ENDLESS_STEP]])).trees
+    assert max(node.depth for node in tree.nodes) == 3
+    assert {node.kind for node in tree.nodes if node.depth == 3} == {NodeKind.DEPTH_LIMIT}
+    assert tree.finished
+
+
+def test_ppm_mode_initialises_new_steps_with_the_scorer() -> None:
+    scorer = StepPreferringScorer()
+    [tree] = search(toy_problems(1), MCTSConfig(width=3, rollouts=1, mode=SearchMode.PPM), scorer=scorer).trees
+    first_steps = {node.code.splitlines()[-1]: node.ppm_score for node in tree.root.children}
+    assert first_steps == {"a = 2": 0.5, "a = 7": -0.5}
+
+
+def test_ppm_mode_without_a_scorer_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs a PPM scorer"):
+        search(toy_problems(1), MCTSConfig(mode=SearchMode.PPM))
+
+
+def test_problem_without_reference_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'no-ref'"):
+        search([Problem("no-ref", QUESTION, " ")], MCTSConfig())
+
+
+# -- the nodes table --------------------------------------------------------------------------------
+
+
+def ppm_initialisation(row: dict[str, Any]) -> tuple[int, float]:
+    """The visit and value a PPM-initialised step node holds on its own (not from its subtree)."""
+    if row["kind"] == "step" and row["ppm_score"] is not None:
+        return 1, row["ppm_score"]
+    return 0, 0.0
+
+
+def check_tree_invariants(rows: list[dict[str, Any]]) -> None:
+    by_id = {row["node_id"]: row for row in rows}
+    children: dict[int, list[dict[str, Any]]] = {node_id: [] for node_id in by_id}
+    for row in rows:
+        if row["parent_id"] != -1:
+            children[row["parent_id"]].append(row)
+    [root] = [row for row in rows if row["parent_id"] == -1]
+    assert (root["node_id"], root["kind"], root["depth"]) == (0, "root", 0)
+    for row in rows:
+        if row["parent_id"] != -1:
+            assert by_id[row["parent_id"]]["depth"] == row["depth"] - 1
+        kids = children[row["node_id"]]
+        if not kids:
+            continue
+        # Every back-propagated visit of a parent came through exactly one child.
+        own_visits, own_value = ppm_initialisation(row)
+        kids_own_visits = sum(ppm_initialisation(kid)[0] for kid in kids)
+        kids_own_value = sum(ppm_initialisation(kid)[1] for kid in kids)
+        assert row["visits"] - own_visits == sum(kid["visits"] for kid in kids) - kids_own_visits
+        value = row["q_value"] * row["visits"] - own_value
+        kids_value = sum(kid["q_value"] * kid["visits"] for kid in kids) - kids_own_value
+        assert value == pytest.approx(kids_value)
+
+
+def test_terminal_guided_tree_rows_are_consistent() -> None:
+    result = search(toy_problems(2), MCTSConfig(width=3, rollouts=4))
+    for tree in result.trees:
+        check_tree_invariants(tree.node_rows("run", 1))
+
+
+def test_ppm_augmented_tree_rows_are_consistent() -> None:
+    config = MCTSConfig(width=3, rollouts=4, mode=SearchMode.PPM)
+    result = search(toy_problems(2), config, scorer=StepPreferringScorer())
+    for tree in result.trees:
+        check_tree_invariants(tree.node_rows("run", 1))
+
+
+# -- batching across trees --------------------------------------------------------------------------
+
+
+def test_one_generate_call_per_pass_serves_every_unfinished_tree() -> None:
+    policy = ScriptedPolicy()
+    result = search(toy_problems(5), MCTSConfig(width=2, rollouts=3), policy, pipeline_groups=1)
+    expansions = [expansions_per_tree(tree) for tree in result.trees]
+    assert [len(prompts) for prompts in policy.calls] == [
+        sum(count > i for count in expansions) for i in range(max(expansions))
+    ]
+
+
+def test_each_pass_runs_all_programs_in_one_executor_call() -> None:
+    executor = InProcessExecutor()
+    policy = ScriptedPolicy()
+    result = search(toy_problems(5), MCTSConfig(width=3, rollouts=3), policy, executor=executor, pipeline_groups=1)
+    code_passes = sum(any(not p.endswith("<end_of_output>\n") for p in prompts) for prompts in policy.calls)
+    assert len(executor.calls) == code_passes
+    assert sum(map(len, executor.calls)) == result.stats.programs_run
+
+
+def test_each_pass_grades_all_answers_in_one_checker_call() -> None:
+    checker = BoxedChecker()
+    policy = ScriptedPolicy()
+    result = search(toy_problems(5), MCTSConfig(width=3, rollouts=3), policy, checker=checker, pipeline_groups=1)
+    answer_passes = sum(any(p.endswith("<end_of_output>\n") for p in prompts) for prompts in policy.calls)
+    assert len(checker.calls) == answer_passes
+    assert sum(map(len, checker.calls)) == result.stats.answers_graded
+
+
+def test_program_execution_overlaps_the_next_groups_generation() -> None:
+    executing, executed, generated_meanwhile = threading.Event(), threading.Event(), threading.Event()
+
+    class BlockingExecutor(InProcessExecutor):
+        """Holds the first batch of programs until a generation starts (or a generous deadline)."""
+
+        def run_many(self, programs: Sequence[str]) -> list[ToyResult]:
+            executing.set()
+            generated_meanwhile.wait(timeout=10)
+            executed.set()
+            return super().run_many(programs)
+
+    class WatchingPolicy(ScriptedPolicy):
+        overlapped = False
+
+        def generate(
+            self, prompts: Sequence[str], *, n: int, stop: Sequence[str], temperature: float, max_tokens: int
+        ) -> list[list[Completion]]:
+            if len(self.calls) == 1:  # the second group's first call, right after the first group's
+                self.overlapped = executing.wait(timeout=10) and not executed.is_set()
+                generated_meanwhile.set()
+            return super().generate(prompts, n=n, stop=stop, temperature=temperature, max_tokens=max_tokens)
+
+    policy = WatchingPolicy()
+    search(toy_problems(2), MCTSConfig(width=2, rollouts=1), policy, executor=BlockingExecutor(), pipeline_groups=2)
+    assert policy.overlapped
+
+
+def test_stats_count_every_generated_token() -> None:
+    policy = ScriptedPolicy()
+    result = search(toy_problems(3), MCTSConfig(width=3, rollouts=2), policy)
+    assert result.stats.tokens_generated == policy.tokens > 0
+
+
+def test_progress_callback_ends_with_every_tree_done() -> None:
+    reports: list[RolloutProgress] = []
+    result = search(toy_problems(3), MCTSConfig(width=2, rollouts=2), on_progress=reports.append)
+    assert [r.trees_done for r in reports] == sorted(r.trees_done for r in reports)
+    assert (reports[-1].trees_done, reports[-1].trees_total, reports[-1].nodes) == (3, 3, result.stats.nodes)
+
+
+# -- the real sandbox and grader --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_sandbox_and_grader_find_the_toy_answer() -> None:
+    sandbox = pytest.importorskip("search.sandbox")
+    grading = pytest.importorskip("search.grading")
+    try:
+        executor = sandbox.Sandbox(sandbox.SandboxConfig(workers=1))
+    except sandbox.SandboxUnavailable as unavailable:
+        pytest.skip(f"no sandbox on this machine: {unavailable}")
+    with executor, grading.Grader(workers=1, timeout_s=10) as checker:
+        result = search(toy_problems(2), MCTSConfig(width=3, rollouts=16), executor=executor, checker=checker)
+    assert result.stats.trees_solved == 2
+    assert all(greedy_path(tree)[-1].correct for tree in result.trees)

@@ -1,0 +1,99 @@
+"""The code-augmented step format: rendering, parsing and the markers it relies on."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.steps import (
+    END_OF_ANSWER,
+    END_OF_CODE,
+    END_OF_STEP,
+    STEP_SPECIAL_TOKENS,
+    Phase,
+    SolutionStep,
+    StepKind,
+    parse_solution,
+    parse_step,
+    parse_trajectory,
+    path_program,
+    render_prompt,
+    render_solution,
+    render_trajectory,
+    stop_strings,
+)
+
+CODE_STEP = "# Step 1: Work out the total number of legs\ntotal = 2 * 20 * 12\n<end_of_step>"
+FINAL_STEP = "# Now print the final answer\nprint(total)\n<end_of_code>"
+ANSWER_STEP = "<answer>The total is \\boxed{480}.<end_of_answer>"
+
+
+def test_prompt_carries_the_question_and_ends_where_the_first_step_starts() -> None:
+    prompt = render_prompt("How many legs do 20 spiders have?")
+    assert "How many legs do 20 spiders have?" in prompt
+    assert prompt.endswith("solve the problem with code.\n")
+
+
+def test_code_step_code_is_its_text_without_the_marker() -> None:
+    parsed = parse_step(CODE_STEP + "\n")
+    assert parsed.kind is StepKind.CODE
+    assert parsed.code == "# Step 1: Work out the total number of legs\ntotal = 2 * 20 * 12"
+
+
+def test_step_closed_by_end_of_code_is_the_final_code_step() -> None:
+    assert parse_step(FINAL_STEP).kind is StepKind.FINAL_CODE
+
+
+def test_answer_step_yields_its_answer_text() -> None:
+    parsed = parse_step(ANSWER_STEP, Phase.ANSWER)
+    assert (parsed.kind, parsed.answer_text) == (StepKind.ANSWER, "The total is \\boxed{480}.")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# Step 1: cut off by the token limit\ntotal = 2 *",
+        "<end_of_step>",  # no code at all
+        "# Step 1: hallucinated output\n<output>3<end_of_output>\n<end_of_step>",
+        "<answer>no closing marker",
+        f"<answer>\\boxed{{1}}{END_OF_STEP}",
+    ],
+)
+def test_unclosed_empty_or_stray_marker_steps_are_malformed(text: str) -> None:
+    assert parse_step(text).kind is StepKind.MALFORMED
+
+
+def test_well_formed_step_of_the_other_phase_is_malformed() -> None:
+    assert parse_step(CODE_STEP, Phase.ANSWER).kind is StepKind.MALFORMED
+    assert parse_step(ANSWER_STEP, Phase.STEP).kind is StepKind.MALFORMED
+
+
+def test_path_program_runs_the_steps_in_order() -> None:
+    namespace: dict[str, object] = {}
+    exec(path_program(["a = 2", "# Step 2: double it\nb = a * 2"]), namespace)
+    assert namespace["b"] == 4
+
+
+def test_output_is_rendered_after_the_final_code_step() -> None:
+    text = render_solution([SolutionStep(CODE_STEP), SolutionStep(FINAL_STEP, "480\n"), SolutionStep(ANSWER_STEP)])
+    assert text == f"{CODE_STEP}\n{FINAL_STEP}\n<output>480<end_of_output>\n{ANSWER_STEP}\n"
+
+
+def test_trajectory_round_trips_through_render_and_parse() -> None:
+    question = "How many legs do 20 spiders in 12 boxes have,\ntwo per box?"
+    steps = [SolutionStep(CODE_STEP), SolutionStep(FINAL_STEP, "480"), SolutionStep(ANSWER_STEP)]
+    assert parse_trajectory(render_trajectory(question, steps)) == (question, steps)
+
+
+def test_parse_solution_rejects_an_unterminated_step() -> None:
+    with pytest.raises(ValueError, match="unterminated"):
+        parse_solution(CODE_STEP + "\n# Step 2: never closed\n")
+
+
+def test_each_phase_stops_at_its_own_closing_markers() -> None:
+    assert stop_strings(Phase.STEP) == [END_OF_STEP, END_OF_CODE]
+    assert stop_strings(Phase.ANSWER) == [END_OF_ANSWER]
+
+
+def test_special_tokens_cover_every_stop_string_once() -> None:
+    assert len(set(STEP_SPECIAL_TOKENS)) == len(STEP_SPECIAL_TOKENS)
+    assert {*stop_strings(Phase.STEP), *stop_strings(Phase.ANSWER)} <= set(STEP_SPECIAL_TOKENS)
