@@ -1,0 +1,828 @@
+"""Policy SFT and PPM training on TRL: recipe configs, pre-flight checks, and one subprocess per run.
+
+`train_sft` / `train_ppm` check everything that can be checked without a GPU (recipe keys, the
+tables, the model to start from) and then run `python -m models.training sft|ppm --config FILE`
+(under `accelerate launch` when the recipe names an accelerate config), so GPU memory is returned
+when a run ends and a hung run can be killed as a process group. The child trains into a hidden
+staging directory next to the output, writes `provenance.json` last, and the parent renames the
+directory into place only when the child succeeded: a directory at the output path is complete.
+
+Each round trains from the base model on all verified data so far (`init_from: base`, as
+rStar-Math does) unless the recipe says `init_from: previous`. The PPM starts from this round's
+SFT policy with a one-label head; see `models.ppm` for how its value is defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from trl import RewardConfig, SFTConfig
+
+from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
+
+KINDS = ("sft", "ppm")
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {"sft": ("prompt", "completion"), "ppm": ("prompt", "chosen", "rejected")}
+PROVENANCE_FILE = "provenance.json"
+LOG_DIR = "logs"
+REQUEST_FILE = "request.json"
+FAILURE_FILE = "failure.txt"
+INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
+RIGHT_PADDED_SDPA = "sdpa_right_padded"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class TrainingError(Exception):
+    """A training run could not be done; the message is one line."""
+
+
+class TrainingInputError(TrainingError):
+    """Bad recipe, tables or model, found before any training started."""
+
+
+class TrainingRunError(TrainingError):
+    """The training subprocess failed, was killed, or timed out."""
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFields:
+    """Kaizen's fields and defaults, mixed into the SFT and PPM configs (the rest are TRL's and transformers')."""
+
+    base_model: str = field(
+        default="",
+        metadata={"help": "model to start from: a local Hugging Face directory or a hub name; for the PPM, "
+                  "this round's SFT policy (the caller usually passes it)"},
+    )
+    init_from: str = field(
+        default="base",
+        metadata={"help": "'base': every round trains base_model on all data so far (rStar-Math); 'previous': "
+                  "continue from the previous round's checkpoint when the caller passes one",
+                  "choices": ["base", "previous"]},
+    )
+    train_tables: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Parquet tables to train on (sft: prompt, completion; ppm: prompt, chosen, rejected); "
+                  "usually passed by the caller"},
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "examples (SFT) or pairs (PPM) per optimizer step across all processes; sets "
+                  "gradient_accumulation_steps from per_device_train_batch_size and the process count"},
+    )
+    add_step_tokens: bool = field(
+        default=True,
+        metadata={"help": "add the step-format markers to the tokenizer as single tokens (embeddings grow)"},
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights. Adapters are merged on save"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "modules that get adapters: 'all-linear' or a list of names"}
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate config file (multi-GPU DDP or FSDP); relative paths resolve against the "
+                  "working directory, then the repository. Unset: one process"},
+    )
+    timeout_s: float | None = field(
+        default=None, metadata={"help": "kill the run (whole process group) after this many seconds"}
+    )
+
+    # Defaults that differ from TRL's: bf16 and gradient checkpointing follow the device (TRL turns
+    # both on, and with bf16 on CPU the reward model did not learn), loss curves go to TensorBoard,
+    # the output holds only the final model, and token counts exclude padding (they feed tokens/s).
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; None: on when a CUDA device is present, off on CPU"}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "recompute activations in backward; None: on when a CUDA device is present, off on CPU"},
+    )
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "loss-curve loggers"})
+    save_strategy: str = field(default="no", metadata={"help": "intermediate checkpoints ('no': final model only)"})
+    include_num_input_tokens_seen: str | bool = field(
+        default="non_padding", metadata={"help": "count tokens seen: 'non_padding', 'all' or 'no'"}
+    )
+
+    def __post_init__(self) -> None:
+        _resolve_run_fields(self)
+        super().__post_init__()  # the TRL config this mixin is combined with
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_run_fields(config: Any) -> None:
+    """Fill the settings that depend on the machine: bf16 and checkpointing on GPU only, accumulation."""
+    on_gpu = _cuda_available()
+    if config.bf16 is None:
+        config.bf16 = on_gpu and not config.fp16
+    if config.gradient_checkpointing is None:
+        config.gradient_checkpointing = on_gpu
+    if config.global_batch_size is not None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = config.per_device_train_batch_size * world_size
+        if config.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {config.global_batch_size} is not a multiple of per_device_train_batch_size "
+                f"{config.per_device_train_batch_size} x {world_size} processes"
+            )
+        config.gradient_accumulation_steps = config.global_batch_size // per_step
+
+
+@dataclass
+class SFTTrainingConfig(RunFields, SFTConfig):
+    """Policy SFT: TRL's `SFTConfig` plus Kaizen's run fields and defaults."""
+
+
+@dataclass
+class PPMTrainingConfig(RunFields, RewardConfig):
+    """PPM: TRL's `RewardConfig` plus Kaizen's run fields and defaults (Bradley-Terry loss on tanh values)."""
+
+
+CONFIG_CLASSES: dict[str, type] = {"sft": SFTTrainingConfig, "ppm": PPMTrainingConfig}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The `training` section of a recipe: config fields per stage, checked against the config classes."""
+
+    sft: dict[str, Any] = field(default_factory=dict, metadata={"help": "SFTTrainingConfig fields"})
+    ppm: dict[str, Any] = field(default_factory=dict, metadata={"help": "PPMTrainingConfig fields"})
+
+    def for_kind(self, kind: str) -> dict[str, Any]:
+        return dict(getattr(self, kind))
+
+
+def _unknown_keys_message(where: str, unknown: Sequence[str], known: Sequence[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown key{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(hints)}"
+
+
+def _coerce(where: str, config_field: dataclasses.Field, value: Any) -> Any:
+    """YAML reads `7e-6` as a string; turn such strings into the field's scalar type, and check choices."""
+    type_text = getattr(config_field.type, "__name__", str(config_field.type))
+    if isinstance(value, str) and "str" not in type_text:
+        for scalar in (int, float):
+            if re.search(rf"\b{scalar.__name__}\b", type_text):
+                try:
+                    return scalar(value)
+                except ValueError:
+                    continue
+        raise TrainingInputError(f"{where}: {value!r} is not a valid {type_text}")
+    choices = config_field.metadata.get("choices")
+    if choices and isinstance(value, str) and value not in choices:
+        raise TrainingInputError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_config_keys(kind: str, values: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+    """The values with known keys only (scalars coerced); TrainingInputError naming every unknown key."""
+    where = where or f"training.{kind}"
+    fields_by_name = {f.name: f for f in dataclasses.fields(CONFIG_CLASSES[kind]) if f.init}
+    unknown = sorted(set(values) - set(fields_by_name))
+    if unknown:
+        raise TrainingInputError(_unknown_keys_message(where, unknown, list(fields_by_name)))
+    return {key: _coerce(f"{where}.{key}", fields_by_name[key], value) for key, value in values.items()}
+
+
+def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettings | None) -> TrainingSettings:
+    """Read the training section of a recipe (a YAML path or a mapping; a full recipe's `training` key is used).
+
+    Raises TrainingInputError naming unknown keys (with the closest known key) or values of the wrong type.
+    """
+    if source is None:
+        return TrainingSettings()
+    if isinstance(source, TrainingSettings):
+        return source
+    if isinstance(source, (str, Path)):
+        import yaml
+
+        path = Path(source)
+        try:
+            source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TrainingInputError(f"cannot read recipe {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(source, Mapping):
+        raise TrainingInputError("a training recipe must be a mapping")
+    section = source.get("training", source)
+    if not isinstance(section, Mapping):
+        raise TrainingInputError("recipe key 'training' must be a mapping")
+    unknown = sorted(set(section) - set(KINDS))
+    if unknown:
+        raise TrainingInputError(_unknown_keys_message("training", unknown, KINDS))
+    checked = {}
+    for kind in KINDS:
+        values = section.get(kind) or {}
+        if not isinstance(values, Mapping):
+            raise TrainingInputError(f"training.{kind} must be a mapping")
+        checked[kind] = check_config_keys(kind, values)
+    return TrainingSettings(**checked)
+
+
+# --- pre-flight checks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One training table as provenance records it."""
+
+    path: str
+    rows: int
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_tables(kind: str, paths: Sequence[str | Path]) -> list[TableInfo]:
+    """Check that the tables exist, are Parquet, have the kind's text columns without nulls or empty strings,
+    and hold at least one row between them. Raises TrainingInputError with one line naming the problem."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not paths:
+        raise TrainingInputError(f"no {kind} tables given")
+    required = REQUIRED_COLUMNS[kind]
+    infos = []
+    for raw_path in paths:
+        path = Path(raw_path)
+        if not path.is_file():
+            raise TrainingInputError(f"{kind} table not found: {path}")
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise TrainingInputError(f"{path} is not a Parquet file: {str(err).splitlines()[0]}") from err
+        missing = [name for name in required if name not in schema.names]
+        if missing:
+            raise TrainingInputError(
+                f"{path} lacks column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"(a {kind} table needs {', '.join(required)})"
+            )
+        table = pq.read_table(path, columns=list(required))
+        for name in required:
+            column = table.column(name)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                raise TrainingInputError(f"{path}: column {name} holds {column.type}, not text")
+            blank = column.null_count + pc.sum(pc.equal(pc.utf8_length(column), 0)).as_py() if len(column) else 0
+            if blank:
+                raise TrainingInputError(f"{path}: {blank} row(s) with a null or empty {name}")
+        infos.append(TableInfo(str(path.resolve()), table.num_rows, file_sha256(path)))
+    if not sum(info.rows for info in infos):
+        raise TrainingInputError(f"the {kind} tables are empty: {', '.join(str(p) for p in paths)}")
+    return infos
+
+
+def describe_model_source(name: str) -> dict[str, Any]:
+    """Provenance of the model a run starts from; TrainingInputError if it is neither a model directory nor a hub name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TrainingInputError(f"{name} is not a Hugging Face model directory (no config.json)")
+        record: dict[str, Any] = {
+            "name": name, "path": str(path.resolve()), "config_sha256": file_sha256(path / "config.json")
+        }
+        if (path / PROVENANCE_FILE).is_file():
+            # Checkpoints chain: a PPM names the SFT run it came from, which names its data and base.
+            record["provenance_sha256"] = file_sha256(path / PROVENANCE_FILE)
+        return record
+    if name and not name.startswith((".", "/", "~")) and _HUB_ID.fullmatch(name):
+        return {"name": name, "hub": True}
+    raise TrainingInputError(f"model not found: {name!r} (no such directory, and not a hub name)")
+
+
+def _resolve_file(name: str) -> Path:
+    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise TrainingInputError(f"accelerate config not found: {name}")
+
+
+# --- launching ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRequest:
+    """Everything a training subprocess needs, written as JSON into its staging directory."""
+
+    kind: str
+    config: dict[str, Any]
+    start_model: str
+    base_model: dict[str, Any]
+    start_model_record: dict[str, Any]
+    tables: list[TableInfo]
+    output_dir: str
+    overwrite: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRequest:
+        data = json.loads(text)
+        data["tables"] = [TableInfo(**table) for table in data["tables"]]
+        return cls(**data)
+
+
+def prepare_run(
+    kind: str,
+    recipe: str | Path | Mapping[str, Any] | TrainingSettings | None = None,
+    *,
+    tables: Sequence[str | Path] | None = None,
+    output_dir: str | Path,
+    base_model: str | None = None,
+    previous_checkpoint: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> RunRequest:
+    """Merge recipe, call arguments and overrides, and check all of it; nothing is trained or written.
+
+    `previous_checkpoint` is last round's output of the same kind; it is the starting point only under
+    `init_from: previous`. Raises TrainingInputError.
+    """
+    if kind not in KINDS:
+        raise TrainingInputError(f"unknown training kind {kind!r} (expected one of {', '.join(KINDS)})")
+    config = load_training_config(recipe).for_kind(kind)
+    config.update(check_config_keys(kind, overrides or {}, where="overrides"))
+    if tables is not None:
+        config["train_tables"] = [str(Path(table)) for table in tables]
+    if base_model is not None:
+        config["base_model"] = str(base_model)
+    if not config.get("base_model"):
+        raise TrainingInputError(f"no base model: pass one or set training.{kind}.base_model in the recipe")
+    output = Path(output_dir).expanduser().resolve()
+    if output.exists() and not overwrite:
+        raise TrainingInputError(f"output directory already exists: {output}")
+    if config.get("accelerate_config"):
+        config["accelerate_config"] = str(_resolve_file(config["accelerate_config"]))
+    table_infos = check_tables(kind, config.get("train_tables", []))
+    base_record = describe_model_source(config["base_model"])
+    start = config["base_model"]
+    if config.get("init_from", "base") == "previous" and previous_checkpoint is not None:
+        start = str(previous_checkpoint)
+    start_record = base_record if start == config["base_model"] else describe_model_source(start)
+    return RunRequest(kind, config, start, base_record, start_record, table_infos, str(output), overwrite)
+
+
+def _launch_command(request: RunRequest, request_path: Path) -> list[str]:
+    entry = ["-m", "models.training", request.kind, "--config", str(request_path)]
+    if request.config.get("accelerate_config"):
+        config_file = request.config["accelerate_config"]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *entry]
+    return [sys.executable, *entry]
+
+
+def _child_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child imports `models.training` by module name wherever the caller's working directory is.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished staging directory to `target`; an old `target` is swapped out, then deleted."""
+    if target.exists() and overwrite:
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+class TrainingRun:
+    """A training subprocess in flight; `wait()` publishes its checkpoint or raises TrainingRunError."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.output_dir = Path(request.output_dir)
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging_dir = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
+        request_path = self.staging_dir / REQUEST_FILE
+        request_path.write_text(request.to_json(), encoding="utf-8")
+        # A session of its own: killing the group also ends accelerate's worker processes.
+        self.process = subprocess.Popen(
+            _launch_command(request, request_path), env=_child_environment(), start_new_session=True
+        )
+
+    def kill(self, grace_s: float = 10.0) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL after `grace_s`."""
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self, timeout_s: float | None = None) -> Path:
+        """Block until the run ends; return the published checkpoint directory."""
+        timeout_s = timeout_s if timeout_s is not None else self.request.config.get("timeout_s")
+        try:
+            returncode = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._discard()
+            raise TrainingRunError(f"{self.request.kind} training timed out after {timeout_s:g} s and was killed") from None
+        except BaseException:
+            self.kill()
+            self._discard()
+            raise
+        if returncode != 0 or not (self.staging_dir / PROVENANCE_FILE).is_file():
+            reason = self._failure_reason(returncode)
+            self._discard()
+            if returncode == INPUT_ERROR_EXIT:
+                raise TrainingInputError(reason)
+            raise TrainingRunError(f"{self.request.kind} training failed: {reason}")
+        (self.staging_dir / REQUEST_FILE).unlink(missing_ok=True)
+        _publish(self.staging_dir, self.output_dir, self.request.overwrite)
+        return self.output_dir
+
+    def _failure_reason(self, returncode: int) -> str:
+        failure = self.staging_dir / FAILURE_FILE
+        if failure.is_file():
+            return failure.read_text(encoding="utf-8").strip()
+        if returncode < 0:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        return f"exit status {returncode}" if returncode else "no provenance.json was written"
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+
+
+def start_run(request: RunRequest) -> TrainingRun:
+    """Start the training subprocess of a prepared request."""
+    return TrainingRun(request)
+
+
+def _train(kind: str, tables: Sequence[str | Path] | None, output_dir: str | Path, **options: Any) -> Path:
+    timeout_s = options.pop("timeout_s", None)
+    return start_run(prepare_run(kind, tables=tables, output_dir=output_dir, **options)).wait(timeout_s)
+
+
+def train_sft(
+    tables: Sequence[str | Path] | None,
+    output_dir: str | Path,
+    *,
+    recipe: str | Path | Mapping[str, Any] | TrainingSettings | None = None,
+    base_model: str | None = None,
+    previous_checkpoint: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    timeout_s: float | None = None,
+) -> Path:
+    """Fine-tune the policy on `sft` tables (loss on completions only) in a subprocess; returns the checkpoint.
+
+    Raises TrainingInputError before starting anything, TrainingRunError if the run fails.
+    """
+    return _train(
+        "sft", tables, output_dir, recipe=recipe, base_model=base_model, previous_checkpoint=previous_checkpoint,
+        overrides=overrides, overwrite=overwrite, timeout_s=timeout_s,
+    )
+
+
+def train_ppm(
+    tables: Sequence[str | Path] | None,
+    output_dir: str | Path,
+    *,
+    recipe: str | Path | Mapping[str, Any] | TrainingSettings | None = None,
+    base_model: str | None = None,
+    previous_checkpoint: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    timeout_s: float | None = None,
+) -> Path:
+    """Train the PPM on `pairs` tables, starting from `base_model` (this round's SFT policy); returns the checkpoint.
+
+    Raises TrainingInputError before starting anything, TrainingRunError if the run fails.
+    """
+    return _train(
+        "ppm", tables, output_dir, recipe=recipe, base_model=base_model, previous_checkpoint=previous_checkpoint,
+        overrides=overrides, overwrite=overwrite, timeout_s=timeout_s,
+    )
+
+
+# --- inside the training subprocess ------------------------------------------------------------
+
+
+class ThroughputCallback(TrainerCallback):
+    """Steady-state training tokens/s: from the end of optimizer step `skip_steps` to the end of training."""
+
+    def __init__(self, skip_steps: int = 2) -> None:
+        self.skip_steps = skip_steps
+        self.tokens_per_second: float | None = None
+        self._start: tuple[float, int] | None = None
+
+    @staticmethod
+    def _now() -> float:
+        import torch
+
+        # Kernels run asynchronously: only a synchronised clock says when the work was done.
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        self.tokens_per_second, self._start = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.skip_steps:
+            self._start = (self._now(), state.num_input_tokens_seen)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self._start is not None and state.global_step > self.skip_steps:
+            started_at, tokens_before = self._start
+            self.tokens_per_second = (state.num_input_tokens_seen - tokens_before) / (self._now() - started_at)
+
+
+class _ChildInputError(Exception):
+    """Bad input only the training process can detect (config values, an unloadable model)."""
+
+
+def _load_dataset(kind: str, table_paths: Sequence[str]) -> Any:
+    """The tables' text columns as one in-memory `datasets.Dataset` (other columns are provenance only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    columns = list(REQUIRED_COLUMNS[kind])
+    parts = [pq.read_table(path, columns=columns).cast(pa.schema([(name, pa.large_string()) for name in columns]))
+             for path in table_paths]
+    return Dataset.from_dict(pa.concat_tables(parts).to_pydict())
+
+
+def register_right_padded_attention() -> str:
+    """Register (once per process) the `sdpa_right_padded` attention and return its name.
+
+    It is SDPA without the padding mask, so PyTorch runs its causal flash kernel instead of the
+    masked one (on an H200 this took padded SFT of a 0.5B model from 35k to 59k tokens/s). It is
+    exact for right-padded rows: under causal attention a token sees only earlier positions, so
+    padding at the end of a row never reaches a real token. Padded positions get values nobody
+    reads (their labels are -100; the PPM head reads the last real token). TRL's SFT and preference
+    collators pad on the right; packed padding-free batches need their block mask and keep `sdpa`.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    AttentionInterface.register(RIGHT_PADDED_SDPA, attention)
+    AttentionMaskInterface.register(RIGHT_PADDED_SDPA, lambda *args, **kwargs: None)
+    return RIGHT_PADDED_SDPA
+
+
+def _packs_without_padding(config: Any) -> bool:
+    """Whether TRL will flatten batches into one row (mirrors SFTTrainer's own rule)."""
+    packing = getattr(config, "packing", False)
+    return getattr(config, "padding_free", False) or (packing and config.packing_strategy in {"bfd", "bfd_split"})
+
+
+def _load_model(kind: str, config: Any, start_model: str) -> tuple[Any, Any, int]:
+    """Tokenizer and model (causal LM for SFT, one-label classifier for the PPM) with the step tokens added,
+    and how many of those tokens were new to the model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from models.tiny import add_step_tokens
+
+    attention = "sdpa" if _packs_without_padding(config) else register_right_padded_attention()
+    model_kwargs = {"attn_implementation": attention, "dtype": torch.float32, **(config.model_init_kwargs or {})}
+    # Kaizen loads the model itself (the step tokens must go in first); TRL would only warn about these.
+    config.model_init_kwargs = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(start_model)
+        if kind == "sft":
+            model = AutoModelForCausalLM.from_pretrained(start_model, **model_kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(start_model, num_labels=1, **model_kwargs)
+    except (OSError, ValueError) as err:
+        raise _ChildInputError(f"cannot load model {start_model!r}: {str(err).strip().splitlines()[0]}") from err
+    new_tokens = add_step_tokens(tokenizer, model) if config.add_step_tokens else 0
+    if kind == "ppm":
+        ensure_distinct_pad_token(tokenizer, model)
+        if not (Path(start_model) / SCORING_FILE).is_file():
+            _zero_value_head(model)
+    return tokenizer, model, new_tokens
+
+
+def _zero_value_head(model: Any) -> None:
+    """Start a new value head at 0 so every step begins at tanh(0) = 0, where the squash is steepest.
+
+    With a random head, the body's first Adam updates (sign-like, all weights at once) moved every
+    value together far into tanh's flat tails (seen on a random-init 0.5B model on GPU), where the
+    gradient vanishes and training stalls with all values at +-1. A zero head gives the body no
+    gradient until the head has learnt a direction, so values grow from 0 as the ranking is learnt.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.score.weight.zero_()
+
+
+def _apply_lora(kind: str, config: Any, model: Any, new_tokens: int) -> Any:
+    """Wrap the model in LoRA adapters; new step-marker embeddings (and their output rows) train in full.
+
+    New markers start as the mean embedding, all alike, so frozen they could not be told apart.
+    PEFT's per-token training (`trainable_token_indices`) would be lighter, but its wrapper hides
+    the LM head's `bias`, which TRL's fused LM head reads; whole-matrix `modules_to_save` works.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    embeddings = ["embed_tokens", "lm_head"] if kind == "sft" else ["embed_tokens"]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        task_type=TaskType.CAUSAL_LM if kind == "sft" else TaskType.SEQ_CLS,
+        modules_to_save=embeddings if new_tokens else None,
+        ensure_weight_tying=bool(new_tokens) and kind == "sft" and model.config.get_text_config().tie_word_embeddings,
+    )
+    return get_peft_model(model, lora)
+
+
+def _build_trainer(kind: str, config: Any, tokenizer: Any, model: Any, new_tokens: int, dataset: Any,
+                   callbacks: list[Any]) -> Any:
+    from trl import RewardTrainer, SFTTrainer
+
+    if config.lora_r:
+        model = _apply_lora(kind, config, model, new_tokens)
+    if kind == "sft":
+        return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    # After any LoRA wrapping, so the squash sits on the head that is actually called.
+    attach_value_squash(model)
+    group_by_length = config.train_sampling_strategy == "group_by_length"
+    if group_by_length:
+        # RewardTrainer keeps only its signature columns, which would drop the lengths the sampler
+        # reads; its collator ignores extra columns, so keeping them all is safe.
+        config.remove_unused_columns = False
+    max_length = config.max_length
+    # Encoded here with the scorer's own function rather than by RewardTrainer, so that training and
+    # scoring cannot drift apart (same EOS, same truncation side).
+
+    def encode_pairs(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
+        prompts = batch["prompt"]
+        chosen = encode_texts(tokenizer, [p + c for p, c in zip(prompts, batch["chosen"], strict=True)], max_length)
+        rejected = encode_texts(tokenizer, [p + r for p, r in zip(prompts, batch["rejected"], strict=True)], max_length)
+        encoded: dict[str, list[Any]] = {"chosen_ids": chosen, "rejected_ids": rejected}
+        if group_by_length:
+            encoded[config.length_column_name] = [len(c) + len(r) for c, r in zip(chosen, rejected, strict=True)]
+        return encoded
+
+    dataset = dataset.map(
+        encode_pairs, batched=True, remove_columns=list(REQUIRED_COLUMNS["ppm"]), num_proc=config.dataset_num_proc
+    )
+    return RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def _save(trainer: Any, config: Any, tokenizer: Any, staging: Path) -> None:
+    if not config.lora_r:
+        trainer.save_model(str(staging))
+        return
+    if trainer.is_world_process_zero():
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("kaizen", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _hardware() -> dict[str, Any]:
+    import torch
+
+    record: dict[str, Any] = {"world_size": int(os.environ.get("WORLD_SIZE", "1")), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        record["device"] = torch.cuda.get_device_name(0)
+        record["cuda"] = torch.version.cuda
+    else:
+        record["device"] = "cpu"
+    return record
+
+
+def _write_provenance(request: RunRequest, config: Any, trainer: Any, train_metrics: dict[str, Any],
+                      throughput: ThroughputCallback, staging: Path) -> None:
+    import torch
+
+    state = trainer.state
+    metrics = {**train_metrics, "global_step": state.global_step, "num_input_tokens_seen": state.num_input_tokens_seen}
+    metrics["tokens_per_second"] = throughput.tokens_per_second
+    if torch.cuda.is_available():
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    record = {
+        "kind": request.kind,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": request.base_model,
+        "start_model": request.start_model_record,
+        "init_from": request.config.get("init_from", "base"),
+        "tables": [dataclasses.asdict(table) for table in request.tables],
+        "config": request.config,
+        "training_args": json.loads(config.to_json_string()),
+        "metrics": metrics,
+        "log_history": state.log_history,
+        "versions": _versions(),
+        "hardware": _hardware(),
+    }
+    if request.kind == "ppm":
+        record["value"] = ScoringContract.load(staging).value
+    # Written last and atomically: its presence marks the checkpoint complete.
+    temporary = staging / f".{PROVENANCE_FILE}.tmp"
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, staging / PROVENANCE_FILE)
+
+
+def run_training(request: RunRequest, staging: Path) -> None:
+    """Train, save into `staging` and write provenance there (the body of the subprocess)."""
+    # Loss curves live inside the checkpoint, next to the weights they describe.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / LOG_DIR)
+    values = {**request.config, "output_dir": str(staging)}
+    try:
+        config = CONFIG_CLASSES[request.kind](**values)
+    except (TypeError, ValueError) as err:
+        raise _ChildInputError(f"invalid {request.kind} config: {str(err).strip().splitlines()[0]}") from err
+    tokenizer, model, new_tokens = _load_model(request.kind, config, request.start_model)
+    if request.kind == "ppm" and config.max_length is None:
+        # The scorer needs a bound; RewardTrainer's `None` means the model's own limit.
+        config.max_length = model.config.max_position_embeddings
+    dataset = _load_dataset(request.kind, [table.path for table in request.tables])
+    throughput = ThroughputCallback()
+    trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset, [throughput])
+    train_metrics = trainer.train().metrics
+    _save(trainer, config, tokenizer, staging)
+    if trainer.is_world_process_zero():
+        if request.kind == "ppm":
+            ScoringContract(max_length=config.max_length).save(staging)
+        _write_provenance(request, config, trainer, train_metrics, throughput, staging)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the training subprocess: `python -m models.training sft|ppm --config REQUEST.json`."""
+    parser = argparse.ArgumentParser(prog="python -m models.training", description="Run one training job (internal).")
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--config", required=True, type=Path, help="request JSON written by the launcher")
+    args = parser.parse_args(argv)
+    request = RunRequest.from_json(args.config.read_text(encoding="utf-8"))
+    staging = args.config.parent
+    try:
+        run_training(request, staging)
+    except _ChildInputError as err:
+        (staging / FAILURE_FILE).write_text(f"{err}\n", encoding="utf-8")
+        print(f"error: {err}", file=sys.stderr)
+        return INPUT_ERROR_EXIT
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        (staging / FAILURE_FILE).write_text(f"{type(err).__name__}: {first_line}\n", encoding="utf-8")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

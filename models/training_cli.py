@@ -1,0 +1,68 @@
+"""`kaizen train sft|ppm`: train the policy or the PPM from Parquet tables in a subprocess.
+
+Kept apart from `models.training` so that `--help` and usage errors answer without importing
+torch, transformers and TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+PROG = "kaizen train"
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (numbers, booleans, lists); argparse reports a bad one."""
+    import yaml
+
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {key!r}: {err}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Train the policy (sft) or the process preference model (ppm).")
+    parser.add_argument("kind", choices=["sft", "ppm"], help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables")
+    parser.add_argument("--tables", nargs="+", type=Path, required=True, help="Parquet tables (all verified data so far)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    parser.add_argument("--recipe", type=Path, default=None, help="recipe YAML with a `training` section")
+    parser.add_argument("--base-model", default=None, help="model to start from (default: the recipe's); for ppm, "
+                        "this round's SFT checkpoint")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="last round's checkpoint (the start under init_from: previous)")
+    parser.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set learning_rate=1e-5 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--timeout", type=float, default=None, help="kill the run after this many seconds")
+    return parser
+
+
+def cli_train(argv: list[str]) -> int:
+    """Entry point of `kaizen train`; prints the checkpoint path on success."""
+    args = build_parser().parse_args(argv)
+    from models.training import TrainingError, TrainingInputError, train_ppm, train_sft
+
+    train = train_sft if args.kind == "sft" else train_ppm
+    try:
+        checkpoint = train(
+            args.tables,
+            args.out,
+            recipe=args.recipe,
+            base_model=args.base_model,
+            previous_checkpoint=args.previous,
+            overrides=dict(args.settings),
+            overwrite=args.overwrite,
+            timeout_s=args.timeout,
+        )
+    except TrainingError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, TrainingInputError) else 1
+    print(checkpoint)
+    return 0

@@ -1,0 +1,370 @@
+"""Policy SFT and PPM training on a tiny model: learning, the scorer contract, atomic checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from models.ppm import PPMScorer, cli_score, encode_texts
+from models.tiny import build_tiny_model, default_corpus
+from models.training import (
+    PROVENANCE_FILE,
+    TrainingInputError,
+    TrainingRunError,
+    file_sha256,
+    load_training_config,
+    prepare_run,
+    register_right_padded_attention,
+    start_run,
+    train_ppm,
+    train_sft,
+)
+from models.training_cli import cli_train
+from search.steps import END_OF_STEP, StepKind, parse_step, render_prompt
+
+RECIPES = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
+
+# Settings that make a 2-layer model learn a handful of rows in seconds on CPU.
+FAST_SFT = {"learning_rate": 3e-3, "lr_scheduler_type": "constant", "per_device_train_batch_size": 8, "logging_steps": 5}
+FAST_PPM = {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "logging_steps": 3, "max_length": 256}
+
+
+def write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def sft_rows(count: int = 8) -> list[dict]:
+    """Step-format solutions of `a + b`, small enough to memorise."""
+    rows = []
+    for a in range(count):
+        total = 2 * a + 1
+        completion = (
+            f"# Step 1: add the numbers\nx = {a} + {a + 1}\n{END_OF_STEP}\n"
+            "# Now print the final answer\nprint(x)\n<end_of_code>\n"
+            f"<output>{total}<end_of_output>\n<answer>\\boxed{{{total}}}<end_of_answer>"
+        )
+        rows.append({"prompt": render_prompt(f"What is {a} plus {a + 1}?"), "completion": completion,
+                     "problem_id": f"p{a}", "round": 1, "mean_q": 1.0, "min_q": 1.0})
+    return rows
+
+
+def pair_rows(seed: int, count: int) -> list[dict]:
+    """Same-prefix step pairs where the rejected step divides by zero: a rule a tiny model can learn."""
+    rng = random.Random(seed)
+    names = ["total", "count", "value", "area", "result", "speed", "price", "width"]
+    rows = []
+    for index in range(count):
+        a, b, name = rng.randint(2, 99), rng.randint(2, 99), rng.choice(names)
+        prefix = render_prompt(f"Find the {name} when a={a} and b={b}.")
+        prefix += f"# Step 1: set up\na = {a}\nb = {b}\n{END_OF_STEP}\n"
+        offset = rng.randint(1, 9)
+        rows.append({
+            "prompt": prefix,
+            "chosen": f"# Step 2: compute the {name}\n{name} = a * b + {offset}\n{END_OF_STEP}",
+            "rejected": f"# Step 2: compute the {name}\n{name} = a * b / 0 + {offset}\n{END_OF_STEP}",
+            "problem_id": f"q{index}", "round": 1, "q_chosen": 1.0, "q_rejected": -1.0, "margin": 2.0,
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = default_corpus(seed=0, synthetic_examples=300, include_shared=False)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2, vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def sft_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_table(tmp_path_factory.mktemp("tables") / "sft.parquet", sft_rows())
+
+
+@pytest.fixture(scope="module")
+def pairs_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_table(tmp_path_factory.mktemp("tables") / "pairs.parquet", pair_rows(seed=0, count=48))
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sft_table: Path) -> Path:
+    out = tmp_path_factory.mktemp("sft") / "policy"
+    return train_sft([sft_table], out, base_model=str(tiny_model), overrides={**FAST_SFT, "num_train_epochs": 30})
+
+
+@pytest.fixture(scope="module")
+def ppm_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pairs_table: Path) -> Path:
+    out = tmp_path_factory.mktemp("ppm") / "ppm"
+    return train_ppm([pairs_table], out, base_model=str(tiny_model), overrides={**FAST_PPM, "num_train_epochs": 4})
+
+
+def losses(checkpoint: Path) -> list[float]:
+    history = json.loads((checkpoint / PROVENANCE_FILE).read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+# --- recipes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("train_*.yaml")), ids=lambda path: path.stem)
+def test_training_recipes_load(recipe: Path) -> None:
+    settings = load_training_config(recipe)
+    assert settings.sft and settings.ppm
+
+
+@pytest.mark.parametrize("name", ["train_qwen2.5-math-1.5b", "train_qwen2.5-math-7b"])
+def test_gpu_recipes_use_the_paper_hyperparameters(name: str) -> None:
+    settings = load_training_config(RECIPES / f"{name}.yaml")
+    paper = {
+        "sft": {"num_train_epochs": 2, "learning_rate": 7e-6, "global_batch_size": 128, "max_length": 4096, "bf16": True},
+        "ppm": {"num_train_epochs": 1, "learning_rate": 7e-6, "global_batch_size": 512, "bf16": True},
+    }
+    for kind, expected in paper.items():
+        section = settings.for_kind(kind)
+        assert {key: section[key] for key in expected} == expected
+
+
+def test_unknown_recipe_keys_are_all_named_with_suggestions() -> None:
+    with pytest.raises(TrainingInputError, match="'learning_rte' \\(did you mean 'learning_rate'\\?\\), 'lora_rr'"):
+        load_training_config({"training": {"sft": {"learning_rte": 1e-5, "lora_rr": 8}}})
+
+
+def test_unknown_training_section_is_named() -> None:
+    with pytest.raises(TrainingInputError, match="unknown key in training: 'policy'"):
+        load_training_config({"training": {"policy": {}}})
+
+
+def test_yaml_exponent_strings_become_floats() -> None:
+    assert load_training_config({"sft": {"learning_rate": "7e-6"}}).sft["learning_rate"] == 7e-6
+
+
+def test_config_values_outside_their_choices_are_rejected() -> None:
+    with pytest.raises(TrainingInputError, match="init_from: 'last' is not one of base, previous"):
+        load_training_config({"sft": {"init_from": "last"}})
+
+
+# --- bad input fails before training -----------------------------------------------------------
+
+
+def test_empty_table_fails_before_anything_is_written(tmp_path: Path, tiny_model: Path) -> None:
+    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string())])
+    empty = write_table(tmp_path / "sft.parquet", [], schema=schema)
+    with pytest.raises(TrainingInputError, match="tables are empty"):
+        train_sft([empty], tmp_path / "out", base_model=str(tiny_model))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sft.parquet"]
+
+
+def test_table_without_required_columns_names_them(tmp_path: Path, tiny_model: Path) -> None:
+    table = write_table(tmp_path / "pairs.parquet", [{"prompt": "p", "chosen": "c"}])
+    with pytest.raises(TrainingInputError, match="lacks column rejected"):
+        prepare_run("ppm", tables=[table], output_dir=tmp_path / "out", base_model=str(tiny_model))
+
+
+def test_null_or_empty_completions_are_rejected(tmp_path: Path, tiny_model: Path) -> None:
+    table = write_table(tmp_path / "sft.parquet", [{"prompt": "p", "completion": ""}, {"prompt": "p", "completion": None}])
+    with pytest.raises(TrainingInputError, match="2 row\\(s\\) with a null or empty completion"):
+        prepare_run("sft", tables=[table], output_dir=tmp_path / "out", base_model=str(tiny_model))
+
+
+def test_a_file_that_is_not_parquet_is_rejected(tmp_path: Path, tiny_model: Path) -> None:
+    (tmp_path / "sft.parquet").write_text("prompt,completion\n")
+    with pytest.raises(TrainingInputError, match="is not a Parquet file"):
+        prepare_run("sft", tables=[tmp_path / "sft.parquet"], output_dir=tmp_path / "out", base_model=str(tiny_model))
+
+
+def test_missing_base_model_is_rejected(tmp_path: Path, sft_table: Path) -> None:
+    with pytest.raises(TrainingInputError, match="model not found"):
+        prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "out", base_model=str(tmp_path / "no-model"))
+
+
+def test_existing_output_is_not_overwritten_by_default(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TrainingInputError, match="already exists"):
+        prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "out", base_model=str(tiny_model))
+
+
+def test_init_from_previous_starts_from_the_previous_checkpoint(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    previous = tmp_path / "round1"
+    previous.mkdir()
+    (previous / "config.json").write_text("{}")
+    request = prepare_run("sft", {"sft": {"init_from": "previous"}}, tables=[sft_table], output_dir=tmp_path / "out",
+                          base_model=str(tiny_model), previous_checkpoint=previous)
+    assert (request.start_model, request.base_model["name"]) == (str(previous), str(tiny_model))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli_train(["sft", "--tables", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"),
+                      "--base-model", str(tiny_model)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("kaizen train: error: sft table not found") and error.count("\n") == 1
+
+
+def test_cli_rejects_unknown_setting(
+    tmp_path: Path, sft_table: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = cli_train(["sft", "--tables", str(sft_table), "--out", str(tmp_path / "out"), "--base-model",
+                      str(tiny_model), "--set", "epochs=3"])
+    assert code == 2
+    assert "unknown key in overrides: 'epochs'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bad_config_value_fails_in_the_child_before_training(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    with pytest.raises(TrainingInputError, match="invalid sft config"):
+        train_sft([sft_table], tmp_path / "out", base_model=str(tiny_model), overrides={"lr_scheduler_type": "bogus"})
+    assert not (tmp_path / "out").exists()
+
+
+# --- the PPM's encoding and attention ----------------------------------------------------------
+
+
+def test_encoding_appends_eos_and_cuts_the_start(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "# Step 1: compute\nx = 12345 * 678\n"
+    full = encode_texts(tokenizer, [text], max_length=10_000)[0]
+    cut = encode_texts(tokenizer, [text], max_length=5)[0]
+    assert full[-1] == tokenizer.eos_token_id
+    assert cut == full[-5:]
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "classifier"])
+def test_right_padded_attention_equals_masked_sdpa_on_real_tokens(tiny_model: Path, head: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    load = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    extra = {} if head == "causal_lm" else {"num_labels": 1}
+    masked = load.from_pretrained(tiny_model, attn_implementation="sdpa", **extra).eval()
+    unmasked = load.from_pretrained(tiny_model, attn_implementation=register_right_padded_attention(), **extra).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    input_ids = torch.randint(10, 500, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, 7:], attention_mask[1, 7:] = masked.config.pad_token_id, 0
+    with torch.no_grad():
+        expected = masked(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = unmasked(input_ids=input_ids, attention_mask=attention_mask).logits
+    if head == "causal_lm":
+        expected, actual = torch.cat([expected[0], expected[1, :7]]), torch.cat([actual[0], actual[1, :7]])
+    torch.testing.assert_close(actual, expected)
+
+
+def test_cli_score_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_score(["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "none.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("kaizen score: error: no such file")
+
+
+# --- training (slow) ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_loss(sft_checkpoint: Path) -> None:
+    curve = losses(sft_checkpoint)
+    assert curve[-1] < 0.3 * curve[0]
+
+
+@pytest.mark.slow
+def test_sft_policy_generates_the_step_format(sft_checkpoint: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(sft_checkpoint)
+    inputs = tokenizer(sft_rows()[3]["prompt"], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    first_step = text[: text.index(END_OF_STEP) + len(END_OF_STEP)]
+    assert parse_step(first_step).kind is StepKind.CODE
+    assert first_step.startswith("# Step 1:")
+
+
+@pytest.mark.slow
+def test_checkpoint_records_its_data_base_model_and_loss_curves(
+    sft_checkpoint: Path, sft_table: Path, tiny_model: Path
+) -> None:
+    provenance = json.loads((sft_checkpoint / PROVENANCE_FILE).read_text())
+    assert provenance["tables"] == [{"path": str(sft_table.resolve()), "rows": 8, "sha256": file_sha256(sft_table)}]
+    assert provenance["base_model"]["config_sha256"] == file_sha256(tiny_model / "config.json")
+    assert {"torch", "transformers", "trl"} <= provenance["versions"].keys()
+    assert list((sft_checkpoint / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_ppm_ranks_held_out_pairs(ppm_checkpoint: Path) -> None:
+    scorer = PPMScorer(ppm_checkpoint, device="cpu")
+    held_out = pair_rows(seed=1, count=40)
+    chosen = scorer.score([row["prompt"] + row["chosen"] for row in held_out])
+    rejected = scorer.score([row["prompt"] + row["rejected"] for row in held_out])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(held_out)
+    assert accuracy >= 0.85
+
+
+@pytest.mark.slow
+def test_scores_are_tanh_of_the_checkpoints_raw_logit(ppm_checkpoint: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [row["prompt"] + row["chosen"] for row in pair_rows(seed=2, count=3)]
+    texts.append(texts[0][:40])  # a shorter one, so the scorer's batch has padding
+    scores = PPMScorer(ppm_checkpoint, device="cpu").score(texts)
+    tokenizer = AutoTokenizer.from_pretrained(ppm_checkpoint)
+    plain = AutoModelForSequenceClassification.from_pretrained(ppm_checkpoint).eval()
+    for text, score in zip(texts, scores, strict=True):
+        ids = torch.tensor([encode_texts(tokenizer, [text], max_length=256)[0]])
+        with torch.no_grad():
+            logit = plain(input_ids=ids).logits[0, 0].item()
+        assert -1.0 <= score <= 1.0
+        assert score == pytest.approx(math.tanh(logit), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_scores_do_not_depend_on_batch_composition(ppm_checkpoint: Path) -> None:
+    texts = [row["prompt"] + row["rejected"] for row in pair_rows(seed=3, count=6)]
+    scorer = PPMScorer(ppm_checkpoint, device="cpu", max_batch_tokens=256)
+    alone = [scorer.score([text])[0] for text in texts]
+    assert scorer.score(texts) == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_score_prints_one_value_per_row(ppm_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"text": row["prompt"] + row["chosen"], "id": index} for index, row in enumerate(pair_rows(seed=4, count=3))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli_score(["--ppm", str(ppm_checkpoint), "--jsonl", str(tmp_path / "in.jsonl"), "--device", "cpu"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["id"] for row in printed] == [0, 1, 2]
+    assert all(-1.0 <= row["ppm_score"] <= 1.0 for row in printed)
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_no_checkpoint_that_looks_complete(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    run = start_run(prepare_run("sft", tables=[sft_table], output_dir=output, base_model=str(tiny_model),
+                                overrides={**FAST_SFT, "num_train_epochs": 10_000}))
+    deadline = time.monotonic() + 120
+    while not list(run.staging_dir.glob("logs/events.out.tfevents.*")):  # training has started
+        assert run.process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(run.process.pid, signal.SIGKILL)
+    run.process.wait()
+    assert not output.exists() and not (run.staging_dir / PROVENANCE_FILE).exists()
+    with pytest.raises(TrainingRunError, match="SIGKILL"):
+        run.wait()
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_lora_training_saves_a_plain_merged_model(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = train_sft([sft_table], tmp_path / "lora", base_model=str(tiny_model),
+                    overrides={**FAST_SFT, "max_steps": 3, "lora_r": 4})
+    assert not (out / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)
