@@ -1,0 +1,119 @@
+"""Where Kaizen's data lives: the home directory and its run / round / stage / shard layout.
+
+This is the only module that knows paths. Everything a pipeline produces sits under one home:
+
+    {home}/problems/{pool}.parquet                                  problem pools shared by runs
+    {home}/runs/{run}/round-{round:03d}/{stage}/{table}.parquet     one file per round and stage
+    {home}/runs/{run}/round-{round:03d}/{stage}/{table}-{shard:05d}.parquet   or one per shard
+    {home}/runs/{run}/round-{round:03d}/checkpoints/{name}/         Hugging Face checkpoints
+
+The home is `$KAIZEN_HOME`, or `./kaizen_home` under the current working directory. It may never
+be inside the code tree (a package directory, tests, .git): data written there would be picked up
+as code, packaged, or committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "KAIZEN_HOME"
+DEFAULT_HOME_NAME = "kaizen_home"
+
+# The directories under the repository root that hold code; the root itself may host the home
+# (`./kaizen_home` next to pyproject.toml is git-ignored).
+CODE_ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("data_store", "search", "models", "tasks", "flows", "tests", "benchmarks", "deployments", ".git")
+
+# The stage each table is written by; `Layout.table_path` uses it when no stage is given.
+TABLE_STAGES: dict[str, str] = {
+    "nodes": "rollout",
+    "pairs": "mine",
+    "sft": "mine",
+    "eval": "eval",
+    "rounds": "gate",
+}
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class HomeError(ValueError):
+    """The configured home directory or a name inside it is not acceptable."""
+
+
+def get_home() -> Path:
+    """The data home: `$KAIZEN_HOME` if set, else `./kaizen_home`; refused inside the code tree."""
+    configured = os.environ.get(HOME_ENV)
+    home = Path(configured).expanduser() if configured else Path.cwd() / DEFAULT_HOME_NAME
+    home = home.resolve()
+    for code_dir in (CODE_ROOT / name for name in CODE_DIRS):
+        if home == code_dir or code_dir in home.parents:
+            raise HomeError(
+                f"data home {home} is inside the code tree ({code_dir}); set {HOME_ENV} to a directory outside it"
+            )
+    if home == CODE_ROOT:
+        raise HomeError(f"data home {home} is the code tree itself; set {HOME_ENV} to a directory outside it")
+    return home
+
+
+def check_name(value: str, what: str) -> str:
+    """Run, stage, table and pool names become path components: no separators, no leading dot."""
+    if not _NAME.fullmatch(value):
+        raise HomeError(f"{what} name {value!r} must be letters, digits, '.', '_' or '-' and not start with '.' or '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of every table file under one home directory."""
+
+    home: Path
+
+    @classmethod
+    def default(cls) -> Layout:
+        return cls(get_home())
+
+    def problems_path(self, pool: str) -> Path:
+        return self.home / "problems" / f"{check_name(pool, 'problem pool')}.parquet"
+
+    def run_dir(self, run: str) -> Path:
+        return self.home / "runs" / check_name(run, "run")
+
+    def round_dir(self, run: str, round_number: int) -> Path:
+        if round_number < 0:
+            raise HomeError(f"round must be >= 0, got {round_number}")
+        return self.run_dir(run) / f"round-{round_number:03d}"
+
+    def stage_dir(self, run: str, round_number: int, stage: str) -> Path:
+        return self.round_dir(run, round_number) / check_name(stage, "stage")
+
+    def table_path(
+        self, run: str, round_number: int, table: str, *, shard: int | None = None, stage: str | None = None
+    ) -> Path:
+        """The file of `table` for a round: `{table}.parquet`, or `{table}-{shard:05d}.parquet` for a shard."""
+        check_name(table, "table")
+        stage = stage or TABLE_STAGES.get(table)
+        if stage is None:
+            raise HomeError(f"table {table!r} has no default stage; pass stage=")
+        name = f"{table}.parquet" if shard is None else f"{table}-{shard:05d}.parquet"
+        return self.stage_dir(run, round_number, stage) / name
+
+    def checkpoint_dir(self, run: str, round_number: int, name: str) -> Path:
+        return self.round_dir(run, round_number) / "checkpoints" / check_name(name, "checkpoint")
+
+    def table_files(self, table: str) -> list[Path]:
+        """Every finished file of `table`, across runs and rounds, in path order.
+
+        Only final names match: a writer's temporary file is hidden (leading dot) and does not end
+        in `.parquet`, so a reader never sees a file that is still being written.
+        """
+        check_name(table, "table")
+        if table == "problems":
+            return sorted((self.home / "problems").glob("*.parquet"))
+        rounds = self.home / "runs"
+        files = set(rounds.glob(f"*/round-*/*/{table}.parquet")) | set(
+            rounds.glob(f"*/round-*/*/{table}-[0-9]*.parquet")
+        )
+        return sorted(path for path in files if not path.name.startswith("."))

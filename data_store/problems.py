@@ -1,0 +1,177 @@
+"""Problem loaders: JSONL, Parquet, or a Hugging Face `datasets` name -> the `problems` table.
+
+Every source becomes rows of `problem_id`, `problem`, `answer`, `source`, `metadata` (the source's
+other fields as JSON). Field names are mapped (`fields={"problem": "question"}`); without a mapping
+the usual names are tried (`problem`/`question`, `answer`/`final_answer`,
+`problem_id`/`id`/`unique_id`), so a problems table written by this package loads back unchanged.
+The problem id is stable: the source's id when it has one, else a hash of the problem text, so the
+same problem keeps its id across rounds, runs and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_store.schema import conform
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "problem": ("problem", "question"),
+    "answer": ("answer", "final_answer"),
+    "id": ("problem_id", "id", "unique_id"),
+    "source": ("source",),
+}
+
+
+class ProblemsError(ValueError):
+    """A problem source cannot be turned into a valid problems table."""
+
+
+def content_id(problem: str) -> str:
+    """The id of a problem that has none: a hash of its whitespace-trimmed text."""
+    return "sha256-" + hashlib.sha256(problem.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def load_problems(
+    source: str | Path,
+    *,
+    fields: Mapping[str, str] | None = None,
+    split: str = "test",
+    require_answer: bool = True,
+    limit: int | None = None,
+) -> pa.Table:
+    """Load problems from a JSONL/Parquet file or a `datasets` name (`name` or `name:config`).
+
+    `fields` maps our names (`problem`, `answer`, `id`, `source`) to the source's. With
+    `require_answer`, a problem without a reference answer is an error naming it.
+    """
+    path = Path(source)
+    if path.is_file() or path.suffix in FILE_SUFFIXES:
+        if not path.is_file():
+            raise ProblemsError(f"problems file {path} does not exist")
+        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+        default_source = path.stem
+    else:
+        rows = _dataset_rows(str(source), split)
+        default_source = str(source)
+    return _problems_table(
+        rows,
+        fields=fields or {},
+        default_source=default_source,
+        require_answer=require_answer,
+        limit=limit,
+        origin=str(source),
+    )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ProblemsError(f"{path} line {number}: not valid JSON ({error.msg})") from error
+            if not isinstance(row, dict):
+                raise ProblemsError(f"{path} line {number}: expected a JSON object")
+            yield f"line {number}", row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ProblemsError(f"{path} is not a readable Parquet file: {error}") from error
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"row {number}", row
+
+
+def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets  # noqa: PLC0415 - heavy; only this source needs it
+
+    dataset_name, _, config_name = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(dataset_name, config_name or None, split=split)
+    except Exception as error:  # the hub, the cache and the builder all raise their own types
+        raise ProblemsError(f"cannot load dataset {name!r} (split {split!r}): {error}") from error
+    for number, row in enumerate(dataset, start=1):
+        yield f"row {number}", dict(row)
+
+
+def _pick(row: Mapping[str, Any], ours: str, fields: Mapping[str, str]) -> tuple[str | None, Any]:
+    """The source field holding `ours` and its value; (None, None) when the row has none."""
+    candidates = (fields[ours],) if ours in fields else DEFAULT_FIELDS[ours]
+    for name in candidates:
+        if name in row:
+            return name, row[name]
+    return None, None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _problems_table(
+    rows: Iterable[tuple[str, dict[str, Any]]],
+    *,
+    fields: Mapping[str, str],
+    default_source: str,
+    require_answer: bool,
+    limit: int | None,
+    origin: str,
+) -> pa.Table:
+    unknown = set(fields) - set(DEFAULT_FIELDS)
+    if unknown:
+        raise ProblemsError(
+            f"unknown field mapping key(s) {', '.join(sorted(unknown))}; use {', '.join(DEFAULT_FIELDS)}"
+        )
+    seen: dict[str, tuple[str, str | None]] = {}
+    columns: dict[str, list[str | None]] = {
+        name: [] for name in ("problem_id", "problem", "answer", "source", "metadata")
+    }
+    for where, row in rows:
+        if limit is not None and len(seen) >= limit:
+            break
+        problem_field, problem = _pick(row, "problem", fields)
+        problem = _text(problem)
+        if problem is None:
+            raise ProblemsError(
+                f"{origin} {where}: no problem text (field {problem_field or '/'.join(DEFAULT_FIELDS['problem'])})"
+            )
+        id_field, raw_id = _pick(row, "id", fields)
+        problem_id = _text(raw_id) or content_id(problem)
+        answer_field, answer = _pick(row, "answer", fields)
+        answer = _text(answer)
+        if require_answer and answer is None:
+            raise ProblemsError(
+                f"{origin} {where}: problem {problem_id} has no answer; rollouts need a reference answer"
+            )
+        if problem_id in seen:
+            if seen[problem_id] != (problem, answer):
+                raise ProblemsError(f"{origin} {where}: problem id {problem_id} appears twice with different content")
+            continue  # the same problem listed twice
+        seen[problem_id] = (problem, answer)
+        source_field, source = _pick(row, "source", fields)
+        used = {problem_field, id_field, answer_field, source_field}
+        extra = {key: value for key, value in row.items() if key not in used}
+        columns["problem_id"].append(problem_id)
+        columns["problem"].append(problem)
+        columns["answer"].append(answer)
+        columns["source"].append(_text(source) or default_source)
+        columns["metadata"].append(
+            json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
+        )
+    return conform(
+        pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()}), "problems", source=origin
+    )
