@@ -1,0 +1,459 @@
+"""Code sandbox: math programs work, each attack from the issue fails, the CLI keeps its word."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from search.sandbox import ExecResult, Sandbox, SandboxConfig, SandboxUnavailable
+
+LIMITS = SandboxConfig(timeout_s=1.0, memory_mb=256, max_processes=8, max_file_bytes=1_000_000)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(LIMITS) as box:
+        yield box
+
+
+@pytest.fixture(scope="module")
+def one_worker() -> Iterator[Sandbox]:
+    """A single worker, so consecutive programs are guaranteed to share it (for leak tests)."""
+    with Sandbox(SandboxConfig(**{**LIMITS.__dict__, "workers": 1})) as box:
+        yield box
+
+
+def run(box: Sandbox, source: str) -> ExecResult:
+    return box.run(textwrap.dedent(source))
+
+
+def host_processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+# Normal programs
+
+
+def test_stdlib_math_program_prints_its_result(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import math, itertools
+        from fractions import Fraction
+        total = sum(Fraction(1, n) for n in range(1, 5))
+        pairs = len(list(itertools.combinations(range(6), 2)))
+        print(total, pairs, math.comb(10, 3), math.isqrt(99))
+    """)
+    assert result == ExecResult(ok=True, stdout="25/12 15 120 9\n", error=None)
+
+
+def test_sympy_program_prints_its_result(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        from sympy import symbols, solve, Rational
+        x = symbols('x')
+        print(sorted(solve(x**2 - 5*x + 6, x)), Rational(3, 4) + Rational(1, 4))
+    """)
+    assert result.stdout == "[2, 3] 1\n" and result.ok
+
+
+def test_numpy_program_prints_its_result(sandbox: Sandbox) -> None:
+    pytest.importorskip("numpy")
+    result = run(sandbox, "import numpy as np\nprint(int(np.arange(1, 11).sum()))")
+    assert result.stdout == "55\n" and result.ok
+
+
+def test_exception_is_reported_as_its_last_traceback_line(sandbox: Sandbox) -> None:
+    result = run(sandbox, "print('before')\n1 / 0")
+    assert result == ExecResult(ok=False, stdout="before\n",
+                                error="ZeroDivisionError: division by zero")
+
+
+def test_sys_exit_with_nonzero_code_is_an_error(sandbox: Sandbox) -> None:
+    assert run(sandbox, "import sys\nsys.exit(3)").error == "SystemExit: 3"
+
+
+def test_stderr_is_not_mixed_into_stdout(sandbox: Sandbox) -> None:
+    result = run(sandbox, "import sys\nprint('warn', file=sys.stderr)\nprint('out')")
+    assert result.stdout == "out\n"
+
+
+def test_run_many_returns_results_in_input_order(sandbox: Sandbox) -> None:
+    programs = [f"print({i})" if i % 3 else f"import sympy\nprint(sympy.Integer({i}))"
+                for i in range(40)]
+    programs[7] = "raise ValueError('seven')"
+    results = sandbox.run_many(programs)
+    assert [r.stdout for r in results] == [
+        "" if i == 7 else f"{i}\n" for i in range(40)]
+    assert results[7].error == "ValueError: seven"
+
+
+def test_concurrent_callers_each_get_their_own_results(sandbox: Sandbox) -> None:
+    programs = [f"print({i})" if i % 4 else f"import sympy\nprint(sympy.Integer({i}))"
+                for i in range(60)]
+    with ThreadPoolExecutor(6) as pool:
+        outputs = list(pool.map(lambda program: sandbox.run(program).stdout, programs))
+    assert outputs == [f"{i}\n" for i in range(60)]
+
+
+def test_programs_queued_behind_a_dying_or_retiring_worker_still_run(sandbox: Sandbox) -> None:
+    kill_worker = "import os, signal\nos.kill(-1, signal.SIGKILL)"
+    leave_ipc = "import ctypes\nctypes.CDLL(None).shmget(0, 4096, 0o1600)\nprint('ipc')"
+    programs = [kill_worker if i % 5 == 1 else leave_ipc if i % 5 == 3 else f"print({i})"
+                for i in range(20)]
+    results = sandbox.run_many(programs)
+    assert [r.stdout for r in results] == [
+        "" if i % 5 == 1 else "ipc\n" if i % 5 == 3 else f"{i}\n" for i in range(20)]
+
+
+def test_programs_and_outputs_larger_than_a_pipe_pass_through(sandbox: Sandbox) -> None:
+    programs = [f"#{'x' * 300_000}\nprint('y' * 50_000)\nprint({i})" for i in range(6)]
+    results = sandbox.run_many(programs)
+    assert [r.stdout for r in results] == [f"{'y' * 50_000}\n{i}\n" for i in range(6)]
+
+
+# State does not leak between programs
+
+
+def test_globals_do_not_leak(one_worker: Sandbox) -> None:
+    run(one_worker, "leaked = 41")
+    assert run(one_worker, "print(leaked)").error == "NameError: name 'leaked' is not defined"
+
+
+def test_module_monkeypatching_does_not_leak(one_worker: Sandbox) -> None:
+    run(one_worker, "import math\nmath.pi = 3")
+    assert run(one_worker, "import math\nprint(math.pi)").stdout == "3.141592653589793\n"
+
+
+def test_files_do_not_leak(one_worker: Sandbox) -> None:
+    run(one_worker, "open('note.txt', 'w').write('x')\nopen('/tmp/other.txt', 'w').write('y')")
+    result = run(one_worker, "import os\nprint(os.listdir('.'), sorted(os.listdir('/tmp')))")
+    assert result.stdout == "[] ['program']\n"
+
+
+def test_sysv_shared_memory_does_not_leak(one_worker: Sandbox) -> None:
+    created = run(one_worker, "import ctypes\nprint(ctypes.CDLL(None).shmget(0, 4096, 0o1600))")
+    assert created.stdout.strip().isdigit()
+    table = run(one_worker, "print(len(open('/proc/sysvipc/shm').read().splitlines()))")
+    assert table.stdout == "1\n"  # header only
+
+
+# Limits
+
+
+def test_infinite_loop_times_out(sandbox: Sandbox) -> None:
+    result = run(sandbox, "while True:\n    pass")
+    assert (result.timed_out, result.error) == (True, "timeout")
+
+
+def test_sleep_times_out(sandbox: Sandbox) -> None:
+    assert run(sandbox, "import time\ntime.sleep(60)").timed_out
+
+
+def test_cpu_burning_children_are_killed_at_the_timeout(sandbox: Sandbox) -> None:
+    marker = f"burn-{uuid.uuid4().hex}"
+    result = run(sandbox, f"""
+        import subprocess, sys
+        for _ in range(3):
+            subprocess.Popen([sys.executable, '-c', 'while True: pass', '{marker}'])
+        while True:
+            pass
+    """)
+    assert result.timed_out and host_processes_mentioning(marker) == []
+
+
+@pytest.mark.parametrize("bomb", [
+    "data = bytearray(4 * 1024 ** 3)",
+    "chunks = []\nwhile True:\n    chunks.append(' ' * 10 ** 6)",
+], ids=["one-allocation", "gradual"])
+def test_memory_bomb_reports_memory_exceeded(sandbox: Sandbox, bomb: str) -> None:
+    result = run(sandbox, bomb)
+    assert (result.memory_exceeded, result.error) == (True, "memory limit exceeded")
+
+
+def test_fork_bomb_is_stopped_by_the_process_limit(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import os, time
+        forked = 0
+        try:
+            while True:
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                forked += 1
+        except OSError:
+            print(forked)
+    """)
+    assert int(result.stdout) < LIMITS.max_processes
+
+
+def test_file_size_limit(sandbox: Sandbox) -> None:
+    result = run(sandbox, f"open('big', 'wb').write(b'x' * {2 * LIMITS.max_file_bytes})")
+    assert result.error == "OSError: [Errno 27] File too large"
+
+
+def test_huge_output_is_truncated_with_a_marker(sandbox: Sandbox) -> None:
+    result = run(sandbox, "for _ in range(1000):\n    print('x' * 10000)")
+    limit = LIMITS.max_output_bytes
+    assert result.ok and result.stdout.startswith("x" * 100)
+    assert result.stdout.endswith(f"[output truncated: more than {limit} bytes]")
+    assert len(result.stdout) < limit + 100
+
+
+# Isolation
+
+
+def test_cannot_connect_to_a_listener_on_the_host(sandbox: Sandbox) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        result = run(sandbox, f"""
+            import socket
+            socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hello')
+        """)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert not result.ok
+
+
+def test_dns_does_not_resolve(sandbox: Sandbox) -> None:
+    result = run(sandbox, "import socket\nsocket.getaddrinfo('example.com', 443)")
+    assert result.error is not None and result.error.startswith("socket.gaierror")
+
+
+def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIZEN_TEST_SECRET", "hunter2")
+    with Sandbox(LIMITS) as box:
+        result = run(box, "import os\nprint(dict(os.environ))")
+    assert result.ok and "hunter2" not in result.stdout and "KAIZEN" not in result.stdout
+
+
+def test_cannot_read_a_file_in_the_hosts_tmp(sandbox: Sandbox) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=tempfile.gettempdir(), suffix=".secret") as secret:
+        secret.write("hunter2")
+        secret.flush()
+        result = run(sandbox, f"print(open({secret.name!r}).read())")
+    assert result.error is not None and result.error.startswith("FileNotFoundError")
+
+
+def test_cannot_read_a_file_in_the_home_directory(sandbox: Sandbox) -> None:
+    secret = Path.home() / f".kaizen-sandbox-test-{uuid.uuid4().hex}"
+    secret.write_text("hunter2")
+    try:
+        result = run(sandbox, f"print(open({str(secret)!r}).read())")
+    finally:
+        secret.unlink()
+    assert result.error is not None and "hunter2" not in result.stdout
+
+
+def test_cannot_write_outside_the_private_tmp(sandbox: Sandbox) -> None:
+    targets = ["/", "/usr", "/etc", "/dev/shm", str(Path.home()), sys.prefix,
+               os.path.dirname(os.__file__)]
+    result = run(sandbox, f"""
+        written = []
+        for directory in {targets!r}:
+            try:
+                open(directory + '/kaizen-escape', 'w').write('x')
+                written.append(directory)
+            except OSError:
+                pass
+        print(written)
+    """)
+    assert result.stdout == "[]\n"
+
+
+def test_child_processes_die_with_the_program(sandbox: Sandbox) -> None:
+    marker = f"{uuid.uuid4().int % 10 ** 6 + 10 ** 6}.5"  # a unique `sleep` argument
+    result = run(sandbox, f"""
+        import subprocess
+        subprocess.Popen(['sleep', '{marker}'], start_new_session=True)
+        print('spawned')
+    """)
+    assert result.stdout == "spawned\n" and host_processes_mentioning(f"sleep\0{marker}") == []
+
+
+def test_threads_do_not_keep_the_program_alive(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import threading, time
+        threading.Thread(target=time.sleep, args=(60,)).start()
+        print('main done')
+    """)
+    assert result == ExecResult(ok=True, stdout="main done\n", error=None)
+
+
+def test_program_cannot_create_namespaces(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.unshare(0x10000000), ctypes.get_errno())  # CLONE_NEWUSER
+    """)
+    assert result.stdout == "-1 1\n"  # EPERM
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid switch only happens for a root host")
+def test_program_runs_unprivileged_when_the_host_is_root(sandbox: Sandbox) -> None:
+    assert run(sandbox, "import os\nprint(os.getuid(), os.getgroups())").stdout == "65534 []\n"
+
+
+def test_program_that_kills_its_worker_gets_an_error_and_the_next_one_runs(
+        one_worker: Sandbox) -> None:
+    killed = run(one_worker, "import os, signal\nos.kill(-1, signal.SIGKILL)")
+    assert killed.error is not None and "worker died" in killed.error
+    assert run(one_worker, "print('next')").stdout == "next\n"
+
+
+# Bad input
+
+
+@pytest.mark.parametrize(("program", "error"), [
+    ("print(", "syntax error: '(' was never closed (line 1)"),
+    ("x = 1\0", "syntax error: source code string cannot contain null bytes"),
+    ("", "empty program"),
+    ("  \n\t\n", "empty program"),
+    ("print('\udc80')", "program is not valid UTF-8: surrogates not allowed at position 7"),
+    ("#" * (LIMITS.max_program_bytes + 1),
+     f"program too large: {LIMITS.max_program_bytes + 1} bytes "
+     f"(limit {LIMITS.max_program_bytes})"),
+], ids=["syntax", "null-byte", "empty", "blank", "not-utf8", "oversized"])
+def test_bad_program_gets_an_error_result(sandbox: Sandbox, program: str, error: str) -> None:
+    assert sandbox.run(program) == ExecResult(ok=False, stdout="", error=error)
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="isolation"):
+        SandboxConfig(isolation="docker")
+
+
+# Failing loudly
+
+
+def test_missing_bwrap_raises_with_the_fix(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SandboxUnavailable, match=r"apt-get install bubblewrap.*isolation='none'"):
+        Sandbox(LIMITS)
+
+
+def test_bwrap_that_cannot_create_namespaces_raises_with_its_message(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\n"
+                    "echo 'bwrap: No permissions to create new namespace' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SandboxUnavailable, match="No permissions to create new namespace"):
+        Sandbox(LIMITS)
+
+
+def test_isolation_none_still_runs_programs_with_limits() -> None:
+    with Sandbox(SandboxConfig(**{**LIMITS.__dict__, "isolation": "none"})) as box:
+        assert run(box, "print(6 * 7)").stdout == "42\n"
+        assert run(box, "while True:\n    pass").timed_out
+
+
+# CLI
+
+
+def kaizen_exec(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                stdin: bytes, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = main(["exec", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_prints_one_json_object_and_exits_0_when_the_program_fails(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = kaizen_exec(monkeypatch, capsys, b"print('hi')\n1/0\n")
+    assert code == 0
+    assert json.loads(out) == {"ok": False, "stdout": "hi\n",
+                               "error": "ZeroDivisionError: division by zero",
+                               "timed_out": False, "memory_exceeded": False}
+
+
+def test_cli_reports_a_non_utf8_program_as_a_json_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = kaizen_exec(monkeypatch, capsys, b"print('\xff')")
+    assert code == 0 and json.loads(out)["error"].startswith("program is not valid UTF-8")
+
+
+def test_cli_reports_an_oversized_program_as_a_json_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    limit = SandboxConfig.max_program_bytes
+    code, out, _ = kaizen_exec(monkeypatch, capsys, b"#" * (limit + 10))
+    assert code == 0 and json.loads(out)["error"] == f"program too large: more than {limit} bytes"
+
+
+def test_cli_timeout_option(monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = kaizen_exec(monkeypatch, capsys, b"import time\ntime.sleep(9)", "--timeout",
+                               "0.3")
+    assert code == 0 and json.loads(out)["timed_out"] is True
+
+
+def test_cli_batch_prints_one_line_per_program_in_order(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [json.dumps({"code": f"print({i} * {i})"}) for i in range(12)]
+    code, out, _ = kaizen_exec(monkeypatch, capsys, "\n".join(lines).encode(), "--batch")
+    assert code == 0
+    assert [json.loads(line)["stdout"] for line in out.splitlines()] == [
+        f"{i * i}\n" for i in range(12)]
+
+
+def test_cli_batch_names_the_malformed_line_and_runs_nothing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    stdin = b'{"code": "print(1)"}\n{"code": "print(2)"\n{"code": "print(3)"}\n'
+    code, out, err = kaizen_exec(monkeypatch, capsys, stdin, "--batch")
+    assert (code, out) == (2, "")
+    assert err.startswith("kaizen exec: error: line 2: malformed JSON") and err.count("\n") == 1
+
+
+def test_cli_batch_rejects_a_line_without_code(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = kaizen_exec(monkeypatch, capsys, b'{"code": "print(1)"}\n[1, 2]\n', "--batch")
+    assert code == 2 and "line 2" in err
+
+
+def test_cli_usage_error_is_one_line_and_exit_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = kaizen_exec(monkeypatch, capsys, b"print(1)", "--timeout", "soon")
+    assert (code, out) == (2, "")
+    assert err.startswith("kaizen exec: error:") and err.count("\n") == 1
+
+
+def test_cli_without_bwrap_says_how_to_fix_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    code, out, err = kaizen_exec(monkeypatch, capsys, b"print(1)")
+    assert (code, out) == (1, "")
+    assert "apt-get install bubblewrap" in err and err.count("\n") == 1
+
+
+def test_installed_kaizen_script_runs_a_program() -> None:
+    script = Path(sys.executable).with_name("kaizen")
+    completed = subprocess.run([str(script), "exec"], input=b"print(2 ** 10)",
+                               capture_output=True, timeout=60, check=False)
+    assert completed.returncode == 0
+    assert json.loads(completed.stdout)["stdout"] == "1024\n"
