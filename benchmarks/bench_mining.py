@@ -202,7 +202,7 @@ def _astro_text(tree: _Tree, leaf: Node) -> str:
         ]
         if failures:
             failure = min(failures, key=lambda f: (f["depth"], f["node_id"]))
-            reflection = astro_reflection(failure["kind"], failure["output"], failure["answer"], depth)
+            reflection = astro_reflection(failure["kind"], failure["error"], failure["answer"], depth)
             return astro_completion(
                 tree.text(path[:depth]), tree.text(tree.path(failure)[depth:]), reflection, tree.text(path[depth:])
             )

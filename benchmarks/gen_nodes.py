@@ -197,12 +197,11 @@ def _step_texts(
     step = pc.if_else(is_answer, answer_text, pc.binary_join_element_wise(code, "\n<end_of_step>", ""))
     step = pc.if_else(pa.array(nodes["kind"] == 0), "", step)
     code = pc.if_else(pa.array(np.isin(nodes["kind"], (0, 2))), "", code)
-    error = ERRORS.take(pa.array(rng.integers(0, len(ERRORS), size)))
-    output = pc.if_else(
-        pa.array(nodes["kind"] == 3), error, pc.cast(pa.array(rng.integers(0, 10_000, size)), pa.string())
-    )
+    is_error = pa.array(nodes["kind"] == 3)
+    error = pc.if_else(is_error, ERRORS.take(pa.array(rng.integers(0, len(ERRORS), size))), pa.nulls(size, pa.string()))
+    output = pc.cast(pa.array(rng.integers(0, 10_000, size)), pa.string())
     output = pc.if_else(pa.array(np.isin(nodes["kind"], (0, 2))), pa.nulls(size, pa.string()), output)
-    return step, code, output
+    return step, code, output, error
 
 
 def _reference_answer(problem_index: np.ndarray) -> np.ndarray:
@@ -237,7 +236,7 @@ def generate(
     q_value, visits = _q_values(nodes, shape, rng)
     problem_index = nodes["tree"] // shape.rounds
     answer = _answers(nodes, problem_index, rng)
-    step, code, output = _step_texts(nodes, answer, rng)
+    step, code, output, error = _step_texts(nodes, answer, rng)
     kind_names = pa.array(["root", "step", "answer", "error", "depth_limit"])
     is_answer = nodes["kind"] == 2
     table = pa.table(
@@ -251,6 +250,7 @@ def generate(
             "step": step,
             "code": code,
             "output": output,
+            "error": error,
             "kind": kind_names.take(pa.array(nodes["kind"])),
             "answer": pc.if_else(pa.array(is_answer), answer, pa.nulls(order.size, pa.string())),
             "correct": pa.array(np.where(is_answer, nodes["correct"], False), mask=~is_answer),

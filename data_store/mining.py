@@ -112,10 +112,10 @@ def render_node_step(step: str, output: str | None, kind: str) -> str:
     return render_solution([SolutionStep(step, output if final_code else None)])
 
 
-def astro_reflection(failure_kind: str, output: str | None, answer: str | None, back_to_step: int) -> str:
+def astro_reflection(failure_kind: str, error: str | None, answer: str | None, back_to_step: int) -> str:
     """The step that admits a failed branch and goes back, written as a comment-only code step."""
     if failure_kind == "error":
-        lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
+        lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
         reason = f"running this code fails with {lines[-1][:200]}" if lines else "running this code fails"
     else:
         reason = f"the result {answer} does not check out, so this approach is wrong"
@@ -329,7 +329,7 @@ WHERE lp.depth >= 1
 TEXT_SQL = """
 CREATE TEMP TABLE text AS
 SELECT hash(s.run, s.round, s.problem_id) AS tree, s.node_id, coalesce(s.step, '') AS step,
-       render_step(s.step, s.output, s.kind) AS rendered, s.kind, s.output, s.answer
+       render_step(s.step, s.output, s.kind) AS rendered, s.kind, s.output, s.error, s.answer
 FROM source s SEMI JOIN wanted w ON w.tree = hash(s.run, s.round, s.problem_id) AND w.node_id = s.node_id
 """
 
@@ -408,7 +408,7 @@ joined AS (
     FROM piece GROUP BY tree, leaf_id
 )
 SELECT q.prompt, t.run, t.round, t.problem_id, s.rank, s.leaf_id, s.mean_q, s.min_q,
-       d.back_to_depth, failure.kind AS failure_kind, failure.output AS failure_output,
+       d.back_to_depth, failure.kind AS failure_kind, failure.error AS failure_error,
        failure.answer AS failure_answer, j.prefix, j.failed_branch, j.continuation
 FROM sft_leaf s JOIN tree t USING (tree) JOIN problem_prompt q USING (problem_id)
 JOIN joined j ON j.tree = s.tree AND j.leaf_id = s.leaf_id
@@ -613,7 +613,7 @@ def _astro_rows(con: duckdb.DuckDBPyConnection) -> pa.Table:
             completions.append(row["prefix"])
             continue
         reflection = astro_reflection(
-            row["failure_kind"], row["failure_output"], row["failure_answer"], row["back_to_depth"]
+            row["failure_kind"], row["failure_error"], row["failure_answer"], row["back_to_depth"]
         )
         completions.append(astro_completion(row["prefix"], row["failed_branch"], reflection, row["continuation"]))
     columns = {

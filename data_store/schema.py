@@ -45,6 +45,7 @@ NODES = pa.schema(
         _field("step", pa.string()),  # as generated, closing marker included; "" for the root
         _field("code", pa.string(), nullable=True),
         _field("output", pa.string(), nullable=True),
+        _field("error", pa.string(), nullable=True),  # why an `error` node failed (sandbox error, malformed step)
         _field("kind", pa.string()),  # root | step | answer | error | depth_limit
         _field("answer", pa.string(), nullable=True),
         _field("correct", pa.bool_(), nullable=True),  # set on answer nodes

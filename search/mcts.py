@@ -58,6 +58,8 @@ class NodeKind(StrEnum):
 
 TERMINAL_KINDS = frozenset({NodeKind.ANSWER, NodeKind.ERROR, NodeKind.DEPTH_LIMIT})
 
+MALFORMED_STEP_ERROR = "the step is not in the step format"
+
 NODE_COLUMNS: tuple[str, ...] = (
     "run",
     "round",
@@ -68,6 +70,7 @@ NODE_COLUMNS: tuple[str, ...] = (
     "step",
     "code",
     "output",
+    "error",
     "kind",
     "answer",
     "correct",
@@ -118,6 +121,7 @@ class Node:
     step: str = ""
     code: str = ""
     output: str | None = None
+    error: str | None = None
     answer: str | None = None
     correct: bool | None = None
     ppm_score: float | None = None
@@ -147,6 +151,7 @@ class Candidate:
     at_max_depth: bool
     program_ok: bool | None = None
     output: str | None = None
+    error: str | None = None  # the sandbox's error text when the program failed
     answer: str | None = None
     correct: bool | None = None
     ppm_score: float | None = None
@@ -281,6 +286,7 @@ class Tree:
             step=candidate.step,
             code=candidate.parsed.code or "",
             output=candidate.output,
+            error=MALFORMED_STEP_ERROR if candidate.parsed.kind is StepKind.MALFORMED else candidate.error,
             answer=candidate.answer,
             correct=candidate.correct,
             ppm_score=candidate.ppm_score,
@@ -342,6 +348,7 @@ class Tree:
                 "step": node.step,
                 "code": node.code,
                 "output": node.output,
+                "error": node.error,
                 "kind": node.kind.value,
                 "answer": node.answer,
                 "correct": node.correct,

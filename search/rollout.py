@@ -40,6 +40,9 @@ class ProgramResult(Protocol):
     @property
     def stdout(self) -> str: ...
 
+    @property
+    def error(self) -> str | None: ...
+
 
 class Executor(Protocol):
     """Runs programs in isolation (search.sandbox.Sandbox implements it)."""
@@ -252,6 +255,7 @@ class _Driver:
             results = self.executor.run_many([program for _, program in runnable])
             for (candidate, _), result in zip(runnable, results, strict=True):
                 candidate.program_ok, candidate.output = result.ok, result.stdout
+                candidate.error = None if result.ok else result.error
         # Which candidates the PPM scores depends on their kind, known only once the programs ran.
         to_score = [(e, c) for e in expansions for c in e.candidates if e.tree.needs_ppm_score(c)]
         if to_score:

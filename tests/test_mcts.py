@@ -203,7 +203,7 @@ def test_node_rows_have_exactly_the_table_columns() -> None:
     assert [tuple(row) for row in rows] == [NODE_COLUMNS] * 3
     assert rows[0] == {
         "run": "run-1", "round": 1, "problem_id": "toy", "node_id": 0, "parent_id": -1, "depth": 0,
-        "step": "", "code": "", "output": None, "kind": "root", "answer": None, "correct": None,
+        "step": "", "code": "", "output": None, "error": None, "kind": "root", "answer": None, "correct": None,
         "visits": 0, "q_value": 0.0, "ppm_score": None,
     }  # fmt: skip
 

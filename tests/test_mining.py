@@ -66,6 +66,7 @@ def tree(*nodes: dict, run: str = "run", round_number: int = 1, problem_id: str 
                 "step": spec.get("step", default_step),
                 "code": "",
                 "output": spec.get("output"),
+                "error": spec.get("error"),
                 "kind": kind,
                 "answer": answer,
                 "correct": spec.get("correct"),
@@ -125,7 +126,7 @@ def fan_out(children: list[tuple[int, float, bool | str]]) -> list[dict]:
             nodes.append(leaf(child_id + 100, child_id, outcome))
         else:
             nodes.append(
-                {"node_id": child_id + 100, "parent_id": child_id, "kind": outcome, "q": -1.0, "output": "boom"}
+                {"node_id": child_id + 100, "parent_id": child_id, "kind": outcome, "q": -1.0, "error": "boom"}
             )
     return tree(*nodes)
 
@@ -294,7 +295,7 @@ def test_astro_trace_walks_the_failed_branch_says_why_and_backtracks(tmp_path: P
             -1.0,
             kind="error",
             step="# Step 2: divide\ny = x / 0\n<end_of_step>",
-            output='Traceback (most recent call last):\n  File "<step>", line 2\nZeroDivisionError: division by zero\n',
+            error="ZeroDivisionError: division by zero",
         ),
         step(3, 1, 0.75, step="# Step 2: add\ny = x + 2\n<end_of_step>"),
         leaf(4, 3, True, step="<answer>So \\boxed{4}.<end_of_answer>"),

@@ -66,6 +66,7 @@ class ScriptedPolicy:
 class ToyResult:
     ok: bool
     stdout: str
+    error: str | None = None
 
 
 class InProcessExecutor:
@@ -83,8 +84,8 @@ class InProcessExecutor:
         printed: list[str] = []
         try:
             exec(program, {"print": lambda *values: printed.append(" ".join(map(str, values)) + "\n")})
-        except Exception:
-            return ToyResult(False, "".join(printed))
+        except Exception as error:
+            return ToyResult(False, "".join(printed), f"{type(error).__name__}: {error}")
         return ToyResult(True, "".join(printed))
 
 
@@ -337,3 +338,10 @@ def test_real_sandbox_and_grader_find_the_toy_answer() -> None:
         result = search(toy_problems(2), MCTSConfig(width=3, rollouts=16), executor=executor, checker=checker)
     assert result.stats.trees_solved == 2
     assert all(greedy_path(tree)[-1].correct for tree in result.trees)
+
+
+def test_error_nodes_record_why_they_failed() -> None:
+    """The sandbox's error text is kept on the node, so mining can say why a branch failed."""
+    result = search(toy_problems(1), MCTSConfig(width=3, rollouts=16))
+    errors = [row for row in result.node_rows("run", 1) if row["kind"] == "error"]
+    assert errors and all(row["error"] for row in errors)
