@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install sysdeps bench clean
+.PHONY: demo test test-slow install sysdeps vllm clean
 
 demo: $(STAMP)
 	$(BIN)/kaizen demo
@@ -13,8 +13,12 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 # Tiny-model training, servers and end-to-end flows: minutes, not seconds. CI runs these too.
-test-slow: $(STAMP)
+test-slow: $(STAMP) vllm
 	$(BIN)/pytest -q -m slow
+
+# vLLM lives in its own environment (.venv-vllm): its pins conflict with Prefect's (DESIGN section 3).
+vllm: $(STAMP)
+	$(BIN)/kaizen vllm install
 
 install: $(STAMP)
 
@@ -33,4 +37,4 @@ $(STAMP): pyproject.toml | sysdeps
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("data_store.mining:cli_mine", "mine PPM preference pairs and SFT data from nodes tables"),
     "train": ("models.training_cli:cli_train", "train the policy (sft) or the process preference model (ppm)"),
     "score": ("models.ppm:cli_score", "score texts with a PPM checkpoint"),
+    "demo": ("flows.demo:cli_demo", "the embedded CPU default: bootstrap a tiny model, then search-and-train rounds"),
 }
 
 

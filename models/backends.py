@@ -1,0 +1,51 @@
+"""Opening a generation backend by name: the one place that turns `--backend hf|vllm` into a Generator.
+
+Rollouts, evaluation and benchmarks all call `open_generator`, so a vLLM server's lifetime (start on
+the checkpoint, wait for health, stop) is the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from search.policy import Generator
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class BackendConfig:
+    """Which engine generates, and how."""
+
+    backend: str = field(default="hf", metadata={"help": "`hf` (in-process transformers) or `vllm` (managed OpenAI-compatible server)"})
+    device: str = field(default="cpu", metadata={"help": "torch device for the `hf` backend"})
+    batch_size: int = field(default=64, metadata={"help": "`hf`: sequences (prompt x sample) per forward batch"})
+    concurrency: int = field(default=64, metadata={"help": "`vllm`: requests in flight at once"})
+    vllm_url: str | None = field(default=None, metadata={"help": "`vllm`: use this running server instead of starting one"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@contextmanager
+def open_generator(model: str | Path, config: BackendConfig | None = None, *, seed: int = 0) -> Iterator[Generator]:
+    """Yield a Generator on `model`; a vLLM server started here is stopped on exit, whatever happens."""
+    config = config or BackendConfig()
+    if config.backend == "hf":
+        from models.generation import HFGenerator
+
+        yield HFGenerator(model, device=config.device, batch_size=config.batch_size, seed=seed)
+        return
+    from models.vllm_server import VLLMGenerator, VLLMServer
+
+    if config.vllm_url:
+        with VLLMGenerator(config.vllm_url, str(model), concurrency=config.concurrency, seed=seed) as generator:
+            yield generator
+        return
+    with VLLMServer(model) as server:
+        with VLLMGenerator(server.base_url, server.model_name, concurrency=config.concurrency, seed=seed) as generator:
+            yield generator

@@ -1,0 +1,164 @@
+"""The in-process transformers backend against the `Generator` contract, on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.generation import HFGenerator
+from models.tiny import ModelLoadError, build_tiny_model, default_corpus
+from search.steps import render_prompt
+
+# Different lengths, so batches need left padding.
+PROMPTS = [
+    render_prompt("What is 2 + 2?"),
+    render_prompt("A train travels 120 km in 2 hours and then 60 km in 1 hour. What is its average speed?"),
+    render_prompt("Find x if 3x = 12."),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = default_corpus(include_shared=False)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir: Path) -> HFGenerator:
+    return HFGenerator(model_dir, batch_size=8)
+
+
+def greedy(generator: HFGenerator, prompts: list[str], *, stop: list[str] = (), max_tokens: int = 24):
+    return generator.generate(prompts, n=1, stop=list(stop), temperature=0.0, max_tokens=max_tokens)
+
+
+def first_stop_cut(text: str, stop: str) -> str:
+    return text[: text.index(stop) + len(stop)]
+
+
+def pick_stop(text: str, *, after: int) -> str:
+    """A 3-character printable ASCII piece of `text` whose first occurrence starts at `after` or later."""
+    return next(
+        piece
+        for start in range(after, len(text) - 3)
+        if (piece := text[start : start + 3]).isascii() and piece.isprintable() and text.find(piece) == start
+    )
+
+
+def test_returns_n_completions_for_every_prompt(generator: HFGenerator) -> None:
+    completions = generator.generate(PROMPTS, n=3, stop=[], temperature=1.0, max_tokens=5)
+    assert [len(samples) for samples in completions] == [3, 3, 3]
+
+
+def test_no_prompts_gives_no_completions(generator: HFGenerator) -> None:
+    assert generator.generate([], n=2, stop=[], temperature=1.0, max_tokens=5) == []
+
+
+def test_greedy_batch_matches_each_prompt_alone(generator: HFGenerator) -> None:
+    batched = greedy(generator, PROMPTS)
+    assert batched == [greedy(generator, [prompt])[0] for prompt in PROMPTS]
+
+
+def test_greedy_does_not_depend_on_batch_size(model_dir: Path, generator: HFGenerator) -> None:
+    one_at_a_time = HFGenerator(model_dir, batch_size=1)
+    assert greedy(one_at_a_time, PROMPTS) == greedy(generator, PROMPTS)
+
+
+def test_greedy_samples_of_one_prompt_are_identical(generator: HFGenerator) -> None:
+    samples = generator.generate(PROMPTS[:1], n=3, stop=[], temperature=0.0, max_tokens=8)[0]
+    assert samples == [samples[0]] * 3
+
+
+def test_completion_without_stop_or_eos_runs_to_max_tokens(generator: HFGenerator) -> None:
+    completion = greedy(generator, PROMPTS[:1], max_tokens=7)[0][0]
+    assert (completion.num_tokens, completion.finish_reason) == (7, "length")
+
+
+def test_stop_string_ends_the_completion_and_is_included(generator: HFGenerator) -> None:
+    full = greedy(generator, PROMPTS[:1], max_tokens=40)[0][0].text
+    stop = pick_stop(full, after=8)
+    completion = greedy(generator, PROMPTS[:1], stop=[stop], max_tokens=40)[0][0]
+    assert completion.text == first_stop_cut(full, stop)
+    assert completion.finish_reason == "stop"
+
+
+def test_earliest_of_several_stop_strings_wins(generator: HFGenerator) -> None:
+    full = greedy(generator, PROMPTS[:1], max_tokens=40)[0][0].text
+    early = pick_stop(full, after=4)
+    late = pick_stop(full, after=full.index(early) + 6)
+    completion = greedy(generator, PROMPTS[:1], stop=[late, early], max_tokens=40)[0][0]
+    assert completion.text == first_stop_cut(full, early)
+
+
+def test_num_tokens_is_the_shortest_generation_containing_the_stop(generator: HFGenerator) -> None:
+    full = greedy(generator, PROMPTS[:1], max_tokens=40)[0][0].text
+    stop = pick_stop(full, after=8)
+    stopped = greedy(generator, PROMPTS[:1], stop=[stop], max_tokens=40)[0][0]
+    assert stop in greedy(generator, PROMPTS[:1], max_tokens=stopped.num_tokens)[0][0].text
+    assert stop not in greedy(generator, PROMPTS[:1], max_tokens=stopped.num_tokens - 1)[0][0].text
+
+
+def test_stop_string_in_the_prompt_does_not_stop_generation(generator: HFGenerator) -> None:
+    full = greedy(generator, PROMPTS[:1], max_tokens=40)[0][0].text
+    stop = pick_stop(full, after=8)
+    prompt_ending_in_stop = PROMPTS[0] + stop
+    unstopped = greedy(generator, [prompt_ending_in_stop], max_tokens=20)[0][0].text
+    completion = greedy(generator, [prompt_ending_in_stop], stop=[stop], max_tokens=20)[0][0]
+    assert completion.text == (first_stop_cut(unstopped, stop) if stop in unstopped else unstopped)
+
+
+def test_rows_that_stop_early_do_not_disturb_the_others(generator: HFGenerator) -> None:
+    full = [samples[0].text for samples in greedy(generator, PROMPTS, max_tokens=30)]
+    stop = pick_stop(full[0], after=6)
+    stopped = [samples[0].text for samples in greedy(generator, PROMPTS, stop=[stop], max_tokens=30)]
+    assert stopped == [first_stop_cut(text, stop) if stop in text else text for text in full]
+
+
+def test_eos_ends_the_completion_is_counted_and_not_in_the_text(model_dir: Path, tmp_path: Path) -> None:
+    # Declare a token that greedy decoding produces early to be EOS, so the random model "finishes".
+    reference = HFGenerator(model_dir)
+    prompt_ids = reference.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    generated = reference.model.generate(prompt_ids, do_sample=False, max_new_tokens=6)[0, prompt_ids.shape[1] :].tolist()
+    eos = generated[3]
+    eos_index = generated.index(eos)
+    patched = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((patched / "generation_config.json").read_text())
+    (patched / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    completion = greedy(HFGenerator(patched), PROMPTS[:1], max_tokens=20)[0][0]
+    assert completion.text == reference.tokenizer.decode(generated[:eos_index], skip_special_tokens=True)
+    assert (completion.num_tokens, completion.finish_reason) == (eos_index + 1, "stop")
+
+
+def test_seeded_sampling_replays(model_dir: Path) -> None:
+    def two_calls(seed: int):
+        sampler = HFGenerator(model_dir, seed=seed)
+        return [sampler.generate(PROMPTS, n=2, stop=[], temperature=1.0, max_tokens=8) for _ in range(2)]
+
+    assert two_calls(seed=7) == two_calls(seed=7)
+
+
+def test_different_seeds_sample_differently(model_dir: Path) -> None:
+    samples = [HFGenerator(model_dir, seed=seed).generate(PROMPTS, n=2, stop=[], temperature=1.0, max_tokens=8) for seed in (1, 2)]
+    assert samples[0] != samples[1]
+
+
+def test_samples_of_one_prompt_differ(generator: HFGenerator) -> None:
+    samples = generator.generate(PROMPTS[:1], n=4, stop=[], temperature=1.0, max_tokens=10)[0]
+    assert len({sample.text for sample in samples}) > 1
+
+
+def test_sampling_leaves_the_global_torch_rng_alone(generator: HFGenerator) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generator.generate(PROMPTS[:1], n=2, stop=[], temperature=1.0, max_tokens=4)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_missing_model_directory_raises_model_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        HFGenerator(tmp_path / "missing")

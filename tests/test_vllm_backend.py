@@ -1,0 +1,180 @@
+"""The vLLM backend: a real server on a tiny model (slow; needs `.venv-vllm`) and the client's errors."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models.generation import HFGenerator
+from models.tiny import build_tiny_model, default_corpus
+from models.vllm_server import (
+    VLLMGenerator,
+    VLLMRequestError,
+    VLLMServer,
+    VLLMServerConfig,
+    VLLMServerError,
+    cli_vllm,
+    free_port,
+    vllm_available,
+)
+from search.steps import render_prompt
+
+requires_vllm = pytest.mark.skipif(
+    not vllm_available(), reason="no vLLM environment (.venv-vllm): run `kaizen vllm install`"
+)
+
+PROMPTS = [
+    render_prompt("What is 2 + 2?"),
+    render_prompt("A train travels 120 km in 2 hours and then 60 km in 1 hour. What is its average speed?"),
+    render_prompt("Find x if 3x = 12."),
+]
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of processes in process group `pgid` that are not zombies."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def port_is_closed(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def pick_stop(text: str, *, after: int) -> str:
+    """A 3-character printable ASCII piece of `text` whose first occurrence starts at `after` or later."""
+    return next(
+        piece
+        for start in range(after, len(text) - 3)
+        if (piece := text[start : start + 3]).isascii() and piece.isprintable() and text.find(piece) == start
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = default_corpus(include_shared=False)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path):
+    # float32 like the transformers backend, so the two can be compared token for token.
+    with VLLMServer(model_dir, config=VLLMServerConfig(dtype="float32")) as running:
+        yield running
+
+
+@pytest.fixture
+def generator(server: VLLMServer):
+    with server.generator(seed=0) as client:
+        yield client
+
+
+def greedy(generator, prompts: list[str], *, stop: list[str] = (), max_tokens: int = 24):
+    return generator.generate(prompts, n=1, stop=list(stop), temperature=0.0, max_tokens=max_tokens)
+
+
+@pytest.mark.slow
+@requires_vllm
+class TestRunningServer:
+    def test_returns_n_completions_for_every_prompt(self, generator: VLLMGenerator) -> None:
+        completions = generator.generate(PROMPTS, n=3, stop=[], temperature=1.0, max_tokens=6)
+        assert [len(samples) for samples in completions] == [3, 3, 3]
+        assert all(sample.num_tokens <= 6 for samples in completions for sample in samples)
+
+    def test_completions_come_back_in_prompt_order(self, generator: VLLMGenerator) -> None:
+        assert greedy(generator, PROMPTS) == [greedy(generator, [prompt])[0] for prompt in PROMPTS]
+
+    def test_stop_string_ends_the_completion_and_is_included(self, generator: VLLMGenerator) -> None:
+        full = greedy(generator, PROMPTS[:1], max_tokens=40)[0][0].text
+        stop = pick_stop(full, after=8)
+        completion = greedy(generator, PROMPTS[:1], stop=[stop], max_tokens=40)[0][0]
+        assert completion.text == full[: full.index(stop) + len(stop)]
+        assert completion.finish_reason == "stop"
+
+    def test_length_limit_is_reported(self, generator: VLLMGenerator) -> None:
+        completion = greedy(generator, PROMPTS[:1], max_tokens=5)[0][0]
+        assert (completion.num_tokens, completion.finish_reason) == (5, "length")
+
+    def test_seeded_sampling_replays(self, server: VLLMServer) -> None:
+        def two_calls() -> list:
+            with server.generator(seed=11) as client:
+                return [client.generate(PROMPTS, n=2, stop=[], temperature=1.0, max_tokens=8) for _ in range(2)]
+
+        assert two_calls() == two_calls()
+
+    def test_greedy_text_matches_the_transformers_backend(self, generator: VLLMGenerator, model_dir: Path) -> None:
+        stop = ["<end_of_step>"]
+        assert greedy(generator, PROMPTS, stop=stop, max_tokens=16) == greedy(HFGenerator(model_dir), PROMPTS, stop=stop, max_tokens=16)
+
+
+@pytest.mark.slow
+@requires_vllm
+class TestServerLifecycle:
+    def test_stopping_ends_every_server_process_and_frees_the_port(self, model_dir: Path) -> None:
+        with VLLMServer(model_dir) as server:
+            group, port = server.pid, server.port
+            assert len(live_processes_in_group(group)) > 1  # API server plus engine processes
+        assert live_processes_in_group(group) == []
+        assert port_is_closed(port)
+
+    def test_a_model_that_does_not_load_fails_with_one_clear_line(self, tmp_path: Path) -> None:
+        (tmp_path / "config.json").write_text("{}")
+        server = VLLMServer(tmp_path, config=VLLMServerConfig(startup_timeout_s=240))
+        with pytest.raises(VLLMServerError, match="exited with code") as error:
+            server.start()
+        assert "\n" not in str(error.value) and str(tmp_path) in str(error.value)
+        assert not server.running
+
+    def test_startup_timeout_stops_the_server(self, model_dir: Path) -> None:
+        server = VLLMServer(model_dir, config=VLLMServerConfig(startup_timeout_s=3))
+        started = time.monotonic()
+        with pytest.raises(VLLMServerError, match="did not become healthy within 3 s"):
+            server.start()
+        assert time.monotonic() - started < 60
+        assert not server.running
+
+    def test_cli_serve_on_a_broken_model_exits_non_zero_with_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        (tmp_path / "config.json").write_text("{}")
+        assert cli_vllm(["serve", "--model", str(tmp_path), "--timeout", "240"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("kaizen vllm: error: vLLM server for") and err.count("\n") == 1
+        assert "model_type" in err  # the root cause from the server log, not a generic failure
+
+
+def test_missing_environment_is_a_clear_error(tmp_path: Path) -> None:
+    server = VLLMServer(tmp_path, python=tmp_path / "no-venv" / "bin" / "python")
+    with pytest.raises(VLLMServerError, match="kaizen vllm install"):
+        server.start()
+
+
+def test_missing_model_directory_fails_before_starting_anything(tmp_path: Path) -> None:
+    server = VLLMServer(tmp_path / "missing", python=sys.executable)
+    with pytest.raises(VLLMServerError, match="no such directory"):
+        server.start()
+    assert server.pid is None
+
+
+def test_unreachable_server_raises_request_error() -> None:
+    with VLLMGenerator(f"http://127.0.0.1:{free_port()}", "model") as client:
+        with pytest.raises(VLLMRequestError, match="cannot reach"):
+            client.generate(PROMPTS[:1], n=1, stop=[], temperature=0.0, max_tokens=4)
+
+
+def test_server_binds_loopback_with_prefix_caching_by_default(tmp_path: Path) -> None:
+    command = VLLMServer(tmp_path).command()
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert "--enable-prefix-caching" in command
