@@ -17,18 +17,18 @@ operations.
 Levels (`LEVELS`). A level fixes how many sentences compute (a start like "3 bags with 4 marbles
 in each" computes, "12 marbles" does not) and how many distractors there are: sentences whose
 numbers play no part in the answer ("Ben has 7 marbles." when the question is about Mia), from
-level 3 on. Level L has L or L + 1 computing sentences, so neighbouring levels overlap: the
-bootstrap data (level 1 only) already contain solutions that go on after an event step, which
-teaches the policy to stop when the sentences run out rather than after a fixed step count.
-Longer chains and ignoring distractors must come from the model's own search, one step further
-each round.
+level 3 on. Level L has L or L + 1 computing sentences, except level 1, the bootstrap level: one
+or two, plus a thin tail (1 in 5) of chains up to the longest. A tiny model trained on 1-2
+operations only never writes a further step (measured: it printed the answer at the step after
+its longest training chain in 112 of 112 samples), so no search could solve anything longer; with
+the tail it continues, and distractors, long chains and accuracy on them are what the rounds'
+search has to find.
 
 Solutions (`solve`). One step per start or event sentence, `# Step k: <the sentence>, so <the
 operation>` then one assignment; then a step printing the answer, its output and a `\\boxed{}`
 answer, rendered with `search.steps`. Quoting the sentence makes every step the same move (copy
-the next sentence, translate it), which is what lets a tiny model go one sentence further than it
-was taught. The generator keeps the structured form of each problem, so the teacher never parses
-text; the output is the value the generator computed directly.
+the next sentence, translate it), whatever the theme. The generator keeps the structured form of
+each problem, so the teacher never parses text; the output is the value the generator computed.
 
 Split. Whether a problem is held out is a function of its text alone (`is_held_out`, a SHA-256
 bucket), so the same text can never be on both sides, whatever the seed or the counts; texts are
@@ -81,7 +81,7 @@ class LevelSpec:
 
 
 # Level 1 has a thin tail of long chains (see the module docstring): a tiny model never writes
-# more steps than it was trained on, so the bootstrap data must show every length once in a while.
+# more steps than it was trained on, so the bootstrap data must show every length now and then.
 LEVELS: dict[int, LevelSpec] = {
     1: LevelSpec(operations={1: 8, 2: 8, 3: 1, 4: 1, 5: 1, 6: 1}),
     2: LevelSpec(operations={2: 1, 3: 1}),
@@ -433,8 +433,7 @@ class _Story:
         before = self.steps[-1] if self.steps else None
         fill = {**self.slots, **operands, "key": key, "subject": subject, "prev": self.subject}
         sentence = template.sentence.format_map(fill)
-        # The reasoning quotes the sentence and names the operation: the same move at every step,
-        # which a tiny model can apply one sentence further than it was taught.
+        # The reasoning quotes the sentence and names the operation: the same move at every step.
         reason = ", so ".join(filter(None, [sentence.rstrip("."), rule.phrase.format(**operands)]))
         self.sentences.append(sentence)
         self.steps.append(
