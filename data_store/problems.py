@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_store.schema import conform
+from search.jsonl import JSONLError, iter_jsonl
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -72,17 +73,14 @@ def load_problems(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProblemsError(f"{path} line {number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise ProblemsError(f"{path} line {number}: expected a JSON object")
-            yield f"line {number}", row
+    with path.open("rb") as lines:
+        try:
+            for where, row in iter_jsonl(lines, str(path)):
+                if not isinstance(row, dict):
+                    raise ProblemsError(f"{where}: expected a JSON object")
+                yield where.rpartition(": ")[2], row
+        except JSONLError as error:
+            raise ProblemsError(str(error)) from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search.jsonl import iter_jsonl
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -162,17 +164,11 @@ class PPMScorer:
 def _read_jsonl_texts(path: Path, text_field: str) -> tuple[list[Any], list[str]]:
     """Rows of a JSONL file and the text of each: the row itself when it is a string, else `row[text_field]`."""
     rows, texts = [], []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+    with path.open("rb") as lines:
+        for where, row in iter_jsonl(lines, str(path)):
             text = row if isinstance(row, str) else row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: expected a string or an object with a string {text_field!r}")
+                raise ValueError(f"{where}: expected a string or an object with a string {text_field!r}")
             rows.append(row)
             texts.append(text)
     return rows, texts

@@ -47,6 +47,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+from search.jsonl import JSONLError, iter_jsonl
+
 GradeStatus = Literal["ok", "no_answer", "checker_error", "timeout"]
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -895,18 +897,11 @@ def _read_pairs(path: str) -> Iterator[tuple[str, str]]:
     except OSError as error:
         raise _InputError(f"cannot read {path}: {error.strerror}") from None
     with stream:
-        for line_number, raw in enumerate(stream, start=1):
-            where = f"{path}: line {line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _InputError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _InputError(f"{where}: invalid JSON ({error.msg})") from None
+        try:
+            records = list(iter_jsonl(stream, path))
+        except JSONLError as error:
+            raise _InputError(str(error)) from None
+        for where, record in records:
             if not isinstance(record, dict):
                 raise _InputError(f'{where}: expected an object {{"pred": ..., "gold": ...}}')
             yield _field(record, "pred", where), _field(record, "gold", where)
