@@ -37,6 +37,9 @@ class DemoConfig:
     rollouts: int = field(default=4, metadata={"help": "MCTS rollouts per problem"})
     width: int = field(default=4, metadata={"help": "candidate steps per expansion"})
     max_step_tokens: int = field(default=96, metadata={"help": "token cap per generated step"})
+    teacher_problems: int = field(default=300, metadata={"help": "easiest-level problems the teacher solves for round 0"})
+    bootstrap_epochs: float = field(default=4.0, metadata={"help": "round-0 SFT epochs (a random model needs many)"})
+    bootstrap_learning_rate: float = field(default=2e-3, metadata={"help": "round-0 SFT learning rate"})
     seed: int = field(default=0, metadata={"help": "seed of the curriculum, the model and the search"})
 
 
@@ -63,7 +66,7 @@ def _greedy_accuracy(model: Path, problems: list, seed: int) -> float:
 def run_demo(home: Path, config: DemoConfig) -> list[RoundSummary]:
     import pyarrow as pa
 
-    from data_store.curriculum import bootstrap_sft_rows, curriculum_corpus, make_curriculum, write_problems
+    from data_store.curriculum import EASIEST_LEVEL, bootstrap_sft_rows, curriculum_corpus, make_curriculum, write_problems
     from data_store.mining import MiningConfig, mine, write_mined
     from data_store.parquet import write_table
     from data_store.problems import load_problems
@@ -89,13 +92,14 @@ def run_demo(home: Path, config: DemoConfig) -> list[RoundSummary]:
     # The teacher's solutions are verified by construction: full marks, no tree behind them.
     teacher_rows = [
         {**row, "run": RUN, "round": 0, "sft_format": "teacher", "rank": 1, "leaf_id": -1, "mean_q": 1.0, "min_q": 1.0}
-        for row in bootstrap_sft_rows(train)
+        for row in bootstrap_sft_rows(make_curriculum(config.teacher_problems, 0, seed=config.seed + 1, levels=(EASIEST_LEVEL,))[0])
     ]
     write_table(pa.Table.from_pylist(teacher_rows), bootstrap_sft, table="sft")
     policy = layout.checkpoint_dir(RUN, 0, "policy")
     if not policy.exists():
         print("round 0: fine-tuning on the teacher's easiest-level solutions", file=sys.stderr)
-        train_sft([bootstrap_sft], policy, recipe=TRAINING_RECIPE, base_model=str(base))
+        train_sft([bootstrap_sft], policy, recipe=TRAINING_RECIPE, base_model=str(base),
+                  overrides={"num_train_epochs": config.bootstrap_epochs, "learning_rate": config.bootstrap_learning_rate})
     summaries.append(
         RoundSummary(0, _greedy_accuracy(policy, test_problems, config.seed), None, 0,
                      pa.parquet.read_metadata(bootstrap_sft).num_rows, time.monotonic() - started)
