@@ -10,6 +10,9 @@ This is the only module that knows paths. Everything a pipeline produces sits un
 The home is `$KAIZEN_HOME`, or `./kaizen_home` under the current working directory. It may never
 be inside the code tree (a package directory, tests, .git): data written there would be picked up
 as code, packaged, or committed.
+
+Read-only problems shared between checkouts (the benchmarks, the training pools) live outside the
+home, in `shared_data_dir()`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 HOME_ENV = "KAIZEN_HOME"
 DEFAULT_HOME_NAME = "kaizen_home"
+SHARED_DATA_ENV = "KAIZEN_SHARED_DATA"
 
 # The directories under the repository root that hold code; the root itself may host the home
 # (`./kaizen_home` next to pyproject.toml is git-ignored).
@@ -56,6 +60,13 @@ def get_home() -> Path:
     if home == CODE_ROOT:
         raise HomeError(f"data home {home} is the code tree itself; set {HOME_ENV} to a directory outside it")
     return home
+
+
+def shared_data_dir() -> Path:
+    """The benchmark and training problems shared between checkouts: `$KAIZEN_SHARED_DATA`, else
+    `../shared/data` next to the repository root (may not exist)."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    return Path(override) if override else CODE_ROOT / ".." / "shared" / "data"
 
 
 def check_name(value: str, what: str) -> str:

@@ -97,6 +97,9 @@ EVAL = pa.schema(
         _field("mode", pa.string()),
         _field("prediction", pa.string(), nullable=True),
         _field("correct", pa.bool_(), nullable=True),
+        _field("extracted_answer", pa.string(), nullable=True),
+        _field("grader_status", pa.string()),  # ok | no_answer | timeout | checker_error
+        _field("tokens", pa.int64()),  # generated for this problem in this mode
     ]
 )
 

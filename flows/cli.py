@@ -21,6 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("data_store.mining:cli_mine", "mine PPM preference pairs and SFT data from nodes tables"),
     "train": ("models.training_cli:cli_train", "train the policy (sft) or the process preference model (ppm)"),
     "score": ("models.ppm:cli_score", "score texts with a PPM checkpoint"),
+    "eval": ("models.evaluation:cli_eval", "evaluate a checkpoint on benchmarks (greedy, maj@K, ppm@K, mcts); writes the eval table"),
+    "check-recipe": ("models.recipe:cli_check_recipe", "check recipes (the deploy build step runs this)"),
+    "run": ("flows.evolve:cli_run", "run gated self-evolution rounds of a recipe (the evolve flow)"),
+    "round": ("flows.evolve:cli_round", "run one round of a recipe (the round flow); re-running resumes it"),
+    "stage": ("flows.evolve:cli_stage", "re-run one stage of a round; later stages become stale"),
+    "evaluate": ("flows.evolve:cli_evaluate", "evaluate a checkpoint through the evaluate flow"),
     "demo": ("flows.demo:cli_demo", "the embedded CPU default: bootstrap a tiny model, then search-and-train rounds"),
 }
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_store.home import shared_data_dir
 from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_trajectory
 
 if TYPE_CHECKING:
@@ -69,12 +70,6 @@ class TinyModelConfig:
                 f"head size {self.hidden_size // self.num_heads} is below {MIN_HEAD_DIM} (vLLM's CPU attention needs it);"
                 " use fewer heads or a wider model"
             )
-
-
-def shared_data_dir() -> Path:
-    """The benchmark and training problems shared between checkouts (may not exist)."""
-    override = os.environ.get("KAIZEN_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 # --- corpus ------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ class RolloutStats:
 class RolloutResult:
     trees: list[Tree]
     stats: RolloutStats
+    tokens_by_problem: dict[str, int] = field(default_factory=dict)  # tokens generated for each tree
 
     def node_rows(self, run: str, round: int) -> list[dict[str, object]]:
         return [row for tree in self.trees for row in tree.node_rows(run, round)]
@@ -188,6 +189,7 @@ class _Driver:
         self.trees = [Tree(p.problem_id, p.question, config, tree_rng(config.seed, p.problem_id)) for p in problems]
         self.references = {p.problem_id: p.answer for p in problems}
         self.stats = RolloutStats(trees=len(self.trees))
+        self.tokens_by_problem = {tree.problem_id: 0 for tree in self.trees}
 
     def run(self, pipeline_groups: int) -> RolloutResult:
         started = time.perf_counter()
@@ -213,7 +215,7 @@ class _Driver:
         self.stats.nodes = sum(len(tree.nodes) for tree in self.trees)
         self.stats.trees_solved = sum(any(n.correct for n in tree.nodes) for tree in self.trees)
         self.stats.wall_seconds = time.perf_counter() - started
-        return RolloutResult(self.trees, self.stats)
+        return RolloutResult(self.trees, self.stats, self.tokens_by_problem)
 
     def _generate(self, trees: Sequence[Tree]) -> list[_Expansion]:
         """Select a node in every unfinished tree and sample all their candidates in one call."""
@@ -237,7 +239,9 @@ class _Driver:
         expansions = []
         for (tree, node), completions in zip(selected, outputs, strict=True):
             self.stats.completions += len(completions)
-            self.stats.tokens_generated += sum(c.num_tokens for c in completions)
+            tokens = sum(c.num_tokens for c in completions)
+            self.stats.tokens_generated += tokens
+            self.tokens_by_problem[tree.problem_id] += tokens
             candidates = tree.propose(node, [c.text for c in completions])
             expansions.append(_Expansion(tree, node, self.references[tree.problem_id], candidates))
         return expansions

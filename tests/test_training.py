@@ -113,13 +113,13 @@ def losses(checkpoint: Path) -> list[float]:
 # --- recipes -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("train_*.yaml")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda path: path.stem)
 def test_training_recipes_load(recipe: Path) -> None:
     settings = load_training_config(recipe)
     assert settings.sft and settings.ppm
 
 
-@pytest.mark.parametrize("name", ["train_qwen2.5-math-1.5b", "train_qwen2.5-math-7b"])
+@pytest.mark.parametrize("name", ["rstar-qwen2.5-math-1.5b", "rstar-qwen2.5-math-7b"])
 def test_gpu_recipes_use_the_paper_hyperparameters(name: str) -> None:
     settings = load_training_config(RECIPES / f"{name}.yaml")
     paper = {

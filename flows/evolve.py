@@ -1,0 +1,294 @@
+"""Prefect flows: `evolve` (gated rounds), `round` (one round), `rollouts` (its shards), `evaluate`.
+
+A round: problems -> select -> rollouts (sharded) -> mine -> SFT -> PPM -> evaluate -> gate ->
+record -> promote. Round 0 is the bootstrap: problems -> bootstrap -> evaluate -> gate. The gate
+compares the round's evaluation with the promoted round it started from; a round that fails it is
+recorded but never promoted, and `evolve` stops with the gate's reasons.
+
+Flows take plain parameters (a recipe name or path, round numbers, a home directory) so the
+Prefect UI and deployments can fill them in. Every stage is a cached task (`tasks.stages`): a
+retried or re-run round executes only the stages that did not finish.
+
+`kaizen run`, `kaizen round`, `kaizen stage` and `kaizen evaluate` run these flows in-process
+(ephemeral Prefect unless PREFECT_API_URL points at a server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_store.home import Layout, get_home
+from models.gate import decide_gate
+from models.pipeline import Artifact, Current, Pipeline, RoundRecord
+from models.recipe import Recipe, load_recipe
+from models.report import round_markdown
+from tasks.stages import (
+    STAGES,
+    bootstrap_task,
+    cached,
+    evaluate_task,
+    mine_task,
+    ppm_task,
+    problems_task,
+    rollout_task,
+    select_task,
+    sft_task,
+)
+
+ROUND0_STAGES = ("problems", "bootstrap", "evaluate")
+STALE_FILE = "STALE"
+
+
+class GateFailed(RuntimeError):
+    """A round's evaluation did not pass its gate; evolution stops here."""
+
+
+def open_pipeline(recipe: str | Recipe, home: str | None = None) -> Pipeline:
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return Pipeline(loaded, Layout(Path(home).resolve() if home else get_home()))
+
+
+def _task_runner(pipeline: Pipeline) -> Any:
+    """Ray when the recipe asks (shards spread over the cluster), else one shard at a time in-process."""
+    execution = pipeline.recipe.execution
+    if execution.task_runner == "ray":
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=execution.ray_address) if execution.ray_address else RayTaskRunner()
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+@flow(name="rollouts")
+def rollouts_flow(
+    pipeline: Pipeline, round_number: int, problems: Artifact, policy: Artifact, ppm: Artifact | None,
+    refresh: bool = False,
+) -> list[Artifact]:
+    """Every rollout shard of a round, each its own task (on Ray when the recipe says so)."""
+    shard_task = cached(rollout_task, pipeline, round_number, refresh=refresh)
+    futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
+               for shard in range(pipeline.recipe.search.shards)]
+    return [future.result() for future in futures]
+
+
+def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = frozenset(),
+               stop_after: str | None = None) -> dict[str, Any] | None:
+    """The stages of one round; with `stop_after`, only up to that stage (and nothing is promoted)."""
+    logger = get_run_logger()
+    started_at = datetime.now(timezone.utc)
+
+    def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
+        return cached(stage_task, pipeline, round_number if per_round else None, refresh=name in refresh)(*args)
+
+    pools = stage("problems", problems_task, pipeline, per_round=False)
+    if stop_after == "problems":
+        return None
+    stats: dict[str, Any] = {}
+    if round_number == 0:
+        previous: Current | None = None
+        policy = stage("bootstrap", bootstrap_task, pipeline)
+        ppm = None
+        if stop_after == "bootstrap":
+            return None
+    else:
+        previous = pipeline.starting_point(round_number)  # before any GPU stage: the inputs must exist
+        problems = stage("select", select_task, pipeline, round_number, pools.train)
+        if stop_after == "select":
+            return None
+        runner = _task_runner(pipeline)
+        nodes = rollouts_flow.with_options(task_runner=runner)(
+            pipeline, round_number, problems, previous.policy, previous.ppm, refresh="rollout" in refresh
+        )
+        if stop_after == "rollout":
+            return None
+        mined = stage("mine", mine_task, pipeline, round_number, nodes, problems)
+        stats.update(mined.counts, solved_share=mined.counts["trees_solved"] / max(mined.counts["trees"], 1),
+                     solved_by_level=mined.solved_by_level)
+        if stop_after == "mine":
+            return None
+        policy = stage("sft", sft_task, pipeline, round_number, pipeline.history("sft", round_number) + [mined.sft],
+                       previous)
+        if stop_after == "sft":
+            return None
+        ppm = stage("ppm", ppm_task, pipeline, round_number,
+                    pipeline.history("pairs", round_number) + [mined.pairs], policy) or previous.ppm
+        if stop_after == "ppm":
+            return None
+    evaluation = stage("evaluate", evaluate_task, pipeline, round_number, policy, ppm)
+    if stop_after == "evaluate":
+        return None
+    decision = decide_gate(evaluation.metrics, previous.metrics if previous else None, pipeline.recipe.gate)
+    stats["wall_s"] = (datetime.now(timezone.utc) - started_at).total_seconds()
+    record = RoundRecord(round_number, policy, ppm, evaluation.metrics, stats, decision.passed, list(decision.reasons))
+    pipeline.record_round(record, started_at)
+    pipeline.promote(record)
+    (pipeline.layout.round_dir(pipeline.run, round_number) / STALE_FILE).unlink(missing_ok=True)
+    _publish(pipeline, record, evaluation)
+    verdict = "passed" if decision.passed else "FAILED"
+    logger.info("round %d gate %s: %s", round_number, verdict, "; ".join(decision.reasons))
+    return {"round": round_number, "gate_passed": decision.passed, "gate_reasons": list(decision.reasons),
+            "metrics": evaluation.metrics, "stats": stats}
+
+
+def _publish(pipeline: Pipeline, record: RoundRecord, evaluation: Any) -> None:
+    """The round's markdown report and eval table in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = f"{pipeline.run}-round-{record.round}".lower().replace("_", "-").replace(".", "-")
+    create_markdown_artifact(key=key, markdown=round_markdown(pipeline.run, record, evaluation.summary),
+                             description=f"{pipeline.run}: round {record.round}")
+    create_table_artifact(key=f"{key}-eval", table=evaluation.summary,
+                          description=f"{pipeline.run}: round {record.round} evaluation")
+
+
+@flow(name="round", log_prints=True)
+def round_flow(recipe: str, round_number: int | None = None, home: str | None = None) -> dict[str, Any]:
+    """One round of a recipe (the next one after the promoted round when no number is given)."""
+    pipeline = open_pipeline(recipe, home)
+    number = pipeline.next_round() if round_number is None else round_number
+    result = _run_round(pipeline, number)
+    assert result is not None
+    return result
+
+
+@flow(name="evolve", log_prints=True)
+def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str | None = None) -> list[dict[str, Any]]:
+    """Rounds start..end; each must pass its gate before the next starts."""
+    pipeline = open_pipeline(recipe, home)
+    first = pipeline.next_round() if start is None else start
+    results = []
+    for number in range(first, end + 1):
+        result = round_flow(recipe, number, str(pipeline.layout.home))
+        results.append(result)
+        if not result["gate_passed"]:
+            raise GateFailed(f"round {number} failed its gate: {'; '.join(result['gate_reasons'])}")
+    return results
+
+
+@flow(name="stage", log_prints=True)
+def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = None) -> list[str]:
+    """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
+    pipeline = open_pipeline(recipe, home)
+    order = ROUND0_STAGES if round_number == 0 else tuple(s for s in STAGES if s != "bootstrap")
+    if stage not in order:
+        raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
+    _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
+    stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
+    marker = pipeline.layout.round_dir(pipeline.run, round_number) / STALE_FILE
+    marker.write_text(json.dumps({"rerun": stage, "stale": stale}) + "\n", encoding="utf-8")
+    return stale
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    model: str, benchmarks: list[str], modes: list[str] | None = None, ppm: str | None = None,
+    limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Evaluate any checkpoint on benchmarks; writes the eval table to `out` when given."""
+    from models.backends import BackendConfig
+    from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
+
+    config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend))
+    report = evaluate(model, [load_benchmark(spec, limit=limit) for spec in benchmarks], config, ppm=ppm)
+    if out:
+        write_eval(report, out)
+    return [row if isinstance(row, dict) else vars(row) for row in report.summary]
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe name (deployments/recipes) or YAML path")
+    parser.add_argument("--home", default=None, help="data home (default: $KAIZEN_HOME or ./kaizen_home)")
+
+
+def _quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _parse_rounds(text: str) -> tuple[int | None, int]:
+    start, _, end = text.partition(":")
+    try:
+        return (int(start) if start else None), int(end or start)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rounds must look like START:END or END, got {text!r}") from None
+
+
+def cli_run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kaizen run", description="Run the evolve flow: gated rounds of a recipe.")
+    _common(parser)
+    parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
+                        help="START:END (default: from the round after the promoted one to 4)")
+    args = parser.parse_args(argv)
+    load_recipe(args.recipe)  # a bad recipe fails here, before Prefect starts
+    _quiet_prefect()
+    start, end = args.rounds
+    state = evolve_flow(args.recipe, start, end, args.home, return_state=True)
+    return _report_state(state)
+
+
+def cli_round(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kaizen round", description="Run the round flow once.")
+    _common(parser)
+    parser.add_argument("--round", dest="round_number", type=int, default=None,
+                        help="round number (default: the one after the promoted round)")
+    args = parser.parse_args(argv)
+    load_recipe(args.recipe)
+    _quiet_prefect()
+    return _report_state(round_flow(args.recipe, args.round_number, args.home, return_state=True))
+
+
+def cli_stage(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kaizen stage", description="Re-run one stage of a round.")
+    parser.add_argument("stage", choices=STAGES, help="the stage to re-run")
+    _common(parser)
+    parser.add_argument("--round", dest="round_number", type=int, required=True)
+    args = parser.parse_args(argv)
+    load_recipe(args.recipe)
+    _quiet_prefect()
+    state = stage_flow(args.recipe, args.stage, args.round_number, args.home, return_state=True)
+    if state.is_completed():
+        stale = state.result()
+        print(f"re-ran {args.stage} of round {args.round_number}; now stale: {', '.join(stale)} "
+              f"(kaizen round --recipe {args.recipe} --round {args.round_number} brings them up to date)")
+    return _report_state(state)
+
+
+def cli_evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ppm", default=None)
+    parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks")
+    parser.add_argument("--mode", action="append", dest="modes")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    _quiet_prefect()
+    state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
+                          args.seed, return_state=True)
+    if state.is_completed():
+        for row in state.result():
+            print(json.dumps(row))
+    return _report_state(state)
+
+
+def _report_state(state: Any) -> int:
+    """0 for a completed flow run; otherwise one line with the failure's message."""
+    if state.is_completed():
+        return 0
+    try:
+        state.result()
+    except BaseException as err:  # noqa: BLE001 - the flow's own exception, reported in one line
+        print(f"kaizen: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+    return 1

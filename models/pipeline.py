@@ -1,0 +1,454 @@
+"""The stages of a self-evolution round as plain functions over a recipe and a data home.
+
+problems -> rollouts (sharded) -> mine -> train SFT -> train PPM -> evaluate -> gate -> promote.
+Round 0 is the bootstrap: the base model, or the base model fine-tuned on a teacher's solutions.
+
+Stages hand each other `Artifact`s (a path and a content digest), never tables or models, so an
+orchestrator can persist them, key caches on them and ship them between machines. Every stage
+writes its output atomically (a temporary name renamed on success) and overwrites what a failed
+or superseded attempt left, so a stage can always be run again. A round starts from the
+checkpoints of the round before it, as that round's `promoted.json` records them; the file exists
+only while the round's gate passes. "Current" is the latest promoted round.
+
+The Prefect tasks in `tasks/` are thin wrappers over these functions; nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from data_store.home import Layout
+from data_store.parquet import atomic_path, write_table
+from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
+
+# Files above this size are identified by size and modification time rather than content: a
+# checkpoint is written once under a temporary name, so its metadata changes whenever it does,
+# and hashing tens of gigabytes of weights for every cache key would cost minutes.
+_CONTENT_HASH_LIMIT = 64 * 2**20
+PROMOTED_FILE = "promoted.json"
+
+
+class MissingInputError(RuntimeError):
+    """A stage's input is not where an earlier stage (or its cached result) said it would be."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stage output: where it is and a digest of its content (the cache keys of later stages use it)."""
+
+    path: str
+    digest: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> Artifact:
+        return cls(str(path), content_digest(Path(path)))
+
+    def require(self, what: str) -> Path:
+        """The path, after checking it still exists (a cache hit can outlive a deleted file)."""
+        path = Path(self.path)
+        if not path.exists():
+            raise MissingInputError(f"{what} {path} is missing; re-run the stage that writes it (kaizen stage)")
+        return path
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 over a file, or over a directory's relative paths, sizes and (small) file contents."""
+    if not path.exists():
+        raise MissingInputError(f"{path} does not exist")
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0".encode())
+        if stat.st_size > _CONTENT_HASH_LIMIT:
+            digest.update(str(stat.st_mtime_ns).encode())
+            continue
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ProblemPools:
+    """The run's training pool and, for a curriculum, its held-out split."""
+
+    train: Artifact
+    test: Artifact | None = None
+
+
+@dataclass(frozen=True)
+class Mined:
+    """The round's mined tables, their sizes, and how many problems the search solved per level."""
+
+    pairs: Artifact
+    sft: Artifact
+    counts: dict[str, int] = field(default_factory=dict)
+    solved_by_level: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation's files and its accuracies keyed `benchmark/mode`."""
+
+    artifact: Artifact
+    metrics: dict[str, float]
+    summary: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Current:
+    """The promoted state a round starts from."""
+
+    round: int
+    policy: Artifact
+    ppm: Artifact | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What the `rounds` table keeps about one round."""
+
+    round: int
+    policy: Artifact
+    ppm: Artifact | None
+    metrics: dict[str, float]
+    stats: dict[str, Any]
+    gate_passed: bool
+    gate_reasons: list[str]
+
+
+class Pipeline:
+    """The stages of one run (a recipe) under one data home."""
+
+    def __init__(self, recipe: Recipe, layout: Layout) -> None:
+        self.recipe = recipe
+        self.layout = layout
+        self.run = recipe.run
+
+    # --- problems ---------------------------------------------------------------------------
+
+    def prepare_problems(self) -> ProblemPools:
+        """Write the run's problem pools (the curriculum's two splits, or the normalised source)."""
+        problems = self.recipe.problems
+        train_path = self.layout.problems_path(f"{self.run}-train")
+        if problems.source == CURRICULUM:
+            from data_store.curriculum import make_curriculum, write_problems
+
+            train, test = make_curriculum(
+                problems.curriculum.train, problems.curriculum.test, seed=self.recipe.seed,
+                **({"levels": tuple(problems.curriculum.levels)} if problems.curriculum.levels else {}),
+            )
+            test_path = write_problems(test, self.layout.problems_path(f"{self.run}-test"))
+            return ProblemPools(Artifact.of(write_problems(train, train_path)), Artifact.of(test_path))
+        from data_store.problems import load_problems
+
+        table = load_problems(self._source_name(problems.source), fields=problems.fields or None,
+                              split=self._source_split(problems.source), limit=problems.limit)
+        return ProblemPools(Artifact.of(write_table(table, train_path, table="problems")))
+
+    @staticmethod
+    def _source_name(source: str) -> str:
+        return source.removeprefix("hf:").split(":", 1)[0] if source.startswith("hf:") else source
+
+    @staticmethod
+    def _source_split(source: str) -> str | None:
+        parts = source.removeprefix("hf:").split(":", 1) if source.startswith("hf:") else []
+        return parts[1] if len(parts) == 2 else None
+
+    def select_problems(self, round_number: int, pool: Artifact) -> Artifact:
+        """This round's search problems: all of the pool, or `per_round` of them, never-solved first."""
+        from data_store.problems import load_problems
+
+        table = load_problems(pool.require("problem pool"))
+        per_round = self.recipe.problems.per_round
+        if per_round is not None and per_round < table.num_rows:
+            from data_store.views import connect, unsolved_problems
+
+            with connect(self.layout.home) as con:
+                never_solved = set(unsolved_problems(con, self.run, through_round=round_number - 1))
+            ids = table.column("problem_id").to_pylist()
+            # Never-solved problems first, then the rest, each in pool order: deterministic.
+            order = sorted(range(len(ids)), key=lambda index: (ids[index] not in never_solved, index))
+            table = table.take(order[:per_round])
+        out = self.layout.table_path(self.run, round_number, "problems", stage="problems")
+        return Artifact.of(write_table(table, out, table="problems"))
+
+    # --- round 0 ----------------------------------------------------------------------------
+
+    def base_model(self) -> str:
+        """The base model's directory or hub name; a recipe's 'tiny' base is built once per run."""
+        if self.recipe.model.base != TINY:
+            return self.recipe.model.base
+        from dataclasses import replace
+
+        from models.tiny import build_tiny_model
+
+        out = self.layout.checkpoint_dir(self.run, 0, "base")
+        if not out.exists():
+            corpus = None
+            if self.recipe.problems.source == CURRICULUM:
+                from data_store.curriculum import curriculum_corpus
+
+                corpus = curriculum_corpus(seed=self.recipe.seed)
+            build_tiny_model(out, corpus=corpus, config=replace(self.recipe.model.tiny, seed=self.recipe.seed))
+        return str(out)
+
+    def bootstrap(self) -> Artifact:
+        """Round 0's policy: the base model, or the base model fine-tuned on the teacher's solutions."""
+        base = self.base_model()
+        bootstrap = self.recipe.bootstrap
+        if bootstrap.teacher is None:
+            return Artifact.of(base) if Path(base).exists() else Artifact(base, base)
+        import pyarrow as pa
+
+        from data_store.curriculum import EASIEST_LEVEL, bootstrap_sft_rows, make_curriculum
+        from models.training import train_sft
+
+        # The teacher's problems come from their own seed stream, so they never coincide with the
+        # pool's held-out split (which is decided by content hash anyway).
+        teacher_problems, _ = make_curriculum(bootstrap.problems, 0, seed=self.recipe.seed + 1, levels=(EASIEST_LEVEL,))
+        rows = [
+            {**row, "run": self.run, "round": 0, "sft_format": "teacher", "rank": 1, "leaf_id": -1,
+             "mean_q": 1.0, "min_q": 1.0}
+            for row in bootstrap_sft_rows(teacher_problems)
+        ]
+        sft = write_table(pa.Table.from_pylist(rows), self.layout.table_path(self.run, 0, "sft"), table="sft")
+        policy = train_sft([sft], self.layout.checkpoint_dir(self.run, 0, "policy"), recipe=self.recipe.training,
+                           base_model=base, overrides=bootstrap.training, overwrite=True)
+        return Artifact.of(policy)
+
+    # --- search -----------------------------------------------------------------------------
+
+    def shard_problems(self, problems: Artifact, shard: int) -> list[Any]:
+        """The problems of one rollout shard: every `shards`-th row starting at `shard`."""
+        from data_store.problems import load_problems
+        from models.rollout import search_problems
+
+        all_problems = search_problems(load_problems(problems.require("round problems")))
+        return all_problems[shard:: self.recipe.search.shards]
+
+    def rollout_config(self, round_number: int, ppm: Artifact | None) -> Any:
+        """The round's rollout settings; a PPM-augmented round without a PPM yet searches terminal-guided."""
+        from dataclasses import replace
+
+        from models.rollout import RolloutStageConfig
+        from search.mcts import SearchMode
+
+        mcts = self.recipe.search.mcts_for_round(round_number, self.recipe.seed)
+        if mcts.uses_ppm and ppm is None:
+            mcts = replace(mcts, mode=SearchMode.TERMINAL)
+        return RolloutStageConfig(
+            mcts=mcts, backend=self.recipe.backend, sandbox=self.recipe.sandbox,
+            grader_workers=self.recipe.search.grader_workers, pipeline_groups=self.recipe.search.pipeline_groups,
+        )
+
+    def rollout_shard(
+        self, round_number: int, shard: int, problems: Artifact, policy: Artifact, ppm: Artifact | None,
+        on_progress: Callable[[Any], None] | None = None,
+    ) -> Artifact:
+        """Search one shard of the round's problems with the current policy; writes its `nodes` file."""
+        from models.rollout import rollout_stage
+
+        config = self.rollout_config(round_number, ppm)
+        out = self.layout.table_path(self.run, round_number, "nodes", shard=shard)
+        rollout_stage(
+            self.shard_problems(problems, shard), model=_model_path(policy, "policy"), out=out, config=config,
+            ppm=ppm.require("PPM checkpoint") if config.mcts.uses_ppm and ppm else None,
+            run=self.run, round_number=round_number, on_progress=on_progress,
+        )
+        return Artifact.of(out)
+
+    # --- mining and training ----------------------------------------------------------------
+
+    def mine(self, round_number: int, nodes: Sequence[Artifact], problems: Artifact) -> Mined:
+        """Pairs and SFT trajectories from this round's trees."""
+        from data_store.mining import mine, write_mined
+        from data_store.problems import load_problems
+
+        problem_table = load_problems(problems.require("round problems"))
+        result = mine([node.require("nodes shard") for node in nodes], problem_table, self.recipe.mining)
+        pairs, sft = write_mined(result, self.layout.stage_dir(self.run, round_number, "mine"))
+        status = result.problem_status
+        counts = {
+            "pairs": result.pairs.num_rows,
+            "sft_examples": result.sft.num_rows,
+            "trees": status.num_rows,
+            "trees_solved": int(sum(status.column("solved").to_pylist())),
+        }
+        return Mined(Artifact.of(pairs), Artifact.of(sft), counts, solved_by_level(status, problem_table))
+
+    def history(self, table: str, before_round: int) -> list[Artifact]:
+        """The `table` files ("sft" or "pairs") of earlier rounds of this run, oldest first."""
+        files = []
+        for round_number in range(before_round):
+            path = self.layout.table_path(self.run, round_number, table)
+            if path.exists():
+                files.append(Artifact.of(path))
+        return files
+
+    def train_sft(self, round_number: int, tables: Sequence[Artifact], current: Current) -> Artifact:
+        """The round's policy: SFT on every verified trajectory so far (from the base model, or continued)."""
+        from models.training import train_sft
+
+        return Artifact.of(train_sft(
+            [table.require("sft table") for table in tables], self.layout.checkpoint_dir(self.run, round_number, "policy"),
+            recipe=self.recipe.training, base_model=self.base_model(),
+            previous_checkpoint=current.policy.require("previous policy") if Path(current.policy.path).exists() else None,
+            overwrite=True,
+        ))
+
+    def train_ppm(self, round_number: int, tables: Sequence[Artifact], policy: Artifact) -> Artifact | None:
+        """The round's PPM, started from this round's policy; None when no round has produced pairs."""
+        import pyarrow.parquet as pq
+
+        from models.training import train_ppm
+
+        paths = [table.require("pairs table") for table in tables]
+        if not any(pq.read_metadata(path).num_rows for path in paths):
+            return None
+        return Artifact.of(train_ppm(
+            [path for path in paths if pq.read_metadata(path).num_rows], self.layout.checkpoint_dir(self.run, round_number, "ppm"),
+            recipe=self.recipe.training, base_model=str(policy.require("policy checkpoint")), overwrite=True,
+        ))
+
+    # --- evaluation, gate, promotion ---------------------------------------------------------
+
+    def benchmark_specs(self) -> list[str]:
+        """The recipe's benchmarks, with `curriculum-test` pointing at this run's held-out split."""
+        specs = []
+        for spec in self.recipe.eval.benchmarks:
+            if spec == CURRICULUM_TEST:
+                spec = f"{CURRICULUM_TEST}={self.layout.problems_path(f'{self.run}-test')}"
+            specs.append(spec)
+        return specs
+
+    def evaluate(
+        self, round_number: int, policy: Artifact, ppm: Artifact | None,
+        on_progress: Callable[[Any], None] | None = None,
+    ) -> Evaluation:
+        """Evaluate the policy (and PPM) on the recipe's benchmarks and modes; writes the `eval` table."""
+        from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
+
+        settings = self.recipe.eval
+        modes = [mode for mode in settings.modes if ppm is not None or not _needs_ppm(mode)]
+        config = EvalConfig(
+            **{**settings.config, "modes": modes, "seed": self.recipe.seed, "backend": self.recipe.backend,
+               "sandbox": self.recipe.sandbox}
+        )
+        benchmarks = [load_benchmark(spec, limit=settings.limit) for spec in self.benchmark_specs()]
+        report = evaluate(
+            _model_path(policy, "policy"), benchmarks, config,
+            ppm=ppm.require("PPM checkpoint") if ppm else None,
+            run=self.run, round_number=round_number, on_progress=on_progress,
+        )
+        out = write_eval(report, self.layout.stage_dir(self.run, round_number, "eval"))
+        return Evaluation(Artifact.of(out), report.metrics(), [asdict(row) for row in report.summary])
+
+    def promotion(self, round_number: int) -> Current | None:
+        """The promoted state of one round, or None when that round was not promoted."""
+        path = self.layout.round_dir(self.run, round_number) / PROMOTED_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Current(
+            round=data["round"], policy=Artifact(**data["policy"]),
+            ppm=Artifact(**data["ppm"]) if data.get("ppm") else None, metrics=data.get("metrics", {}),
+        )
+
+    def current(self) -> Current | None:
+        """The latest promoted round (the checkpoints in use), or None before round 0 is promoted."""
+        run_dir = self.layout.run_dir(self.run)
+        promoted = sorted(run_dir.glob(f"round-*/{PROMOTED_FILE}")) if run_dir.exists() else []
+        return self.promotion(int(promoted[-1].parent.name.removeprefix("round-"))) if promoted else None
+
+    def starting_point(self, round_number: int) -> Current:
+        """What round `round_number` (>= 1) starts from: round `round_number - 1`, which must be promoted."""
+        start = self.promotion(round_number - 1)
+        if start is None:
+            current = self.current()
+            state = "no round is promoted yet" if current is None else f"the latest promoted round is {current.round}"
+            raise MissingInputError(
+                f"round {round_number} of run {self.run!r} starts from round {round_number - 1}, which is not "
+                f"promoted ({state}); run round {round_number - 1 if current else 0} first"
+            )
+        return start
+
+    def next_round(self) -> int:
+        current = self.current()
+        return 0 if current is None else current.round + 1
+
+    def record_round(self, record: RoundRecord, started_at: datetime) -> Artifact:
+        """Write the round's row of the `rounds` table."""
+        import pyarrow as pa
+
+        row = {
+            "run": self.run, "round": record.round, "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc), "policy_checkpoint": record.policy.path,
+            "ppm_checkpoint": record.ppm.path if record.ppm else None,
+            "metrics": json.dumps({"eval": record.metrics, **record.stats}, sort_keys=True),
+            "gate_passed": record.gate_passed, "gate_reason": "; ".join(record.gate_reasons),
+        }
+        out = self.layout.table_path(self.run, record.round, "rounds")
+        return Artifact.of(write_table(pa.Table.from_pylist([row]), out, table="rounds"))
+
+    def promote(self, record: RoundRecord) -> Artifact | None:
+        """After a passed gate, make the round's checkpoints current; after a failed one, withdraw them."""
+        path = self.layout.round_dir(self.run, record.round) / PROMOTED_FILE
+        if not record.gate_passed:
+            path.unlink(missing_ok=True)  # a re-run that now fails its gate must not stay current
+            return None
+        promoted = {
+            "round": record.round, "policy": asdict(record.policy),
+            "ppm": asdict(record.ppm) if record.ppm else None, "metrics": record.metrics,
+            "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(promoted, indent=2), encoding="utf-8")
+        return Artifact.of(path)
+
+    def round_rows(self) -> list[dict[str, Any]]:
+        """Every recorded round of this run, oldest first (metrics JSON decoded)."""
+        import pyarrow.parquet as pq
+
+        rows = []
+        for round_dir in sorted(self.layout.run_dir(self.run).glob("round-*")):
+            path = self.layout.table_path(self.run, int(round_dir.name.removeprefix("round-")), "rounds")
+            if path.exists():
+                row = pq.read_table(path).to_pylist()[0]
+                row["metrics"] = json.loads(row["metrics"] or "{}")
+                rows.append(row)
+        return rows
+
+
+def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:
+    """{level: [solved, searched]} from mining's per-tree status; problems without a level count as 'all'."""
+    levels = {}
+    for problem_id, metadata in zip(problems.column("problem_id").to_pylist(), problems.column("metadata").to_pylist()):
+        levels[problem_id] = str(json.loads(metadata).get("level", "all")) if metadata else "all"
+    rates: dict[str, list[int]] = {}
+    for problem_id, solved in zip(status.column("problem_id").to_pylist(), status.column("solved").to_pylist()):
+        counts = rates.setdefault(levels.get(problem_id, "all"), [0, 0])
+        counts[0] += int(bool(solved))
+        counts[1] += 1
+    return dict(sorted(rates.items()))
+
+
+def _needs_ppm(mode: str) -> bool:
+    return mode.startswith("ppm@") or mode == "mcts"
+
+
+def _model_path(artifact: Artifact, what: str) -> str:
+    """A local checkpoint must still exist; a hub name (no such path) is passed through."""
+    path = Path(artifact.path)
+    if artifact.digest == artifact.path:  # a hub name recorded as its own digest by `bootstrap`
+        return artifact.path
+    return str(artifact.require(what)) if path.is_absolute() or path.exists() else artifact.path
+

@@ -1,0 +1,159 @@
+"""Prefect tasks: one per stage of a round, each a decorator and a call into `models.pipeline`.
+
+The decorators add what Prefect is for: retries with back-off, persisted results, logs, tags for
+the GPU concurrency limit, and a cache key (`StageCache`) made of the stage, the run, the round,
+the shard, the digest of the recipe sections the stage reads, and the digests of the artifacts it
+consumes. Re-running a round (a UI Retry, `kaizen round` again after a crash) therefore returns the
+finished stages from the cache and executes only what failed or what changed; a stage re-run by
+hand (`kaizen stage`) gives new output digests, so every stage downstream of it misses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from models.pipeline import Artifact, Current, Evaluation, Mined, Pipeline, ProblemPools
+
+GPU_TAG = "kaizen-gpu"
+"""Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
+
+CACHE_DIR = ".cache"
+
+# The recipe sections each stage reads: its cache key changes when they do, and only then.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "problems": ("problems", "seed"),
+    "select": ("problems",),
+    "bootstrap": ("model", "problems", "bootstrap", "training", "seed"),
+    "rollout": ("search", "backend", "sandbox", "seed"),
+    "mine": ("mining",),
+    "sft": ("model", "training", "seed"),
+    "ppm": ("training",),
+    "evaluate": ("eval", "backend", "sandbox", "seed"),
+}
+STAGES = tuple(STAGE_SECTIONS)
+
+
+def _digest_of(value: Any) -> str:
+    """A stable text for a task input: artifacts by digest, containers element-wise, scalars as they are."""
+    if isinstance(value, Artifact):
+        return value.digest
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_digest_of(item) for item in value) + "]"
+    if is_dataclass(value) and not isinstance(value, type):
+        return "{" + ",".join(f"{f.name}:{_digest_of(getattr(value, f.name))}" for f in fields(value)) + "}"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_digest_of(item)}" for key, item in sorted(value.items())) + "}"
+    return repr(value)
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Cache key: stage, run, round and shard, the stage's recipe sections, and its input artifacts."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        stage = task_ctx.task.name
+        pipeline: Pipeline = inputs["pipeline"]
+        parts = [stage, pipeline.run, pipeline.recipe.digest(*STAGE_SECTIONS[stage])]
+        parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
+                  if name not in ("pipeline", "on_progress")]
+        return f"{stage}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}"
+
+
+def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, refresh: bool = False) -> Any:
+    """The task with its cache records kept inside the round's directory (deleting a round forgets them)."""
+    where = (pipeline.layout.run_dir(pipeline.run) if round_number is None
+             else pipeline.layout.round_dir(pipeline.run, round_number))
+    return stage_task.with_options(
+        cache_policy=StageCache().configure(key_storage=Path(where) / CACHE_DIR), refresh_cache=refresh
+    )
+
+
+_STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
+_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_jitter_factor": 0.5}
+
+
+@task(name="problems", **_STAGE_OPTIONS)
+def problems_task(pipeline: Pipeline) -> ProblemPools:
+    return pipeline.prepare_problems()
+
+
+@task(name="select", **_STAGE_OPTIONS)
+def select_task(pipeline: Pipeline, round_number: int, pool: Artifact) -> Artifact:
+    return pipeline.select_problems(round_number, pool)
+
+
+@task(name="bootstrap", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def bootstrap_task(pipeline: Pipeline) -> Artifact:
+    return pipeline.bootstrap()
+
+
+@task(name="rollout", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def rollout_task(
+    pipeline: Pipeline, round_number: int, shard: int, problems: Artifact, policy: Artifact, ppm: Artifact | None
+) -> Artifact:
+    progress = PrefectProgress(f"round {round_number} rollouts, shard {shard}")
+    return pipeline.rollout_shard(round_number, shard, problems, policy, ppm, on_progress=progress.update)
+
+
+@task(name="mine", **_STAGE_OPTIONS)
+def mine_task(pipeline: Pipeline, round_number: int, nodes: list[Artifact], problems: Artifact) -> Mined:
+    mined = pipeline.mine(round_number, nodes, problems)
+    get_run_logger().info("mined %s", mined.counts)
+    return mined
+
+
+@task(name="sft", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def sft_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], start: Current) -> Artifact:
+    return pipeline.train_sft(round_number, tables, start)
+
+
+@task(name="ppm", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def ppm_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], policy: Artifact) -> Artifact | None:
+    return pipeline.train_ppm(round_number, tables, policy)
+
+
+@task(name="evaluate", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def evaluate_task(pipeline: Pipeline, round_number: int, policy: Artifact, ppm: Artifact | None) -> Evaluation:
+    progress = PrefectProgress(f"round {round_number} evaluation")
+    return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update)
+
+
+class PrefectProgress:
+    """Reports a stage's progress as a Prefect progress artifact (the UI's bar) and as log lines."""
+
+    def __init__(self, description: str, every_s: float = 5.0) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.description = description
+        self.every_s = every_s
+        self.last = 0.0
+        self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+
+    def update(self, progress: Any) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        done, total = _done_total(progress)
+        now = time.monotonic()
+        if total and (now - self.last >= self.every_s or done >= total):
+            self.last = now
+            update_progress_artifact(self.artifact_id, progress=100.0 * done / total)
+            get_run_logger().info("%s: %d/%d", self.description, done, total)
+
+
+def _done_total(progress: Any) -> tuple[int, int]:
+    """(done, total) from a rollout progress record, or the one inside an evaluation's."""
+    progress = getattr(progress, "progress", progress)
+    for done_name, total_name in (("trees_done", "trees_total"), ("done", "total")):
+        if hasattr(progress, done_name):
+            return getattr(progress, done_name), getattr(progress, total_name)
+    raise TypeError(f"unknown progress record {progress!r}")
+

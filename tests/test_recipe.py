@@ -1,0 +1,113 @@
+"""Recipes: every bundled recipe loads, and each kind of bad recipe is rejected naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.recipe import RECIPES_DIR, RecipeError, cron_problem, load_recipe, parse_recipe
+from search.mcts import SearchMode
+
+MINIMAL = {
+    "run": "unit",
+    "model": {"base": "tiny"},
+    "problems": {"source": "curriculum"},
+    "eval": {"benchmarks": ["curriculum-test"], "modes": ["greedy"]},
+    "gate": {"benchmark": "curriculum-test"},
+}
+
+
+def recipe_with(**changes: object) -> dict:
+    """MINIMAL with dotted keys replaced, e.g. recipe_with(**{"search.mcts.width": 3})."""
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+def test_bundled_recipes_load(path: Path) -> None:
+    assert load_recipe(path).run
+
+
+def test_recipe_is_found_by_bundled_name() -> None:
+    assert load_recipe("demo").source.endswith("demo.yaml")
+
+
+def test_minimal_recipe_gets_defaults() -> None:
+    recipe = parse_recipe(MINIMAL)
+    assert (recipe.search.mcts.c_puct, recipe.mining.margin) == (2.0, 0.5)
+
+
+def test_yaml_exponent_strings_become_numbers() -> None:
+    recipe = parse_recipe(recipe_with(**{"search.mcts.temperature": "7e-1"}))
+    assert recipe.search.mcts.temperature == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"search.mcts.widht": 3}, r"search\.mcts\.widht: unknown key \(did you mean 'width'\?\)"),
+        ({"serach": {}}, r"serach: unknown key \(did you mean 'search'\?\)"),
+        ({"search.mcts.width": "many"}, r"search\.mcts\.width: expected an integer"),
+        ({"search.mcts.width": 0}, r"search\.mcts: MCTSConfig\.width must be >= 1"),
+        ({"search.mcts.mode": "ppm"}, r"search\.mcts\.mode: set per round"),
+        ({"search.round_overrides": {1: {"rolouts": 3}}}, r"search\.round_overrides\.1.*rolouts"),
+        ({"backend.backend": "tgi"}, r"backend: unknown backend 'tgi'"),
+        ({"execution.task_runner": "dask"}, r"execution\.task_runner: 'dask' is not one of thread, ray"),
+        ({"schedule.cron": "0 25 * * *"}, r"schedule\.cron: '25' .* outside 0-23"),
+        ({"schedule.cron": "nightly"}, r"schedule\.cron: .* 1 fields"),
+        ({"gate.benchmark": "math500"}, r"gate\.benchmark: 'math500' is not among eval\.benchmarks"),
+        ({"gate.mode": "maj@8"}, r"gate\.mode: 'maj@8' is not among eval\.modes"),
+        ({"eval.modes": ["best@3"]}, r"eval: .*best@3"),
+        ({"bootstrap.teacher": "gpt"}, r"bootstrap\.teacher: 'gpt' is not a known teacher"),
+        ({"run": "../escape"}, r"run: run name"),
+        ({"training": {"sft": {"learning_rte": 1e-5}}}, r"learning_rte.*did you mean 'learning_rate'"),
+    ],
+)
+def test_bad_field_is_named(changes: dict, message: str) -> None:
+    data = recipe_with(**{key: value for key, value in changes.items() if "." in key})
+    data.update({key: value for key, value in changes.items() if "." not in key})
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+
+
+@pytest.mark.parametrize("missing", ["model", "problems", "gate", "run"])
+def test_missing_required_section_is_named(missing: str) -> None:
+    data = recipe_with()
+    del data[missing]
+    with pytest.raises(RecipeError, match=rf"{missing}"):
+        parse_recipe(data)
+
+
+def test_unknown_recipe_name_lists_the_bundled_ones() -> None:
+    with pytest.raises(RecipeError, match="not found .*demo"):
+        load_recipe("no-such-recipe")
+
+
+def test_rounds_switch_to_ppm_search_at_ppm_from_round() -> None:
+    search = parse_recipe(recipe_with(**{"search.ppm_from_round": 3})).search
+    modes = [search.mcts_for_round(number, seed=0).mode for number in (1, 2, 3, 4)]
+    assert modes == [SearchMode.TERMINAL, SearchMode.TERMINAL, SearchMode.PPM, SearchMode.PPM]
+
+
+def test_round_overrides_apply_to_their_round_only() -> None:
+    search = parse_recipe(recipe_with(**{"search.round_overrides": {1: {"rollouts": 3}}})).search
+    assert [search.mcts_for_round(number, seed=0).rollouts for number in (1, 2)] == [3, search.mcts.rollouts]
+
+
+def test_digest_changes_only_with_its_sections() -> None:
+    before = parse_recipe(recipe_with())
+    after = parse_recipe(recipe_with(**{"gate.tolerance": 0.5}))
+    assert before.digest("search") == after.digest("search") and before.digest("gate") != after.digest("gate")
+
+
+@pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 0-6 1,15 jan-mar mon-fri", "30 4 * * 7"])
+def test_valid_cron_expressions_pass(expression: str) -> None:
+    assert cron_problem(expression) is None
