@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: demo test test-slow install sysdeps vllm clean
+.PHONY: demo test test-slow install sysdeps vllm ray deploy clean
 
 demo: $(STAMP)
 	$(BIN)/kaizen demo
@@ -13,8 +14,22 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 # Tiny-model training, servers and end-to-end flows: minutes, not seconds. CI runs these too.
-test-slow: $(STAMP) vllm
+test-slow: $(STAMP) vllm $(RAY_STAMP)
 	$(BIN)/pytest -q -m slow
+
+# prefect-ray and Ray, for recipes whose execution.task_runner is `ray` (and the Ray test).
+ray: $(RAY_STAMP)
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,ray]'
+	touch $@
+
+# Register the deployments of deployments/prefect.yaml with the server at PREFECT_API_URL:
+# the GPU work pool, a concurrency limit of one on GPU stages, then every deployment.
+deploy: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool create kaizen-gpu --type process --overwrite
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect concurrency-limit create kaizen-gpu 1
+	PATH="$(CURDIR)/$(BIN):$$PATH" PWD="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
 
 # vLLM lives in its own environment (.venv-vllm): its pins conflict with Prefect's (DESIGN section 3).
 vllm: $(STAMP)
