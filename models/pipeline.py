@@ -414,18 +414,6 @@ class Pipeline:
             temporary.write_text(json.dumps(promoted, indent=2), encoding="utf-8")
         return Artifact.of(path)
 
-    def round_rows(self) -> list[dict[str, Any]]:
-        """Every recorded round of this run, oldest first (metrics JSON decoded)."""
-        import pyarrow.parquet as pq
-
-        rows = []
-        for round_dir in sorted(self.layout.run_dir(self.run).glob("round-*")):
-            path = self.layout.table_path(self.run, int(round_dir.name.removeprefix("round-")), "rounds")
-            if path.exists():
-                row = pq.read_table(path).to_pylist()[0]
-                row["metrics"] = json.loads(row["metrics"] or "{}")
-                rows.append(row)
-        return rows
 
 
 def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:
