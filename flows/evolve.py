@@ -52,8 +52,8 @@ class GateFailed(RuntimeError):
     """A round's evaluation did not pass its gate; evolution stops here."""
 
 
-def open_pipeline(recipe: str | Recipe, home: str | None = None) -> Pipeline:
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+def open_pipeline(recipe: str | Recipe, home: str | None = None, overrides: dict[str, Any] | None = None) -> Pipeline:
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     return Pipeline(loaded, Layout(Path(home).resolve() if home else get_home()))
 
 
@@ -150,9 +150,13 @@ def _publish(pipeline: Pipeline, record: RoundRecord, evaluation: Any) -> None:
 
 
 @flow(name="round", log_prints=True)
-def round_flow(recipe: str, round_number: int | None = None, home: str | None = None) -> dict[str, Any]:
-    """One round of a recipe (the next one after the promoted round when no number is given)."""
-    pipeline = open_pipeline(recipe, home)
+def round_flow(recipe: str, round_number: int | None = None, home: str | None = None,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One round of a recipe (the next one after the promoted round when no number is given).
+
+    `overrides` sets recipe fields by dotted name, e.g. {"search.mcts.rollouts": 16}.
+    """
+    pipeline = open_pipeline(recipe, home, overrides)
     number = pipeline.next_round() if round_number is None else round_number
     result = _run_round(pipeline, number)
     assert result is not None
@@ -160,13 +164,14 @@ def round_flow(recipe: str, round_number: int | None = None, home: str | None = 
 
 
 @flow(name="evolve", log_prints=True)
-def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str | None = None) -> list[dict[str, Any]]:
+def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str | None = None,
+                overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rounds start..end; each must pass its gate before the next starts."""
-    pipeline = open_pipeline(recipe, home)
+    pipeline = open_pipeline(recipe, home, overrides)
     first = pipeline.next_round() if start is None else start
     results = []
     for number in range(first, end + 1):
-        result = round_flow(recipe, number, str(pipeline.layout.home))
+        result = round_flow(recipe, number, str(pipeline.layout.home), overrides)
         results.append(result)
         if not result["gate_passed"]:
             raise GateFailed(f"round {number} failed its gate: {'; '.join(result['gate_reasons'])}")
@@ -174,9 +179,10 @@ def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str |
 
 
 @flow(name="stage", log_prints=True)
-def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = None) -> list[str]:
+def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = None,
+               overrides: dict[str, Any] | None = None) -> list[str]:
     """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
-    pipeline = open_pipeline(recipe, home)
+    pipeline = open_pipeline(recipe, home, overrides)
     order = ROUND0_STAGES if round_number == 0 else tuple(s for s in STAGES if s != "bootstrap")
     if stage not in order:
         raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
@@ -206,9 +212,28 @@ def evaluate_flow(
 # --- command line ------------------------------------------------------------------------------
 
 
+def _override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. search.mcts.rollouts=16), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="recipe name (deployments/recipes) or YAML path")
     parser.add_argument("--home", default=None, help="data home (default: $KAIZEN_HOME or ./kaizen_home)")
+    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field by dotted name (repeatable), e.g. --set search.shards=4")
+
+
+def _checked(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The overrides as a dict, after checking the recipe with them (a bad recipe fails before Prefect starts)."""
+    overrides = dict(args.overrides) or None
+    load_recipe(args.recipe, overrides)
+    _quiet_prefect()
+    return overrides
 
 
 def _quiet_prefect() -> None:
@@ -229,10 +254,9 @@ def cli_run(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
                         help="START:END (default: from the round after the promoted one to 4)")
     args = parser.parse_args(argv)
-    load_recipe(args.recipe)  # a bad recipe fails here, before Prefect starts
-    _quiet_prefect()
+    overrides = _checked(args)
     start, end = args.rounds
-    state = evolve_flow(args.recipe, start, end, args.home, return_state=True)
+    state = evolve_flow(args.recipe, start, end, args.home, overrides, return_state=True)
     return _report_state(state)
 
 
@@ -242,9 +266,8 @@ def cli_round(argv: list[str]) -> int:
     parser.add_argument("--round", dest="round_number", type=int, default=None,
                         help="round number (default: the one after the promoted round)")
     args = parser.parse_args(argv)
-    load_recipe(args.recipe)
-    _quiet_prefect()
-    return _report_state(round_flow(args.recipe, args.round_number, args.home, return_state=True))
+    overrides = _checked(args)
+    return _report_state(round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True))
 
 
 def cli_stage(argv: list[str]) -> int:
@@ -253,9 +276,8 @@ def cli_stage(argv: list[str]) -> int:
     _common(parser)
     parser.add_argument("--round", dest="round_number", type=int, required=True)
     args = parser.parse_args(argv)
-    load_recipe(args.recipe)
-    _quiet_prefect()
-    state = stage_flow(args.recipe, args.stage, args.round_number, args.home, return_state=True)
+    overrides = _checked(args)
+    state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
     if state.is_completed():
         stale = state.result()
         print(f"re-ran {args.stage} of round {args.round_number}; now stale: {', '.join(stale)} "

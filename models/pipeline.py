@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +33,8 @@ from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 # and hashing tens of gigabytes of weights for every cache key would cost minutes.
 _CONTENT_HASH_LIMIT = 64 * 2**20
 PROMOTED_FILE = "promoted.json"
+LOGGER_NAME = "kaizen.pipeline"
+log = logging.getLogger(LOGGER_NAME)
 
 
 class MissingInputError(RuntimeError):
@@ -223,6 +226,7 @@ class Pipeline:
         sft = write_table(pa.Table.from_pylist(rows), self.layout.table_path(self.run, 0, "sft"), table="sft")
         policy = train_sft([sft], self.layout.checkpoint_dir(self.run, 0, "policy"), recipe=self.recipe.training,
                            base_model=base, overrides=bootstrap.training, overwrite=True)
+        _log_training("bootstrap SFT", 0, policy)
         return Artifact.of(policy)
 
     # --- search -----------------------------------------------------------------------------
@@ -259,11 +263,14 @@ class Pipeline:
 
         config = self.rollout_config(round_number, ppm)
         out = self.layout.table_path(self.run, round_number, "nodes", shard=shard)
-        rollout_stage(
+        stats = rollout_stage(
             self.shard_problems(problems, shard), model=_model_path(policy, "policy"), out=out, config=config,
             ppm=ppm.require("PPM checkpoint") if config.mcts.uses_ppm and ppm else None,
             run=self.run, round_number=round_number, on_progress=on_progress,
         )
+        log.info("round %d shard %d: %s search solved %d of %d problems; %d nodes, %d tokens at %.0f tokens/s",
+                 round_number, shard, config.mcts.mode.value, stats.trees_solved, stats.trees, stats.nodes,
+                 stats.tokens_generated, stats.tokens_per_second)
         return Artifact.of(out)
 
     # --- mining and training ----------------------------------------------------------------
@@ -276,6 +283,7 @@ class Pipeline:
         problem_table = load_problems(problems.require("round problems"))
         result = mine([node.require("nodes shard") for node in nodes], problem_table, self.recipe.mining)
         pairs, sft = write_mined(result, self.layout.stage_dir(self.run, round_number, "mine"))
+        log.info("round %d mining: %s", round_number, result.summary())
         status = result.problem_status
         counts = {
             "pairs": result.pairs.num_rows,
@@ -298,12 +306,14 @@ class Pipeline:
         """The round's policy: SFT on every verified trajectory so far (from the base model, or continued)."""
         from models.training import train_sft
 
-        return Artifact.of(train_sft(
+        checkpoint = train_sft(
             [table.require("sft table") for table in tables], self.layout.checkpoint_dir(self.run, round_number, "policy"),
             recipe=self.recipe.training, base_model=self.base_model(),
             previous_checkpoint=current.policy.require("previous policy") if Path(current.policy.path).exists() else None,
             overwrite=True,
-        ))
+        )
+        _log_training("SFT", round_number, checkpoint)
+        return Artifact.of(checkpoint)
 
     def train_ppm(self, round_number: int, tables: Sequence[Artifact], policy: Artifact) -> Artifact | None:
         """The round's PPM, started from this round's policy; None when no round has produced pairs."""
@@ -313,11 +323,14 @@ class Pipeline:
 
         paths = [table.require("pairs table") for table in tables]
         if not any(pq.read_metadata(path).num_rows for path in paths):
+            log.info("round %d: no preference pairs yet, so no PPM is trained", round_number)
             return None
-        return Artifact.of(train_ppm(
+        checkpoint = train_ppm(
             [path for path in paths if pq.read_metadata(path).num_rows], self.layout.checkpoint_dir(self.run, round_number, "ppm"),
             recipe=self.recipe.training, base_model=str(policy.require("policy checkpoint")), overwrite=True,
-        ))
+        )
+        _log_training("PPM", round_number, checkpoint)
+        return Artifact.of(checkpoint)
 
     # --- evaluation, gate, promotion ---------------------------------------------------------
 
@@ -350,6 +363,9 @@ class Pipeline:
             run=self.run, round_number=round_number, on_progress=on_progress,
         )
         out = write_eval(report, self.layout.stage_dir(self.run, round_number, "eval"))
+        for row in report.summary:
+            log.info("round %d eval %s %s: %.3f (%d/%d), %d tokens, %.0f s", round_number, row.benchmark, row.mode,
+                     row.accuracy, row.correct, row.n, row.tokens, row.wall_s)
         return Evaluation(Artifact.of(out), report.metrics(), [asdict(row) for row in report.summary])
 
     def promotion(self, round_number: int) -> Current | None:
@@ -414,6 +430,16 @@ class Pipeline:
             temporary.write_text(json.dumps(promoted, indent=2), encoding="utf-8")
         return Artifact.of(path)
 
+
+
+def _log_training(kind: str, round_number: int, checkpoint: Path) -> None:
+    """One line from the run's provenance: loss, tokens and speed (the full curves are in TensorBoard)."""
+    from models.training import PROVENANCE_FILE
+
+    metrics = json.loads((Path(checkpoint) / PROVENANCE_FILE).read_text(encoding="utf-8")).get("metrics", {})
+    log.info("round %d %s: train loss %.4f over %d tokens in %.0f s (%.0f tokens/s) -> %s", round_number, kind,
+             metrics.get("train_loss", float("nan")), metrics.get("num_input_tokens_seen", 0),
+             metrics.get("train_runtime", 0.0), metrics.get("tokens_per_second", 0.0), checkpoint)
 
 
 def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:

@@ -452,8 +452,25 @@ def resolve_recipe_path(name: str | Path) -> Path:
     raise RecipeError(f"recipe {str(name)!r} not found (a YAML path, or one of: {', '.join(known)})")
 
 
-def load_recipe(name: str | Path) -> Recipe:
-    """Read and check a recipe file (a path or the name of a bundled recipe)."""
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a parsed recipe with dotted keys set, e.g. {"seed": 1, "search.mcts.rollouts": 8}."""
+    import copy
+
+    result = copy.deepcopy(dict(data))
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = result
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {dotted}: {key} is not a section")
+            node = child
+        node[last] = value
+    return result
+
+
+def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Read and check a recipe file (a path or the name of a bundled recipe), with dotted overrides."""
     import yaml
 
     path = resolve_recipe_path(name)
@@ -461,6 +478,10 @@ def load_recipe(name: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"cannot read recipe {path}: {str(err).splitlines()[0]}") from None
+    if overrides:
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+        data = apply_overrides(data, overrides)
     return parse_recipe(data, source=str(path))
 
 

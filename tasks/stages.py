@@ -11,6 +11,8 @@ hand (`kaizen stage`) gives new output digests, so every stage downstream of it 
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
 import time
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
-from models.pipeline import Artifact, Current, Evaluation, Mined, Pipeline, ProblemPools
+from models.pipeline import LOGGER_NAME, Artifact, Current, Evaluation, Mined, Pipeline, ProblemPools
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -68,6 +70,22 @@ class StageCache(CachePolicy):
         return f"{stage}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}"
 
 
+class _ToRunLogger(logging.Handler):
+    """Forwards the core's log records to the Prefect run logger, so the UI shows them with the task."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_run_logger().log(record.levelno, record.getMessage())
+        except Exception:  # noqa: BLE001 - outside a run context there is nowhere to forward to
+            pass
+
+
+_core_logger = logging.getLogger(LOGGER_NAME)
+_core_logger.setLevel(logging.INFO)
+_core_logger.addHandler(_ToRunLogger())
+_core_logger.propagate = False  # the run logger already prints to the console: once is enough
+
+
 def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, refresh: bool = False) -> Any:
     """The task with its cache records kept inside the round's directory (deleting a round forgets them)."""
     where = (pipeline.layout.run_dir(pipeline.run) if round_number is None
@@ -101,14 +119,15 @@ def rollout_task(
     pipeline: Pipeline, round_number: int, shard: int, problems: Artifact, policy: Artifact, ppm: Artifact | None
 ) -> Artifact:
     progress = PrefectProgress(f"round {round_number} rollouts, shard {shard}")
-    return pipeline.rollout_shard(round_number, shard, problems, policy, ppm, on_progress=progress.update)
+    try:
+        return pipeline.rollout_shard(round_number, shard, problems, policy, ppm, on_progress=progress.update)
+    finally:
+        progress.close()
 
 
 @task(name="mine", **_STAGE_OPTIONS)
 def mine_task(pipeline: Pipeline, round_number: int, nodes: list[Artifact], problems: Artifact) -> Mined:
-    mined = pipeline.mine(round_number, nodes, problems)
-    get_run_logger().info("mined %s", mined.counts)
-    return mined
+    return pipeline.mine(round_number, nodes, problems)
 
 
 @task(name="sft", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
@@ -124,29 +143,40 @@ def ppm_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], poli
 @task(name="evaluate", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
 def evaluate_task(pipeline: Pipeline, round_number: int, policy: Artifact, ppm: Artifact | None) -> Evaluation:
     progress = PrefectProgress(f"round {round_number} evaluation")
-    return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update)
+    try:
+        return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update)
+    finally:
+        progress.close()
 
 
 class PrefectProgress:
-    """Reports a stage's progress as a Prefect progress artifact (the UI's bar) and as log lines."""
+    """Reports a stage's progress as a Prefect progress artifact (the UI's bar), log lines, and a
+    progress bar on the terminal (only when stderr is one)."""
 
     def __init__(self, description: str, every_s: float = 5.0) -> None:
         from prefect.artifacts import create_progress_artifact
+        from tqdm import tqdm
 
         self.description = description
         self.every_s = every_s
         self.last = 0.0
         self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+        self.bar = tqdm(desc=description, unit="tree", file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
 
     def update(self, progress: Any) -> None:
         from prefect.artifacts import update_progress_artifact
 
         done, total = _done_total(progress)
+        self.bar.total, self.bar.n = total, done
+        self.bar.refresh()
         now = time.monotonic()
         if total and (now - self.last >= self.every_s or done >= total):
             self.last = now
             update_progress_artifact(self.artifact_id, progress=100.0 * done / total)
             get_run_logger().info("%s: %d/%d", self.description, done, total)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _done_total(progress: Any) -> tuple[int, int]:

@@ -195,3 +195,11 @@ def test_stage_rerun_marks_later_stages_stale(resumed: dict[str, Any], rounds: d
     stale = stage_flow(rounds["recipe"], "ppm", 2, rounds["home"])
     marker = json.loads((run_dir(rounds) / "round-002" / "STALE").read_text())
     assert stale[0] == "evaluate" and marker["rerun"] == "ppm"
+
+
+def test_round_without_its_promoted_predecessor_fails_before_any_gpu_stage(rounds: dict[str, Any]) -> None:
+    from flows.evolve import round_flow
+
+    state = round_flow(rounds["recipe"], 5, rounds["home"], return_state=True)
+    assert state.is_failed() and "starts from round 4, which is not promoted" in str(state.message)
+    assert not (run_dir(rounds) / "round-005" / "rollout").exists()

@@ -12,7 +12,7 @@ import yaml
 pytestmark = pytest.mark.slow
 pytest.importorskip("prefect_ray", reason="the `ray` extra is not installed (make test-slow installs it)")
 
-from tests.test_flows import RECIPE  # noqa: E402 - after the skip: the same tiny recipe
+from test_flows import RECIPE  # noqa: E402 - after the skip: the same tiny recipe
 
 
 @pytest.fixture(scope="module")

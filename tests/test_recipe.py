@@ -111,3 +111,27 @@ def test_digest_changes_only_with_its_sections() -> None:
 @pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 0-6 1,15 jan-mar mon-fri", "30 4 * * 7"])
 def test_valid_cron_expressions_pass(expression: str) -> None:
     assert cron_problem(expression) is None
+
+
+def test_overrides_set_dotted_fields() -> None:
+    from models.recipe import apply_overrides
+
+    recipe = parse_recipe(apply_overrides(MINIMAL, {"seed": 7, "search.mcts.rollouts": 3}))
+    assert (recipe.seed, recipe.search.mcts.rollouts) == (7, 3)
+
+
+def test_bad_override_is_named_like_a_bad_recipe_field() -> None:
+    from models.recipe import apply_overrides
+
+    with pytest.raises(RecipeError, match=r"search\.mcts\.rolouts: unknown key"):
+        parse_recipe(apply_overrides(MINIMAL, {"search.mcts.rolouts": 3}))
+
+
+def test_run_command_rejects_a_bad_recipe_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe_with(**{"search.mcts.widht": 3})))
+    code = main(["run", "--recipe", str(bad)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "search.mcts.widht: unknown key" in lines[0]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.test_flows import RECIPE
+from test_flows import RECIPE
 
 pytestmark = pytest.mark.slow
 
