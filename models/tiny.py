@@ -258,15 +258,19 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def add_step_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> int:
-    """Give a tokenizer (and its model) every step-format marker as a single token; returns how many new ids.
+def add_step_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel | None = None,
+    tokens: Sequence[str] = STEP_SPECIAL_TOKENS,
+) -> int:
+    """Give a tokenizer (and its model) every step-format marker (or `tokens`) as a single token; returns how many new ids.
 
     New embedding rows start at the mean of the existing ones. The embedding matrix only grows:
     real checkpoints (Qwen2.5) reserve spare rows, and shrinking them would change the model.
     """
     # A marker that is only a BPE merge can still be split in context: it must be an added token.
     registered = tokenizer.get_added_vocab()
-    missing = [token for token in STEP_SPECIAL_TOKENS if token not in registered]
+    missing = [token for token in tokens if token not in registered]
     added = tokenizer.add_tokens(_step_added_tokens(missing)) if missing else 0
     if model is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)

@@ -1,7 +1,8 @@
-"""Policy SFT and PPM training on TRL: recipe configs, pre-flight checks, and one subprocess per run.
+"""Policy SFT, PPM and RL training on TRL: recipe configs, pre-flight checks, and one subprocess per run.
 
-`train_sft` / `train_ppm` check everything that can be checked without a GPU (recipe keys, the
-tables, the model to start from) and then run `python -m models.training sft|ppm --config FILE`
+`train_sft` / `train_ppm` / `train_rl` check everything that can be checked without a GPU (recipe
+keys, the tables, the model to start from, the rewards) and then run
+`python -m models.training sft|ppm|rl --config FILE`
 (under `accelerate launch` when the recipe names an accelerate config), so GPU memory is returned
 when a run ends and a hung run can be killed as a process group. The child trains into a hidden
 staging directory next to the output, writes `provenance.json` last, and the parent renames the
@@ -9,7 +10,8 @@ directory into place only when the child succeeded: a directory at the output pa
 
 Each round trains from the base model on all verified data so far (`init_from: base`, as
 rStar-Math does) unless the recipe says `init_from: previous`. The PPM starts from this round's
-SFT policy with a one-label head; see `models.ppm` for how its value is defined.
+SFT policy with a one-label head; see `models.ppm` for how its value is defined. The optional RL
+stage (GRPO with verifiable rewards, `models.rl`) also starts from this round's SFT policy.
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from trl import RewardConfig, SFTConfig
+from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
+from models.rl import (
+    OPTIONAL_COLUMNS,
+    STEP_FORMATS,
+    RewardFields,
+    RLSettingsError,
+    check_rl_settings,
+    require_coat_tokens,
+)
 
-KINDS = ("sft", "ppm")
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {"sft": ("prompt", "completion"), "ppm": ("prompt", "chosen", "rejected")}
+KINDS = ("sft", "ppm", "rl")
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"), "ppm": ("prompt", "chosen", "rejected"), "rl": ("prompt", "answer")
+}
 PROVENANCE_FILE = "provenance.json"
 LOG_DIR = "logs"
 REQUEST_FILE = "request.json"
@@ -68,7 +80,7 @@ class TrainingRunError(TrainingError):
 
 @dataclass
 class RunFields:
-    """Kaizen's fields and defaults, mixed into the SFT and PPM configs (the rest are TRL's and transformers')."""
+    """Kaizen's fields and defaults, mixed into the SFT, PPM and RL configs (the rest are TRL's and transformers')."""
 
     base_model: str = field(
         default="",
@@ -83,8 +95,8 @@ class RunFields:
     )
     train_tables: list[str] = field(
         default_factory=list,
-        metadata={"help": "Parquet tables to train on (sft: prompt, completion; ppm: prompt, chosen, rejected); "
-                  "usually passed by the caller"},
+        metadata={"help": "Parquet tables to train on (sft: prompt, completion; ppm: prompt, chosen, rejected; "
+                  "rl: prompt, answer); usually passed by the caller"},
     )
     global_batch_size: int | None = field(
         default=None,
@@ -94,6 +106,11 @@ class RunFields:
     add_step_tokens: bool = field(
         default=True,
         metadata={"help": "add the step-format markers to the tokenizer as single tokens (embeddings grow)"},
+    )
+    step_format: str = field(
+        default="rstar",
+        metadata={"help": "rstar (code-augmented steps) or coat (steps led by Satori's meta-action tokens; SFT and "
+                  "PPM add the tokens, RL requires the policy to have them)", "choices": list(STEP_FORMATS)},
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights. Adapters are merged on save"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha / r)"})
@@ -165,7 +182,16 @@ class PPMTrainingConfig(RunFields, RewardConfig):
     """PPM: TRL's `RewardConfig` plus Kaizen's run fields and defaults (Bradley-Terry loss on tanh values)."""
 
 
-CONFIG_CLASSES: dict[str, type] = {"sft": SFTTrainingConfig, "ppm": PPMTrainingConfig}
+@dataclass
+class RLTrainingConfig(RunFields, RewardFields, GRPOConfig):
+    """RL with verifiable rewards: TRL's `GRPOConfig` plus Kaizen's run fields and the rewards of `models.rl`.
+
+    The GRPO settings include generation with vLLM on GPU: `use_vllm`, `vllm_mode` ('colocate', or
+    'server' with `vllm_server_base_url` pointing at `trl vllm-serve`), `vllm_gpu_memory_utilization`.
+    """
+
+
+CONFIG_CLASSES: dict[str, type] = {"sft": SFTTrainingConfig, "ppm": PPMTrainingConfig, "rl": RLTrainingConfig}
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,7 @@ class TrainingSettings:
 
     sft: dict[str, Any] = field(default_factory=dict, metadata={"help": "SFTTrainingConfig fields"})
     ppm: dict[str, Any] = field(default_factory=dict, metadata={"help": "PPMTrainingConfig fields"})
+    rl: dict[str, Any] = field(default_factory=dict, metadata={"help": "RLTrainingConfig fields (the optional RL stage)"})
 
     def for_kind(self, kind: str) -> dict[str, Any]:
         return dict(getattr(self, kind))
@@ -395,7 +422,25 @@ def prepare_run(
     if config.get("init_from", "base") == "previous" and previous_checkpoint is not None:
         start = str(previous_checkpoint)
     start_record = base_record if start == config["base_model"] else describe_model_source(start)
+    if kind == "rl":
+        _check_rl_run(config, table_infos, start)
     return RunRequest(kind, config, start, base_record, start_record, table_infos, str(output), overwrite)
+
+
+def _check_rl_run(config: Mapping[str, Any], tables: Sequence[TableInfo], start_model: str) -> None:
+    """The RL checks that need no training process: rewards, reward inputs, and the COAT tokens of a local model."""
+    import pyarrow.parquet as pq
+
+    try:
+        check_rl_settings(config, [pq.read_schema(table.path).names for table in tables])
+        if config.get("ppm_model"):
+            describe_model_source(config["ppm_model"])
+        if config.get("step_format") == "coat" and Path(start_model).expanduser().is_dir():
+            from transformers import AutoTokenizer
+
+            require_coat_tokens(AutoTokenizer.from_pretrained(start_model), start_model)
+    except RLSettingsError as err:
+        raise TrainingInputError(str(err)) from None
 
 
 def _launch_command(request: RunRequest, request_path: Path) -> list[str]:
@@ -519,6 +564,30 @@ def train_sft(
     )
 
 
+def train_rl(
+    prompt_tables: Sequence[str | Path] | None,
+    output_dir: str | Path,
+    *,
+    recipe: str | Path | Mapping[str, Any] | TrainingSettings | None = None,
+    base_model: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    rewards: Sequence[str] | None = None,
+    overwrite: bool = False,
+    timeout_s: float | None = None,
+) -> Path:
+    """Improve `base_model` (this round's SFT policy) with GRPO on prompt tables (prompt, answer[, prefix_kind]).
+
+    `rewards` replaces the recipe's `training.rl.rewards` (see `models.rl`). Returns the checkpoint.
+    Raises TrainingInputError before starting anything (no reward, no prompts, a COAT run whose
+    policy lacks the meta-action tokens), TrainingRunError if the run fails.
+    """
+    overrides = {**(overrides or {}), **({"rewards": list(rewards)} if rewards is not None else {})}
+    return _train(
+        "rl", prompt_tables, output_dir, recipe=recipe, base_model=base_model, overrides=overrides,
+        overwrite=overwrite, timeout_s=timeout_s,
+    )
+
+
 def train_ppm(
     tables: Sequence[str | Path] | None,
     output_dir: str | Path,
@@ -578,12 +647,15 @@ class _ChildInputError(Exception):
 
 
 def _load_dataset(kind: str, table_paths: Sequence[str]) -> Any:
-    """The tables' text columns as one in-memory `datasets.Dataset` (other columns are provenance only)."""
+    """The tables' text columns as one in-memory `datasets.Dataset` (other columns are provenance only,
+    except those the RL rewards read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    columns = list(REQUIRED_COLUMNS[kind])
+    optional = OPTIONAL_COLUMNS if kind == "rl" else ()
+    in_all = set.intersection(*(set(pq.read_schema(path).names) for path in table_paths))
+    columns = [*REQUIRED_COLUMNS[kind], *(name for name in optional if name in in_all)]
     parts = [pq.read_table(path, columns=columns).cast(pa.schema([(name, pa.large_string()) for name in columns]))
              for path in table_paths]
     return Dataset.from_dict(pa.concat_tables(parts).to_pydict())
@@ -617,26 +689,36 @@ def _packs_without_padding(config: Any) -> bool:
 
 
 def _load_model(kind: str, config: Any, start_model: str) -> tuple[Any, Any, int]:
-    """Tokenizer and model (causal LM for SFT, one-label classifier for the PPM) with the step tokens added,
-    and how many of those tokens were new to the model."""
+    """Tokenizer and model (causal LM for SFT and RL, one-label classifier for the PPM) with the step tokens
+    added, and how many of those tokens were new to the model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from models.tiny import add_step_tokens
+    from search.coat import COAT_TOKENS
+    from search.steps import STEP_SPECIAL_TOKENS
 
-    attention = "sdpa" if _packs_without_padding(config) else register_right_padded_attention()
+    # GRPO left-pads its prompts, so RL needs the padding mask that the right-padded variant drops.
+    masked = _packs_without_padding(config) or kind == "rl"
+    attention = "sdpa" if masked else register_right_padded_attention()
     model_kwargs = {"attn_implementation": attention, "dtype": torch.float32, **(config.model_init_kwargs or {})}
     # Kaizen loads the model itself (the step tokens must go in first); TRL would only warn about these.
     config.model_init_kwargs = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(start_model)
-        if kind == "sft":
+        if kind == "rl" and config.step_format == "coat":
+            require_coat_tokens(tokenizer, start_model)
+        if kind in ("sft", "rl"):
             model = AutoModelForCausalLM.from_pretrained(start_model, **model_kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(start_model, num_labels=1, **model_kwargs)
+    except RLSettingsError as err:
+        raise _ChildInputError(str(err)) from err
     except (OSError, ValueError) as err:
         raise _ChildInputError(f"cannot load model {start_model!r}: {str(err).strip().splitlines()[0]}") from err
-    new_tokens = add_step_tokens(tokenizer, model) if config.add_step_tokens else 0
+    # Format tuning (SFT) brings in the meta-action tokens; RL only uses them (checked above).
+    tokens = STEP_SPECIAL_TOKENS + (COAT_TOKENS if config.step_format == "coat" and kind != "rl" else [])
+    new_tokens = add_step_tokens(tokenizer, model, tokens) if config.add_step_tokens else 0
     if kind == "ppm":
         ensure_distinct_pad_token(tokenizer, model)
         if not (Path(start_model) / SCORING_FILE).is_file():
@@ -667,15 +749,16 @@ def _apply_lora(kind: str, config: Any, model: Any, new_tokens: int) -> Any:
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    embeddings = ["embed_tokens", "lm_head"] if kind == "sft" else ["embed_tokens"]
+    causal = kind in ("sft", "rl")
+    embeddings = ["embed_tokens", "lm_head"] if causal else ["embed_tokens"]
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
-        task_type=TaskType.CAUSAL_LM if kind == "sft" else TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         modules_to_save=embeddings if new_tokens else None,
-        ensure_weight_tying=bool(new_tokens) and kind == "sft" and model.config.get_text_config().tie_word_embeddings,
+        ensure_weight_tying=bool(new_tokens) and causal and model.config.get_text_config().tie_word_embeddings,
     )
     return get_peft_model(model, lora)
 
@@ -688,6 +771,10 @@ def _build_trainer(kind: str, config: Any, tokenizer: Any, model: Any, new_token
         model = _apply_lora(kind, config, model, new_tokens)
     if kind == "sft":
         return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    if kind == "rl":
+        from models.rl import build_grpo_trainer
+
+        return build_grpo_trainer(config, tokenizer, model, dataset, callbacks)
     # After any LoRA wrapping, so the squash sits on the head that is actually called.
     attach_value_squash(model)
     group_by_length = config.train_sampling_strategy == "group_by_length"
@@ -804,7 +891,7 @@ def run_training(request: RunRequest, staging: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the training subprocess: `python -m models.training sft|ppm --config REQUEST.json`."""
+    """Entry point of the training subprocess: `python -m models.training sft|ppm|rl --config REQUEST.json`."""
     parser = argparse.ArgumentParser(prog="python -m models.training", description="Run one training job (internal).")
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--config", required=True, type=Path, help="request JSON written by the launcher")

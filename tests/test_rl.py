@@ -1,0 +1,183 @@
+"""RL with verifiable rewards: restart prompts from stored trees, the reward functions, bad input, and
+GRPO raising the reward of a tiny model (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_coat import ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, problems, tree_file  # noqa: F401
+from test_training import FAST_SFT, tiny_model, write_table  # noqa: F401 - module fixtures shared with SFT tests
+
+from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
+from models.rl import FormatReward, OutcomeReward, ReflectionBonus, SolutionJudge
+from models.tiny import build_tiny_model, default_corpus
+from models.training import PROVENANCE_FILE, TrainingInputError, train_rl, train_sft
+from search.coat import COAT_TOKENS
+from search.grading import Grader
+from search.sandbox import Sandbox, SandboxConfig
+from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_prompt, render_solution
+
+PROMPT = render_prompt(QUESTION)
+SOLVED = render_solution([APPLES, SHARE, PRINT, ANSWER])
+
+
+@pytest.fixture(scope="module")
+def judge() -> SolutionJudge:
+    with Sandbox(SandboxConfig(workers=1)) as sandbox, Grader(workers=1) as grader:
+        yield SolutionJudge(sandbox, grader)
+
+
+@pytest.fixture(scope="module")
+def prompts_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [{"prompt": PROMPT, "answer": "6", "prefix_kind": "none"}]
+    return write_table(tmp_path_factory.mktemp("prompts") / "prompts.parquet", rows)
+
+
+# --- restart-and-explore prompts ------------------------------------------------------------------
+
+
+def test_restart_prompts_hold_the_question_and_prefixes_of_both_trajectories(tree_file: Path) -> None:  # noqa: F811
+    rows = restart_prompts([tree_file], problems(), RestartConfig(prefixes_per_trajectory=1)).to_pylist()
+    assert [(row["prefix_kind"], row["prefix_steps"]) for row in rows] == [("none", 0), ("correct", 2), ("wrong", 2)]
+
+
+def test_restart_prefixes_are_the_trajectorys_first_steps(tree_file: Path) -> None:  # noqa: F811
+    rows = restart_prompts([tree_file], problems(), RestartConfig(prefixes_per_trajectory=3)).to_pylist()
+    wrong = [row["prompt"] for row in rows if row["prefix_kind"] == "wrong"]
+    assert wrong == [PROMPT + render_solution([APPLES]), PROMPT + render_solution([APPLES, SHARE]),
+                     PROMPT + render_solution([APPLES, SHARE, WRONG_PRINT])]
+
+
+def test_restart_rows_carry_the_reference_answer(tree_file: Path) -> None:  # noqa: F811
+    table = restart_prompts([tree_file], problems())
+    assert set(table.column("answer").to_pylist()) == {"6"} and set(table.column("round").to_pylist()) == {1}
+
+
+def test_coat_restart_prefixes_lead_each_step_with_continue(tree_file: Path) -> None:  # noqa: F811
+    rows = restart_prompts([tree_file], problems(), RestartConfig(prefixes_per_trajectory=1, step_format="coat"))
+    prefix = rows.to_pylist()[1]["prompt"].removeprefix(PROMPT)
+    assert prefix.count(COAT_TOKENS[0]) == 2 and prefix.startswith(COAT_TOKENS[0])
+
+
+def test_written_prompt_table_is_read_back(tree_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    table = restart_prompts([tree_file], problems())
+    assert pq.read_table(write_rl_prompts(table, tmp_path / "rl_prompts.parquet")).equals(table)
+
+
+def test_prefix_lengths_stay_strictly_inside_the_trajectory() -> None:
+    assert prefix_lengths(4, 2) == [1, 3] and prefix_lengths(1, 2) == [] and prefix_lengths(6, 1) == [3]
+
+
+# --- rewards -------------------------------------------------------------------------------------------
+
+
+def test_outcome_reward_is_plus_one_only_for_a_correct_program_run(judge: SolutionJudge) -> None:
+    completions = [
+        SOLVED,
+        render_solution([APPLES, WRONG_PRINT, WRONG_ANSWER]),  # runs, wrong answer
+        render_solution([SolutionStep("# Step 1: oops\nshare = 1 / 0\n<end_of_step>"), PRINT, ANSWER]),  # raises
+        SOLVED[:-20],  # cut off before the answer closes
+    ]
+    assert OutcomeReward(judge)([PROMPT] * 4, completions, answer=["6"] * 4) == [1.0, -1.0, -1.0, -1.0]
+
+
+def test_outcome_reward_values_are_configurable(judge: SolutionJudge) -> None:
+    reward = OutcomeReward(judge, correct=1.0, wrong=0.0)
+    assert reward([PROMPT] * 2, [SOLVED, render_solution([APPLES, WRONG_PRINT, WRONG_ANSWER])], answer=["6", "6"]) == [1.0, 0.0]
+
+
+def test_restart_completion_runs_with_the_prompts_prefix(judge: SolutionJudge) -> None:
+    prompt = PROMPT + render_solution([APPLES])  # `apples` is defined only in the prompt
+    assert OutcomeReward(judge)([prompt], [render_solution([SHARE, PRINT, ANSWER])], answer=["6"]) == [1.0]
+
+
+def test_reflection_bonus_rewards_only_recoveries_from_wrong_prefixes(judge: SolutionJudge) -> None:
+    bonus = ReflectionBonus(judge, bonus=0.5)
+    assert bonus([PROMPT] * 3, [SOLVED] * 3, answer=["6"] * 3, prefix_kind=["wrong", "correct", "none"]) == [0.5, 0, 0]
+
+
+def test_format_reward_needs_closed_steps_ending_in_an_answer() -> None:
+    assert FormatReward()([PROMPT] * 2, [SOLVED, render_solution([APPLES, SHARE])]) == [1.0, 0.0]
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_rl_without_a_reward_function_fails_before_training(
+    tmp_path: Path, tiny_model: Path, prompts_table: Path  # noqa: F811
+) -> None:
+    with pytest.raises(TrainingInputError, match="needs at least one reward function"):
+        train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), rewards=[])
+    assert not any(tmp_path.iterdir())
+
+
+def test_rl_with_an_empty_prompt_set_fails_before_training(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+    empty = write_table(tmp_path / "prompts.parquet", [], schema=pa.schema([("prompt", pa.string()), ("answer", pa.string())]))
+    with pytest.raises(TrainingInputError, match="the rl tables are empty"):
+        train_rl([empty], tmp_path / "rl", base_model=str(tiny_model))
+
+
+def test_rl_with_an_unknown_reward_names_it(tmp_path: Path, tiny_model: Path, prompts_table: Path) -> None:  # noqa: F811
+    with pytest.raises(TrainingInputError, match="unknown reward 'corect'"):
+        train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), rewards=["corect"])
+
+
+def test_reflection_reward_needs_prefix_kinds(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+    table = write_table(tmp_path / "prompts.parquet", [{"prompt": PROMPT, "answer": "6"}])
+    with pytest.raises(TrainingInputError, match="needs a prefix_kind column"):
+        train_rl([table], tmp_path / "rl", base_model=str(tiny_model), rewards=["outcome", "reflection"])
+
+
+def test_coat_rl_on_a_tokenizer_without_the_tokens_fails_before_training(
+    tmp_path: Path, tiny_model: Path, prompts_table: Path  # noqa: F811
+) -> None:
+    with pytest.raises(TrainingInputError, match="lacks the chain-of-action-thought token"):
+        train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), overrides={"step_format": "coat"})
+
+
+def test_coat_rl_accepts_a_tokenizer_with_the_tokens(tmp_path: Path, prompts_table: Path) -> None:
+    from models.training import prepare_run
+
+    corpus = default_corpus(seed=0, synthetic_examples=50, include_shared=False)
+    model = build_tiny_model(tmp_path / "coat", corpus=corpus, step_tokens=STEP_SPECIAL_TOKENS + COAT_TOKENS,
+                             num_layers=1, vocab_size=512)
+    request = prepare_run("rl", tables=[prompts_table], output_dir=tmp_path / "rl", base_model=str(model),
+                          overrides={"step_format": "coat"})
+    assert request.config["step_format"] == "coat"
+
+
+# --- learning (slow) -----------------------------------------------------------------------------------
+
+NAMES = ("Alice", "Ben", "Carla", "Dmitri")
+
+
+def guess(digit: int) -> str:
+    """A one-step solution that prints a digit: the digit is the only decision the policy makes."""
+    return (f"# Now print the final answer\nprint({digit})\n<end_of_code>\n"
+            f"<output>{digit}<end_of_output>\n<answer>\\boxed{{{digit}}}<end_of_answer>")
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_outcome_reward(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+    # SFT makes every digit equally likely for every question; the reference is always 7, so the
+    # outcome reward (0/1, graded after running the program) starts near 0.1 and GRPO must raise it.
+    sft_rows = [{"prompt": render_prompt(f"Pick a number, {name}."), "completion": guess(digit)}
+                for name in NAMES for digit in range(10)]
+    policy = train_sft([write_table(tmp_path / "sft.parquet", sft_rows)], tmp_path / "policy",
+                       base_model=str(tiny_model), overrides={**FAST_SFT, "num_train_epochs": 8})
+    prompts = write_table(tmp_path / "prompts.parquet",
+                          [{"prompt": render_prompt(f"Pick a number, {name}."), "answer": "7"} for name in NAMES])
+    checkpoint = train_rl(
+        [prompts], tmp_path / "rl", base_model=str(policy), rewards=["outcome"],
+        overrides={"outcome_wrong": 0.0, "learning_rate": 5e-4, "lr_scheduler_type": "constant",
+                   "num_generations": 8, "per_device_train_batch_size": 16, "max_completion_length": 40,
+                   "max_steps": 24, "logging_steps": 1, "sandbox": {"workers": 1}, "grader_workers": 1},
+    )
+    history = json.loads((checkpoint / PROVENANCE_FILE).read_text())["log_history"]
+    rewards = [entry["reward"] for entry in history if "reward" in entry]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.4, rewards
