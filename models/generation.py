@@ -1,8 +1,10 @@
 """In-process generation with transformers: the CPU default backend of the policy `Generator`.
 
-One `generate` call serves many prompts: every (prompt, sample) pair becomes a row, rows are
-sorted by prompt length and cut into left-padded batches that run through `model.generate` with
-the KV cache. A row stops at the first stop string (kept at the end of its text, as vLLM's
+One `generate` call serves many prompts: prompts are sorted by length and cut into left-padded
+batches; every (prompt, sample) pair of a batch becomes a row of one `model.generate` with the KV
+cache. Each prompt is prefilled once and its cache copied to its samples' rows, so n samples cost
+one prompt's prefill, not n (in a search, prompts grow with depth and prefill is much of the
+work). A row stops at the first stop string (kept at the end of its text, as vLLM's
 `include_stop_str_in_output` does), at EOS, or after `max_tokens` tokens. Sampling is seeded per
 call and batch, so a generator built with the same seed replays the same sequence of calls.
 """
@@ -18,18 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from models.tiny import load_causal_lm
 from search.policy import Completion, Generator
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One sequence to generate: sample `sample` of prompt `prompt`."""
-
-    prompt: int
-    sample: int
 
 
 def _stop_end(text: str, stop: Sequence[str]) -> int | None:
@@ -92,10 +86,13 @@ class HFGenerator:
     ) -> None:
         """Load `model_dir` (raises models.tiny.ModelLoadError with a one-line message if it does not load).
 
-        `batch_size` counts sequences (prompt x sample rows) per forward batch; `dtype` defaults to
+        `batch_size` counts sequences (prompt x sample rows) per forward batch (at least one
+        prompt's samples, which always share a batch); `dtype` defaults to
         float32 on CPU and bfloat16 on GPU. `threads` sets torch's intra-op threads while generating
-        (process-wide, restored afterwards); None keeps torch's setting. One thread beats two when
-        other processes (sandbox workers, a vLLM server) keep the cores busy.
+        (process-wide, restored afterwards). None: on CPU all of torch's threads but one, off CPU
+        torch's setting. The spare core is for the sandbox and grader workers, which run while
+        the search generates: an OpenMP thread that loses its core to them stalls every decoding
+        step at the next barrier (on 2 cores, two threads made the search 5-8x slower than one).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -103,6 +100,8 @@ class HFGenerator:
         self.device = device
         self.batch_size = batch_size
         self.seed = seed
+        if threads is None and device == "cpu":
+            threads = max(1, torch.get_num_threads() - 1)
         self.threads = threads
         self._calls = 0
         eos = self.model.generation_config.eos_token_id
@@ -125,32 +124,44 @@ class HFGenerator:
         self._calls += 1
         if not prompts:
             return []
-        samples_to_run = 1 if temperature == 0 else n
+        samples = 1 if temperature == 0 else n
         # Special tokens (a BOS for models that want one) are added exactly as vLLM's server adds them.
         encoded = self.tokenizer(list(prompts))["input_ids"]
-        rows = [_Row(p, s) for p in range(len(prompts)) for s in range(samples_to_run)]
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
-        rows.sort(key=lambda row: -len(encoded[row.prompt]))
-        results: dict[_Row, Completion] = {}
+        order = sorted(range(len(prompts)), key=lambda p: -len(encoded[p]))
+        prompts_per_batch = max(1, self.batch_size // samples)
+        results: dict[int, list[Completion]] = {}
         with torch.inference_mode(), _intra_op_threads(self.threads):
-            for batch_index, start in enumerate(range(0, len(rows), self.batch_size)):
-                batch = rows[start : start + self.batch_size]
+            for batch_index, start in enumerate(range(0, len(order), prompts_per_batch)):
+                batch = order[start : start + prompts_per_batch]
                 batch_seed = random.Random(f"{self.seed}/{call}/{batch_index}").getrandbits(63)
                 completions = self._generate_batch(
-                    [encoded[row.prompt] for row in batch], batch_seed, stop, temperature, max_tokens
+                    [encoded[p] for p in batch], samples, batch_seed, stop, temperature, max_tokens
                 )
-                results.update(zip(batch, completions))
-        return [[results[_Row(p, s if temperature else 0)] for s in range(n)] for p in range(len(prompts))]
+                for position, p in enumerate(batch):
+                    results[p] = completions[position * samples : (position + 1) * samples]
+        # Greedy samples are all the same: computed once, repeated.
+        return [results[p] * (n // samples) for p in range(len(prompts))]
 
     def _generate_batch(
-        self, prompts: list[list[int]], seed: int, stop: Sequence[str], temperature: float, max_tokens: int
+        self,
+        prompts: list[list[int]],
+        samples: int,
+        seed: int,
+        stop: Sequence[str],
+        temperature: float,
+        max_tokens: int,
     ) -> list[Completion]:
+        """`samples` completions of each prompt, prompt by prompt."""
         width = max(len(ids) for ids in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
         attention_mask = torch.tensor(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device
         )
+        cache = self._shared_prefill(input_ids, attention_mask, samples) if samples > 1 and width > 1 else None
+        input_ids = input_ids.repeat_interleave(samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(samples, dim=0)
         # Plain temperature sampling, as vLLM does when asked for it: override the model's own
         # generation defaults (top-k 50, nucleus, repetition penalty of chat checkpoints).
         sampling = (
@@ -166,18 +177,37 @@ class HFGenerator:
             use_cache=True,
             **sampling,
         )
-        criteria = _StopStringsCriteria(self.tokenizer, stop, width, len(prompts)) if stop else None
+        rows = len(input_ids)
+        criteria = _StopStringsCriteria(self.tokenizer, stop, width, rows) if stop else None
         with torch.random.fork_rng(devices=[] if self.device == "cpu" else [torch.device(self.device)]):
             torch.manual_seed(seed)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                past_key_values=cache,
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([criteria] if criteria else []),
             )
         generated = output[:, width:].tolist()
-        stopped_at = criteria.stopped_at if criteria else [None] * len(prompts)
+        stopped_at = criteria.stopped_at if criteria else [None] * rows
         return [self._completion(tokens, stopped, stop) for tokens, stopped in zip(generated, stopped_at)]
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> DynamicCache:
+        """The KV cache of every prompt but its last token, computed once and repeated for each sample.
+        `generate` then runs only the last token per row: it sees a cache shorter than its inputs."""
+        cache = DynamicCache(config=self.model.config)
+        # Left padding: positions count real tokens only, as `generate` counts them.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(samples)
+        return cache
 
     def _completion(self, tokens: list[int], stopped_at: int | None, stop: Sequence[str]) -> Completion:
         """Cut a row's generated tokens at its stop string, else at EOS, else it ran out of tokens."""

@@ -11,7 +11,8 @@ forked process.
 
 What is covered (isolation="bwrap"):
 - Fresh state per program: each program runs in its own forked process and scratch directory;
-  after it ends the worker kills every process left in its PID namespace and wipes `/tmp`, so
+  after it ends the worker kills every process left in its PID namespace and wipes `/tmp`
+  (all but the mount points of the installation, should it live under the host's /tmp), so
   globals, patched modules, files and stray processes never reach the next program. A worker
   that cannot clean up (an undeletable file, a SysV IPC object left behind) is replaced.
 - Limits: wall-clock timeout (enforced by the worker), CPU time (RLIMIT_CPU), address space
@@ -22,7 +23,7 @@ What is covered (isolation="bwrap"):
   The filesystem holds only read-only binds of /usr, the Python installation and the host's
   site-packages, the loader cache, a fresh /proc, a minimal /dev and a size-capped tmpfs at
   /tmp (the only writable place). The host's /tmp, home directory and the rest of /etc are not
-  there.
+  there (except, read-only, those of the directories above that lie under them).
 - Environment: cleared; only PATH, HOME, TMPDIR, LANG and thread-count variables are set.
 - A small seccomp filter refuses creating or joining namespaces (unshare, setns, clone with
   CLONE_NEWUSER), so programs cannot build their own user namespace to widen the kernel surface.
@@ -294,20 +295,9 @@ class _Batch:
 
     def _feed(self, slot: _WorkerSlot) -> None:
         queued = self._waiting[slot.pool]
-        retried = False
         while queued and len(slot.in_flight) < _PIPELINE_DEPTH:
-            was_idle = not slot.in_flight
             index = queued.popleft()
-            try:
-                slot.send(index, self._payloads[index])
-            except _WorkerDied as exc:
-                if not was_idle or retried:
-                    self._lose_worker(slot, str(exc))
-                    return
-                # It died while idle, which is no program's doing: once more on a fresh one.
-                slot.kill()
-                queued.appendleft(index)
-                retried = True
+            slot.send(index, self._payloads[index])
 
     def _collect(self) -> None:
         busy = {slot.reply_fd: slot for slot in self._held if slot.in_flight}
@@ -460,26 +450,27 @@ class _WorkerSlot:
             os.set_blocking(self.request_fd, False)
 
     def send(self, index: int, payload: bytes) -> None:
-        """Queue one request and write as much of it as the pipe takes now. If this raises, the
-        request is among `in_flight`, for the batch to decide what becomes of it."""
+        """Queue one request and write as much of it as the pipe takes now."""
         if not self.in_flight:
-            self.ensure_started()
+            self.ensure_started()  # replaces a worker that died while idle
             self.head_started = time.monotonic()
         self.in_flight.append(index)
         self._outgoing += _FRAME_HEADER.pack(len(payload)) + payload
-        assert self._process is not None
-        if self._process.poll() is not None:
-            raise _WorkerDied("died")
         self.flush()
 
     def flush(self) -> None:
+        """Write what the pipe takes now. A worker that is gone is not reported here: replies it
+        sent before it ended (a retiring worker answers, then exits) may still wait in the reply
+        pipe, and blaming the oldest request now would throw its answer away. `receive` reads
+        them first and reports the death at the end of the pipe, so the blame falls on the first
+        request that really went unanswered."""
         try:
             while self._outgoing:
                 del self._outgoing[:os.write(self.request_fd, self._outgoing)]
         except BlockingIOError:
             pass
         except BrokenPipeError:
-            raise _WorkerDied("died") from None
+            self._outgoing.clear()
 
     def receive(self) -> list[tuple[int, ExecResult]]:
         """Results that arrived, with the index of their request."""
@@ -894,6 +885,7 @@ class _ProgramRunner:
         self._protocol_fds = protocol_fds
         self._scratch = settings["scratch_dir"]
         self._workdir = os.path.join(self._scratch, "program")
+        self._skeleton = _scratch_skeleton(self._scratch)
         self._pid_namespace = settings["pid_namespace"]
         self._timeout_s = settings["timeout_s"]
         self._output_limit = settings["max_output_bytes"]
@@ -1038,15 +1030,26 @@ class _ProgramRunner:
         except OSError:
             pass
         leftover_ipc = any(len(os.pread(fd, 4096, 0).splitlines()) > 1 for fd in self._ipc_tables)
-        healthy = not leftover_ipc
-        for entry in os.scandir(self._scratch):
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                healthy = False  # e.g. a directory made unreadable: a fresh worker takes over
+        return self._remove_all_but_skeleton(self._scratch) and not leftover_ipc
+
+    def _remove_all_but_skeleton(self, directory: str) -> bool:
+        """Delete everything under `directory` that was not there before the first program;
+        False if something could not be deleted or a skeleton directory was replaced."""
+        healthy = True
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                descend = self._skeleton.get(entry.path)
+                try:
+                    if descend is None and entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    elif descend is None:
+                        os.unlink(entry.path)
+                    elif descend and entry.is_dir(follow_symlinks=False):
+                        healthy &= self._remove_all_but_skeleton(entry.path)
+                    elif descend:
+                        healthy = False  # the program swapped a skeleton directory for a file
+                except OSError:
+                    healthy = False  # e.g. a directory made unreadable: a fresh worker takes over
         return healthy
 
     def _describe_exit(self, wait_status: int, stderr_tail: bytes) -> dict:
@@ -1072,6 +1075,28 @@ class _ProgramRunner:
 
 _OUT_OF_MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"out of memory",
                           b"bad_alloc")
+
+
+def _scratch_skeleton(scratch: str) -> dict[str, bool]:
+    """What the scratch directory holds before any program runs, as {path: clean inside it}.
+    Usually nothing. But when the Python installation or site-packages live under the host's
+    /tmp, bwrap builds their mount points inside the sandbox's /tmp: the directories on the way
+    (on the scratch tmpfs; cleaned inside, kept themselves) and the read-only binds (left alone).
+    Treating them as a program's leftovers would fail to delete them after every program and so
+    replace the worker every time."""
+    device = os.stat(scratch).st_dev
+    skeleton: dict[str, bool] = {}
+    pending = [scratch]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                # A mount point reports the device of the file system mounted on it.
+                on_scratch = (entry.is_dir(follow_symlinks=False)
+                              and entry.stat(follow_symlinks=False).st_dev == device)
+                skeleton[entry.path] = on_scratch
+                if on_scratch:
+                    pending.append(entry.path)
+    return skeleton
 
 
 def _parse_status(status: bytes) -> dict:

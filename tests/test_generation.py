@@ -73,6 +73,15 @@ def test_greedy_samples_of_one_prompt_are_identical(generator: HFGenerator) -> N
     assert samples == [samples[0]] * 3
 
 
+def test_samples_decode_from_the_shared_prompt_cache_like_greedy(generator: HFGenerator) -> None:
+    """Samples reuse one prefill per prompt; near temperature 0 each must follow the greedy path
+    (which prefills every row itself), so positions and padding of the shared cache are right."""
+    sampled = generator.generate(PROMPTS, n=3, stop=[], temperature=1e-6, max_tokens=24)
+    assert [[c.text for c in samples] for samples in sampled] == [
+        [samples[0].text] * 3 for samples in greedy(generator, PROMPTS)
+    ]
+
+
 def test_completion_without_stop_or_eos_runs_to_max_tokens(generator: HFGenerator) -> None:
     completion = greedy(generator, PROMPTS[:1], max_tokens=7)[0][0]
     assert (completion.num_tokens, completion.finish_reason) == (7, "length")
