@@ -39,6 +39,7 @@ from tasks.stages import (
     mine_task,
     ppm_task,
     problems_task,
+    rl_task,
     rollout_task,
     select_task,
     sft_task,
@@ -118,11 +119,20 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
                        previous)
         if stop_after == "sft":
             return None
+        if pipeline.recipe.rl.enabled:
+            sft_policy = policy
+            policy = stage("rl", rl_task, pipeline, round_number, nodes, problems, sft_policy)
+            if stop_after == "rl":
+                return None
         ppm = stage("ppm", ppm_task, pipeline, round_number,
                     pipeline.history("pairs", round_number) + [mined.pairs], policy) or previous.ppm
         if stop_after == "ppm":
             return None
     evaluation = stage("evaluate", evaluate_task, pipeline, round_number, policy, ppm)
+    if round_number > 0 and pipeline.recipe.rl.enabled:
+        # The same evaluation of the policy before RL, so recipes can be compared with and without it.
+        stats["eval_without_rl"] = stage("evaluate", evaluate_task, pipeline, round_number, sft_policy, ppm,
+                                         "eval-sft").metrics
     if stop_after == "evaluate":
         return None
     decision = decide_gate(evaluation.metrics, previous.metrics if previous else None, pipeline.recipe.gate)
@@ -183,7 +193,8 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
                overrides: dict[str, Any] | None = None) -> list[str]:
     """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
     pipeline = open_pipeline(recipe, home, overrides)
-    order = ROUND0_STAGES if round_number == 0 else tuple(s for s in STAGES if s != "bootstrap")
+    pipeline_stages = tuple(s for s in STAGES if s != "bootstrap" and (s != "rl" or pipeline.recipe.rl.enabled))
+    order = ROUND0_STAGES if round_number == 0 else pipeline_stages
     if stage not in order:
         raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
     _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)

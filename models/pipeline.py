@@ -315,6 +315,23 @@ class Pipeline:
         _log_training("SFT", round_number, checkpoint)
         return Artifact.of(checkpoint)
 
+    def train_rl(self, round_number: int, nodes: Sequence[Artifact], problems: Artifact, policy: Artifact) -> Artifact:
+        """GRPO from this round's SFT policy on restart prompts cut from this round's trees."""
+        from data_store.problems import load_problems
+        from data_store.rl_prompts import restart_prompts, write_rl_prompts
+        from models.training import train_rl
+
+        table = restart_prompts([node.require("nodes shard") for node in nodes],
+                                load_problems(problems.require("round problems")), self.recipe.rl.prompts)
+        prompts = write_rl_prompts(table, self.layout.table_path(self.run, round_number, "rl_prompts", stage="rl"))
+        # The reward runs completions in the recipe's sandbox unless training.rl names its own limits.
+        sandbox = {} if "sandbox" in self.recipe.training.rl else {"sandbox": asdict(self.recipe.sandbox)}
+        checkpoint = train_rl([prompts], self.layout.checkpoint_dir(self.run, round_number, "policy-rl"),
+                              recipe=self.recipe.training, base_model=str(policy.require("SFT policy")),
+                              overrides=sandbox, overwrite=True)
+        log.info("round %d RL: %d restart prompts -> %s", round_number, table.num_rows, checkpoint)
+        return Artifact.of(checkpoint)
+
     def train_ppm(self, round_number: int, tables: Sequence[Artifact], policy: Artifact) -> Artifact | None:
         """The round's PPM, started from this round's policy; None when no round has produced pairs."""
         import pyarrow.parquet as pq
@@ -345,9 +362,10 @@ class Pipeline:
 
     def evaluate(
         self, round_number: int, policy: Artifact, ppm: Artifact | None,
-        on_progress: Callable[[Any], None] | None = None,
+        on_progress: Callable[[Any], None] | None = None, label: str = "eval",
     ) -> Evaluation:
-        """Evaluate the policy (and PPM) on the recipe's benchmarks and modes; writes the `eval` table."""
+        """Evaluate the policy (and PPM) on the recipe's benchmarks and modes; writes the `eval` table
+        under the round's `label` stage (`eval-sft` holds the policy before RL when a recipe has RL)."""
         from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
 
         settings = self.recipe.eval
@@ -362,10 +380,10 @@ class Pipeline:
             ppm=ppm.require("PPM checkpoint") if ppm else None,
             run=self.run, round_number=round_number, on_progress=on_progress,
         )
-        out = write_eval(report, self.layout.stage_dir(self.run, round_number, "eval"))
+        out = write_eval(report, self.layout.stage_dir(self.run, round_number, label))
         for row in report.summary:
-            log.info("round %d eval %s %s: %.3f (%d/%d), %d tokens, %.0f s", round_number, row.benchmark, row.mode,
-                     row.accuracy, row.correct, row.n, row.tokens, row.wall_s)
+            log.info("round %d %s %s %s: %.3f (%d/%d), %d tokens, %.0f s", round_number, label, row.benchmark,
+                     row.mode, row.accuracy, row.correct, row.n, row.tokens, row.wall_s)
         return Evaluation(Artifact.of(out), report.metrics(), [asdict(row) for row in report.summary])
 
     def promotion(self, round_number: int) -> Current | None:

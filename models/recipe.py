@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from data_store.mining import MiningConfig
+from data_store.rl_prompts import RestartConfig
 from models.backends import BackendConfig
 from models.gate import GateRule
 from models.tiny import TinyModelConfig
@@ -139,6 +140,17 @@ class SearchSettings:
 
 
 @dataclass
+class RLSettings:
+    """The optional RL stage (ASTRO, Satori): GRPO on verifiable rewards after SFT, before the PPM."""
+
+    enabled: bool = field(default=False, metadata={"help": "run the rl stage each search round (training.rl configures GRPO)"})
+    prompts: RestartConfig = field(
+        default_factory=RestartConfig,
+        metadata={"help": "data_store.rl_prompts.RestartConfig: restart-and-explore prompts from the round's trees"},
+    )
+
+
+@dataclass
 class EvalSettings:
     """The evaluation that ends every round (and `kaizen evaluate`)."""
 
@@ -189,7 +201,8 @@ class Recipe:
     backend: BackendConfig = field(default_factory=BackendConfig, metadata={"help": "generation engine"})
     sandbox: SandboxConfig = field(default_factory=SandboxConfig, metadata={"help": "code sandbox limits"})
     mining: MiningConfig = field(default_factory=MiningConfig, metadata={"help": "pairs and SFT mining"})
-    training: TrainingSettings = field(default_factory=TrainingSettings, metadata={"help": "SFT and PPM training"})
+    training: TrainingSettings = field(default_factory=TrainingSettings, metadata={"help": "SFT, PPM and RL training"})
+    rl: RLSettings = field(default_factory=RLSettings, metadata={"help": "the optional RL stage"})
     eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "end-of-round evaluation"})
     gate: GateRule | None = field(
         default=None, metadata={"help": "what evaluation must show to promote a round", "required": True}

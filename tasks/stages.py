@@ -37,6 +37,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
     "sft": ("model", "training", "seed"),
+    "rl": ("training", "rl", "sandbox"),
     "ppm": ("training",),
     "evaluate": ("eval", "backend", "sandbox", "seed"),
 }
@@ -135,16 +136,22 @@ def sft_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], star
     return pipeline.train_sft(round_number, tables, start)
 
 
+@task(name="rl", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
+def rl_task(pipeline: Pipeline, round_number: int, nodes: list[Artifact], problems: Artifact, policy: Artifact) -> Artifact:
+    return pipeline.train_rl(round_number, nodes, problems, policy)
+
+
 @task(name="ppm", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
 def ppm_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], policy: Artifact) -> Artifact | None:
     return pipeline.train_ppm(round_number, tables, policy)
 
 
 @task(name="evaluate", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
-def evaluate_task(pipeline: Pipeline, round_number: int, policy: Artifact, ppm: Artifact | None) -> Evaluation:
-    progress = PrefectProgress(f"round {round_number} evaluation")
+def evaluate_task(pipeline: Pipeline, round_number: int, policy: Artifact, ppm: Artifact | None,
+                  label: str = "eval") -> Evaluation:
+    progress = PrefectProgress(f"round {round_number} {label}")
     try:
-        return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update)
+        return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update, label=label)
     finally:
         progress.close()
 
