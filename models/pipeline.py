@@ -153,18 +153,9 @@ class Pipeline:
             return ProblemPools(Artifact.of(write_problems(train, train_path)), Artifact.of(test_path))
         from data_store.problems import load_problems
 
-        table = load_problems(self._source_name(problems.source), fields=problems.fields or None,
-                              split=self._source_split(problems.source), limit=problems.limit)
+        table = load_problems(problems.source.removeprefix("hf:"), fields=problems.fields or None,
+                              split=problems.split, limit=problems.limit)
         return ProblemPools(Artifact.of(write_table(table, train_path, table="problems")))
-
-    @staticmethod
-    def _source_name(source: str) -> str:
-        return source.removeprefix("hf:").split(":", 1)[0] if source.startswith("hf:") else source
-
-    @staticmethod
-    def _source_split(source: str) -> str | None:
-        parts = source.removeprefix("hf:").split(":", 1) if source.startswith("hf:") else []
-        return parts[1] if len(parts) == 2 else None
 
     def select_problems(self, round_number: int, pool: Artifact) -> Artifact:
         """This round's search problems: all of the pool, or `per_round` of them, never-solved first."""

@@ -77,9 +77,10 @@ class ProblemSettings:
 
     source: str = field(
         default="",
-        metadata={"help": "'curriculum', a JSONL/Parquet file with id, problem, answer, or 'hf:NAME[:SPLIT]' "
+        metadata={"help": "'curriculum', a JSONL/Parquet file with id, problem, answer, or 'hf:DATASET[:CONFIG]' "
                   "(a datasets name)", "required": True},
     )
+    split: str = field(default="train", metadata={"help": "with an hf: source, the datasets split"})
     fields: dict[str, str] = field(
         default_factory=dict, metadata={"help": "column mapping for files and datasets, e.g. {problem: question}"}
     )
