@@ -16,6 +16,7 @@ from data_store.curriculum import (
     EASIEST_LEVEL,
     LEVELS,
     MAX_VALUE,
+    MAX_WRITTEN_NUMBER,
     Op,
     PROBLEM_COLUMNS,
     THEMES,
@@ -159,6 +160,12 @@ def test_distractor_numbers_are_in_the_text_but_not_in_the_solution(problems) ->
         for sentence in problem.distractors:
             assert sentence in problem.problem
             assert set(re.findall(r"\d+", sentence)) - code_numbers
+
+
+def test_numbers_the_steps_use_have_one_digit(problems) -> None:
+    for problem in problems:
+        for step in problem.steps:
+            assert all(int(number) <= MAX_WRITTEN_NUMBER for number in re.findall(r"\d+", step.expression))
 
 
 # --- the teacher -------------------------------------------------------------------------------
