@@ -1,4 +1,4 @@
-"""`kaizen train sft|ppm`: train the policy or the PPM from Parquet tables in a subprocess.
+"""`kaizen train sft|ppm|rl`: train the policy, the PPM, or the policy with GRPO, from Parquet tables in a subprocess.
 
 Kept apart from `models.training` so that `--help` and usage errors answer without importing
 torch, transformers and TRL.
@@ -28,8 +28,10 @@ def _parse_setting(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train the policy (sft) or the process preference model (ppm).")
-    parser.add_argument("kind", choices=["sft", "ppm"], help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train the policy (sft), the process preference model (ppm), or the policy with GRPO (rl).")
+    parser.add_argument("kind", choices=["sft", "ppm", "rl"],
+                        help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables; rl: GRPO on `rl_prompts` tables")
     parser.add_argument("--tables", nargs="+", type=Path, required=True, help="Parquet tables (all verified data so far)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
     parser.add_argument("--recipe", type=Path, default=None, help="recipe YAML with a `training` section")
@@ -47,20 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_train(argv: list[str]) -> int:
     """Entry point of `kaizen train`; prints the checkpoint path on success."""
     args = build_parser().parse_args(argv)
-    from models.training import TrainingError, TrainingInputError, train_ppm, train_sft
+    from models.training import TrainingError, TrainingInputError, train_ppm, train_rl, train_sft
 
-    train = train_sft if args.kind == "sft" else train_ppm
+    options: dict[str, Any] = {"recipe": args.recipe, "base_model": args.base_model, "overrides": dict(args.settings),
+                               "overwrite": args.overwrite, "timeout_s": args.timeout}
+    if args.kind != "rl":
+        options["previous_checkpoint"] = args.previous
+    elif args.previous is not None:
+        build_parser().error("--previous does not apply to rl (its start is --base-model, this round's SFT policy)")
+    train = {"sft": train_sft, "ppm": train_ppm, "rl": train_rl}[args.kind]
     try:
-        checkpoint = train(
-            args.tables,
-            args.out,
-            recipe=args.recipe,
-            base_model=args.base_model,
-            previous_checkpoint=args.previous,
-            overrides=dict(args.settings),
-            overwrite=args.overwrite,
-            timeout_s=args.timeout,
-        )
+        checkpoint = train(args.tables, args.out, **options)
     except TrainingError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, TrainingInputError) else 1
