@@ -54,7 +54,7 @@ from search.rollout import SEARCH_STOP, Problem, run_rollouts  # noqa: E402
 from search.steps import render_prompt  # noqa: E402
 
 TARGET = 0.7
-TRAINING_RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "train_cpu_tiny.yaml"
+TRAINING_RECIPE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "demo.yaml"
 
 
 def prepare_policy(workdir: Path, *, seed: int, sft_problems: int, sft_epochs: int) -> Path:
