@@ -120,6 +120,20 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _normalised_metadata(value: Any) -> dict[str, Any]:
+    """The fields of a `metadata` column written by this module (a JSON object), so reading a
+    normalised table back does not nest its metadata one level deeper; any other value stays as is."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return {"metadata": value}
+        return parsed if isinstance(parsed, dict) else {"metadata": value}
+    return {"metadata": value}
+
+
 def _problems_table(
     rows: Iterable[tuple[str, dict[str, Any]]],
     *,
@@ -163,6 +177,7 @@ def _problems_table(
         source_field, source = _pick(row, "source", fields)
         used = {problem_field, id_field, answer_field, source_field}
         extra = {key: value for key, value in row.items() if key not in used}
+        extra.update(_normalised_metadata(extra.pop("metadata", None)))
         columns["problem_id"].append(problem_id)
         columns["problem"].append(problem)
         columns["answer"].append(answer)

@@ -245,6 +245,12 @@ def test_jsonl_problems_keep_their_ids_and_other_fields(tmp_path: Path) -> None:
     ]
 
 
+def test_a_normalised_table_reads_back_unchanged(tmp_path: Path) -> None:
+    once = load_problems(write_jsonl(tmp_path / "p.jsonl", [{"id": "a-1", "problem": "1+1?", "answer": 2, "level": 3}]))
+    pq.write_table(once, tmp_path / "once.parquet")
+    assert load_problems(tmp_path / "once.parquet").to_pylist() == once.to_pylist()
+
+
 def test_problems_without_an_id_get_a_stable_content_hash(tmp_path: Path) -> None:
     first = write_jsonl(tmp_path / "a.jsonl", [{"problem": "What is 1+1?", "answer": "2"}])
     second = write_jsonl(tmp_path / "b.jsonl", [{"problem": "  What is 1+1?\n", "answer": "2", "source": "x"}])
