@@ -72,6 +72,14 @@ def load_problems(
     )
 
 
+def problems_table(rows: Iterable[Mapping[str, Any]], *, source: str) -> pa.Table:
+    """Problems given as rows in memory (the fields a file would have), as a problems table."""
+    return _problems_table(
+        ((f"row {number}", dict(row)) for number, row in enumerate(rows, start=1)),
+        fields={}, default_source=source, require_answer=True, limit=None, origin=source,
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("rb") as lines:
         try:

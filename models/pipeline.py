@@ -143,14 +143,20 @@ class Pipeline:
         problems = self.recipe.problems
         train_path = self.layout.problems_path(f"{self.run}-train")
         if problems.source == CURRICULUM:
-            from data_store.curriculum import make_curriculum, write_problems
+            from data_store.curriculum import make_curriculum
+            from data_store.problems import problems_table
 
             train, test = make_curriculum(
                 problems.curriculum.train, problems.curriculum.test, seed=self.recipe.seed,
                 **({"levels": tuple(problems.curriculum.levels)} if problems.curriculum.levels else {}),
             )
-            test_path = write_problems(test, self.layout.problems_path(f"{self.run}-test"))
-            return ProblemPools(Artifact.of(write_problems(train, train_path)), Artifact.of(test_path))
+            # Pools are `problems` tables (the data store's view reads them), the level in metadata.
+            pools = []
+            for split, pool in (("train", train), ("test", test)):
+                path = self.layout.problems_path(f"{self.run}-{split}")
+                table = problems_table((problem.row() for problem in pool), source=path.stem)
+                pools.append(Artifact.of(write_table(table, path, table="problems")))
+            return ProblemPools(*pools)
         from data_store.problems import load_problems
 
         table = load_problems(problems.source.removeprefix("hf:"), fields=problems.fields or None,
