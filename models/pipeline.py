@@ -26,6 +26,7 @@ from typing import Any
 
 from data_store.home import Layout
 from data_store.parquet import atomic_path, write_table
+from data_store.schema import conform
 from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 
 # Files above this size are identified by size and modification time rather than content: a
@@ -299,12 +300,42 @@ class Pipeline:
                 files.append(Artifact.of(path))
         return files
 
+    def sft_set(self, round_number: int, tables: Sequence[Artifact]) -> list[Path]:
+        """The files the round's SFT reads: `tables` as they are, or mixed as `sft_data` says (a sample of
+        round 0's teacher rows, copies of the verified rows) into one table in the round's sft stage."""
+        paths = [table.require("sft table") for table in tables]
+        settings = self.recipe.sft_data
+        if not settings.mixes:
+            return paths
+        import random
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        teacher = self.layout.table_path(self.run, 0, "sft").resolve()
+        parts = []
+        for path in paths:
+            table = pq.read_table(path)
+            if Path(path).resolve() == teacher:
+                if settings.teacher_rows is not None and settings.teacher_rows < table.num_rows:
+                    # Seeded by round, so each round rehearses different teacher rows, reproducibly.
+                    sample = random.Random(f"{self.recipe.seed}:{round_number}").sample(range(table.num_rows), settings.teacher_rows)
+                    table = table.take(sorted(sample))
+                parts.append(table)
+            else:
+                parts += [table] * settings.verified_copies
+        mixed = pa.concat_tables([conform(part, "sft") for part in parts])
+        out = self.layout.table_path(self.run, round_number, "sft_mix", stage="sft")
+        log.info("round %d SFT set: %d rows (%s teacher rows, verified rows x%d)", round_number, mixed.num_rows,
+                 "all" if settings.teacher_rows is None else settings.teacher_rows, settings.verified_copies)
+        return [write_table(mixed, out, table="sft")]
+
     def train_sft(self, round_number: int, tables: Sequence[Artifact], current: Current) -> Artifact:
-        """The round's policy: SFT on every verified trajectory so far (from the base model, or continued)."""
+        """The round's policy: SFT on the verified trajectories so far (`sft_set`), from the base model or continued."""
         from models.training import train_sft
 
         checkpoint = train_sft(
-            [table.require("sft table") for table in tables], self.layout.checkpoint_dir(self.run, round_number, "policy"),
+            self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, "policy"),
             recipe=self.recipe.training, base_model=self.base_model(),
             previous_checkpoint=current.policy.require("previous policy") if Path(current.policy.path).exists() else None,
             overwrite=True,

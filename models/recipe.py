@@ -111,6 +111,33 @@ class BootstrapSettings:
 
 
 @dataclass
+class SFTDataSettings:
+    """What each search round's policy SFT reads: rStar-Math's rule is every verified trajectory so far."""
+
+    teacher_rows: int | None = field(
+        default=None,
+        metadata={"help": "round 0's (the teacher's) rows in each later round's SFT set, a fresh seeded sample "
+                  "per round so later rounds still rehearse them; None: every row every round"},
+    )
+    verified_copies: int = field(
+        default=1,
+        metadata={"help": "times each search-verified trajectory appears in a round's SFT set: above 1 weights "
+                  "the policy's own verified solutions against a large teacher set"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher_rows is not None and self.teacher_rows < 0:
+            raise ValueError(f"teacher_rows must be >= 0 or null, got {self.teacher_rows}")
+        if self.verified_copies < 1:
+            raise ValueError(f"verified_copies must be >= 1, got {self.verified_copies}")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the SFT set differs from the plain union of every round's table."""
+        return self.teacher_rows is not None or self.verified_copies > 1
+
+
+@dataclass
 class SearchSettings:
     """The rollout stage: MCTS settings, when the PPM joins, and how the work is split."""
 
@@ -198,6 +225,7 @@ class Recipe:
     model: ModelSettings = field(default_factory=ModelSettings, metadata={"help": "the starting policy"})
     problems: ProblemSettings = field(default_factory=ProblemSettings, metadata={"help": "training problems"})
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings, metadata={"help": "round 0"})
+    sft_data: SFTDataSettings = field(default_factory=SFTDataSettings, metadata={"help": "each round's policy SFT set"})
     search: SearchSettings = field(default_factory=SearchSettings, metadata={"help": "rollouts"})
     backend: BackendConfig = field(default_factory=BackendConfig, metadata={"help": "generation engine"})
     sandbox: SandboxConfig = field(default_factory=SandboxConfig, metadata={"help": "code sandbox limits"})

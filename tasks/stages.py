@@ -36,7 +36,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "bootstrap": ("model", "problems", "bootstrap", "training", "seed"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
-    "sft": ("model", "training", "seed"),
+    "sft": ("model", "sft_data", "training", "seed"),
     "rl": ("training", "rl", "sandbox"),
     "ppm": ("training",),
     "evaluate": ("eval", "backend", "sandbox", "seed"),

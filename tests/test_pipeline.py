@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_store.home import Layout
 from data_store.parquet import write_table
 from data_store.problems import load_problems
 from data_store.views import connect
-from models.pipeline import Pipeline
+from models.pipeline import Artifact, Pipeline
 from models.recipe import load_recipe
 
 
@@ -54,3 +55,37 @@ def test_selection_puts_problems_no_round_solved_first(tmp_path: Path) -> None:
     solved_in_round(pipeline.layout, 1, first)
     selected = load_problems(pipeline.select_problems(2, pools.train).path).column("problem_id").to_pylist()
     assert first not in selected
+
+
+def sft_table(layout: Layout, round_number: int, rows: int) -> Artifact:
+    table = pa.Table.from_pylist([
+        {"prompt": f"q{round_number}-{row}", "completion": "c", "run": "demo", "round": round_number,
+         "problem_id": f"p{round_number}-{row}", "sft_format": "rstar", "rank": 1, "leaf_id": 1, "mean_q": 1.0,
+         "min_q": 1.0}
+        for row in range(rows)
+    ])
+    return Artifact.of(write_table(table, layout.table_path("demo", round_number, "sft"), table="sft"))
+
+
+def mixed_prompts(pipeline: Pipeline, round_number: int, tables: list[Artifact]) -> list[str]:
+    (path,) = pipeline.sft_set(round_number, tables)
+    return pq.read_table(path).column("prompt").to_pylist()
+
+
+def test_sft_set_is_every_table_as_it_is_by_default(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path)
+    tables = [sft_table(pipeline.layout, 0, 10), sft_table(pipeline.layout, 1, 2)]
+    assert pipeline.sft_set(2, tables) == [Path(table.path) for table in tables]
+
+
+def test_sft_set_samples_teacher_rows_and_copies_verified_ones(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"sft_data.teacher_rows": 4, "sft_data.verified_copies": 3})
+    prompts = mixed_prompts(pipeline, 2, [sft_table(pipeline.layout, 0, 10), sft_table(pipeline.layout, 1, 2)])
+    assert sum(prompt.startswith("q0-") for prompt in prompts) == 4
+    assert sorted(prompt for prompt in prompts if prompt.startswith("q1-")) == ["q1-0"] * 3 + ["q1-1"] * 3
+
+
+def test_each_round_rehearses_its_own_teacher_sample(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"sft_data.teacher_rows": 4})
+    teacher = sft_table(pipeline.layout, 0, 50)
+    assert mixed_prompts(pipeline, 1, [teacher]) != mixed_prompts(pipeline, 2, [teacher])
