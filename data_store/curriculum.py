@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from search.coat import continue_steps, render_coat_solution
 from search.steps import (
     ANSWER_START,
     END_OF_ANSWER,
@@ -574,15 +575,19 @@ def solve(problem: SyntheticProblem) -> list[SolutionStep]:
     return steps
 
 
-def solution_text(problem: SyntheticProblem) -> str:
-    """The teacher's solution rendered as a completion (what SFT trains on)."""
+def solution_text(problem: SyntheticProblem, step_format: str = "rstar") -> str:
+    """The teacher's solution rendered as a completion (what SFT trains on); in the coat format every
+    step continues the solution (the teacher never errs, so it never reflects)."""
+    if step_format == "coat":
+        return render_coat_solution(continue_steps(solve(problem)))
     return render_solution(solve(problem))
 
 
-def bootstrap_sft_rows(problems: Iterable[SyntheticProblem]) -> list[dict[str, str]]:
+def bootstrap_sft_rows(problems: Iterable[SyntheticProblem], step_format: str = "rstar") -> list[dict[str, str]]:
     """Round-0 SFT rows (TRL prompt/completion): teacher solutions of the easiest-level problems only."""
     return [
-        {"prompt": render_prompt(problem.problem), "completion": solution_text(problem), "problem_id": problem.id}
+        {"prompt": render_prompt(problem.problem), "completion": solution_text(problem, step_format),
+         "problem_id": problem.id}
         for problem in problems
         if problem.level == EASIEST_LEVEL
     ]

@@ -10,8 +10,9 @@ From the nodes of one or more rounds (any number of Parquet files) this builds, 
 - Trajectory pairs (the paper's final-answer relaxation): per tree, the 2 correct trajectories with
   the highest mean step Q against the 2 wrong ones with the lowest, kept at the same margin.
 - SFT rows: per tree, the top-k correct trajectories by mean step Q (ties: higher min Q), either as
-  plain solutions (`rstar`) or as ASTRO traces that first walk a failed branch, say why it failed,
-  and go back to the last good step (`astro`).
+  plain solutions (`rstar`), as ASTRO traces that first walk a failed branch, say why it failed,
+  and go back to the last good step (`astro`), or as Satori's chain-of-action-thought format-tuning
+  rows, with `<|reflect|>` / `<|explore|>` rollbacks (`coat`, built by `data_store.rl_prompts`).
 
 Ties everywhere fall to the lower node id, so results are deterministic. Tree logic is SQL (window
 functions, recursive CTEs over parent ids); Python only renders text, through `render_node_step`
@@ -43,7 +44,7 @@ from search.steps import END_OF_STEP, SolutionStep, StepKind, parse_step, render
 if TYPE_CHECKING:
     import duckdb
 
-SFT_FORMATS = ("rstar", "astro")
+SFT_FORMATS = ("rstar", "astro", "coat")
 NODE_KINDS = ("root", "step", "answer", "error", "depth_limit")
 _NODES_FILE = re.compile(r"nodes(-\d+)?\.parquet")
 
@@ -68,7 +69,8 @@ class MiningConfig:
     sft_per_problem: int = field(default=2, metadata={"help": "correct trajectories kept per tree for SFT"})
     sft_format: str = field(
         default="rstar",
-        metadata={"help": "rstar (plain solutions) or astro (traces with a failed branch and backtracking)"},
+        metadata={"help": "rstar (plain solutions), astro (traces with a failed branch and backtracking) or coat "
+                  "(chain-of-action-thought format tuning: steps led by meta-action tokens, reflect/explore rollbacks)"},
     )
     threads: int | None = field(default=None, metadata={"help": "DuckDB threads; None uses every core"})
 
@@ -590,7 +592,13 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
         with _timed(timings, "assemble"):
             _execute(con, PATH_TEXT_SQL)
             pairs = conform(con.sql(PAIRS_SQL).to_arrow_table(), "pairs")
-            sft = _astro_rows(con) if astro else conform(con.sql(SFT_SQL).to_arrow_table(), "sft")
+            if config.sft_format == "coat":
+                from data_store.rl_prompts import coat_sft_rows  # it builds on this module
+
+                # The rstar rows' trajectories (top-k correct by mean Q), woven with the tree's failures.
+                sft = coat_sft_rows(files, problems, config.sft_per_problem, config.threads)
+            else:
+                sft = _astro_rows(con) if astro else conform(con.sql(SFT_SQL).to_arrow_table(), "sft")
             status = con.sql(PROBLEM_STATUS_SELECT.format(nodes="source")).to_arrow_table()
     return MiningResult(pairs=pairs, sft=sft, problem_status=status, timings=timings)
 

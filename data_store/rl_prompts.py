@@ -12,6 +12,9 @@ Two tables come from the `nodes` of one or more rounds:
   tuning teaches: a step that failed in the sandbox is followed by `<|reflect|>`, a branch that
   reached a wrong answer by `<|explore|>`, each rolling back to where the correct path resumes.
 
+Trees searched in either step format work: a step stored without a token (rstar) is led by
+`<|continue|>`, one searched in COAT keeps its own token, and rollbacks count the live steps.
+
 The nodes are read and validated with DuckDB exactly as mining does; trees are then small enough
 to walk in Python. Step text is rendered by `data_store.mining.render_node_step`, the one rule for
 how a stored node appears in a solution.
@@ -32,10 +35,11 @@ from data_store.mining import LOAD_SQL, MiningConfig, MiningInputError, _connect
 from data_store.mining import render_node_step
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
-from search.coat import MetaAction, meta_step, render_coat_solution
-from search.steps import StepKind, parse_step, render_prompt
+from search.coat import CoatStep, MetaAction, live_path, meta_step, render_coat_solution, split_action
+from search.mcts import MALFORMED_STEP_ERROR
+from search.steps import SolutionStep, StepFormat, StepKind, parse_step, render_prompt
 
-STEP_FORMATS = ("rstar", "coat")
+STEP_FORMATS = tuple(StepFormat)
 PREFIX_KINDS = ("none", "correct", "wrong")
 
 RL_PROMPTS = pa.schema(
@@ -130,7 +134,8 @@ def _failure_action(node: dict[str, Any]) -> MetaAction | None:
     if node["kind"] == "answer" and node["correct"] is False:
         return MetaAction.EXPLORE
     # Malformed generations are error nodes too; only real code is worth reflecting on.
-    if node["kind"] == "error" and parse_step(node["step"] or "").kind in (StepKind.CODE, StepKind.FINAL_CODE):
+    if (node["kind"] == "error" and node["error"] != MALFORMED_STEP_ERROR
+            and parse_step(node["step"] or "").kind in (StepKind.CODE, StepKind.FINAL_CODE)):
         return MetaAction.REFLECT
     return None
 
@@ -170,10 +175,26 @@ def _questions(problems: pa.Table, column: str) -> dict[str, str | None]:
 
 
 def _render(nodes: Sequence[dict[str, Any]], action: MetaAction | None) -> str:
-    """Nodes as solution text; with a meta action, each step is led by its token (COAT)."""
+    """Nodes as solution text; with a meta action, each step not led by a token yet gets its token (COAT)."""
     # A COAT step renders exactly as the plain step with its token in front (see search.coat).
-    token = action.value if action is not None else ""
-    return "".join(token + render_node_step(node["step"] or "", node["output"], node["kind"]) for node in nodes)
+    return "".join(
+        _token(node["step"] or "", action) + render_node_step(node["step"] or "", node["output"], node["kind"])
+        for node in nodes
+    )
+
+
+def _token(step: str, action: MetaAction | None) -> str:
+    # Steps searched in the coat format carry their own token already.
+    return action.value if action is not None and split_action(step)[0] is None else ""
+
+
+def _coat_steps(nodes: Sequence[dict[str, Any]]) -> list[CoatStep]:
+    """Stored steps as COAT steps: one without a token continues the solution."""
+    steps = []
+    for node in nodes:
+        action, body = split_action(node["step"] or "")
+        steps.append(CoatStep(action or MetaAction.CONTINUE, SolutionStep(body.strip())))
+    return steps
 
 
 # --- restart-and-explore prompts --------------------------------------------------------------------
@@ -228,10 +249,12 @@ def coat_completion(tree: _Tree, path: Sequence[dict[str, Any]]) -> str:
     """A correct trajectory in COAT, with the deepest detour the tree offers (none: every step continues).
 
     The detour leaves the path at its deepest node that has another child leading to a failure,
-    follows that child to its nearest failure, then reflects or explores back to the node.
+    follows that child to its nearest failure, then reflects or explores back to the node: "Back to
+    step k" names the live steps (after the path's own rollbacks, in a tree searched in COAT) to keep.
     """
     for kept in range(len(path) - 1, -1, -1):
         branch_id = path[kept - 1]["node_id"] if kept else tree.root_id
+        resume = live_path(_coat_steps(path[:kept]))
         for sibling in sorted(tree.children[branch_id]):
             if sibling == path[kept]["node_id"]:
                 continue
@@ -239,10 +262,11 @@ def coat_completion(tree: _Tree, path: Sequence[dict[str, Any]]) -> str:
             if failure is None:
                 continue
             detour = tree.path(failure["node_id"])[kept:]
-            action = _failure_action(failure)
-            rollback = render_coat_solution([meta_step(action, _failure_reason(failure), kept)])
-            return (_render(path[:kept], MetaAction.CONTINUE) + _render(detour, MetaAction.CONTINUE) + rollback
-                    + _render(path[kept:], MetaAction.CONTINUE))
+            rollback = meta_step(_failure_action(failure), _failure_reason(failure), len(resume))
+            if live_path([*_coat_steps([*path[:kept], *detour]), rollback]) != resume:
+                continue  # the detour rolled back into the shared steps itself: one rollback cannot restore them
+            return (_render(path[:kept], MetaAction.CONTINUE) + _render(detour, MetaAction.CONTINUE)
+                    + render_coat_solution([rollback]) + _render(path[kept:], MetaAction.CONTINUE))
     return _render(path, MetaAction.CONTINUE)
 
 

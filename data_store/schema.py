@@ -80,7 +80,7 @@ SFT = pa.schema(
         _field("run", pa.string()),
         _field("round", pa.int64()),
         _field("problem_id", pa.string()),
-        _field("sft_format", pa.string()),  # rstar | astro
+        _field("sft_format", pa.string()),  # rstar | astro | coat | teacher (round 0)
         _field("rank", pa.int64()),  # 1 = the problem's best trajectory
         _field("leaf_id", pa.int64()),  # the correct answer node the completion ends in
         _field("mean_q", pa.float64()),

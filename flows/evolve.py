@@ -31,6 +31,7 @@ from models.gate import decide_gate
 from models.pipeline import Artifact, Current, Pipeline, RoundRecord
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown
+from search.steps import StepFormat
 from tasks.stages import (
     STAGES,
     bootstrap_task,
@@ -207,13 +208,14 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(
     model: str, benchmarks: list[str], modes: list[str] | None = None, ppm: str | None = None,
-    limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0,
+    limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0, step_format: str = "rstar",
 ) -> list[dict[str, Any]]:
-    """Evaluate any checkpoint on benchmarks; writes the eval table to `out` when given."""
+    """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given."""
     from models.backends import BackendConfig
     from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
 
-    config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend))
+    config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend),
+                        step_format=step_format)
     report = evaluate(model, [load_benchmark(spec, limit=limit) for spec in benchmarks], config, ppm=ppm)
     if out:
         write_eval(report, out)
@@ -305,11 +307,13 @@ def cli_evaluate(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-format", default=StepFormat.RSTAR.value, choices=list(StepFormat),
+                        help="the policy's step format (coat: chain-of-action-thought)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     _quiet_prefect()
     state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
-                          args.seed, return_state=True)
+                          args.seed, args.step_format, return_state=True)
     if state.is_completed():
         for row in state.result():
             print(json.dumps(row))

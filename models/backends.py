@@ -49,3 +49,24 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
     with VLLMServer(model) as server:
         with VLLMGenerator(server.base_url, server.model_name, concurrency=config.concurrency, seed=seed) as generator:
             yield generator
+
+
+def require_policy_tokens(model: str | Path, step_format: str) -> None:
+    """Before a COAT search or evaluation: a local policy must hold the meta-action tokens as tokens.
+
+    Raises ValueError naming the missing ones (a tokenizer that splits `<|reflect|>` into pieces makes
+    a policy that cannot write the format). Hub names and policies that do not load are left to the
+    backend, which reports them when it loads the model.
+    """
+    path = Path(model).expanduser()
+    if step_format != "coat" or not path.is_dir():
+        return
+    from transformers import AutoTokenizer
+
+    from models.rl import require_coat_tokens
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return
+    require_coat_tokens(tokenizer, str(model))

@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.backends import BACKENDS, BackendConfig, open_generator
+from models.backends import BACKENDS, BackendConfig, open_generator, require_policy_tokens
 from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, evaluate_modes, parse_mode
 from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
 from search.sandbox import SandboxConfig
+from search.steps import StepFormat
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -256,6 +257,10 @@ def evaluate(
     names = [benchmark.name for benchmark in benchmarks]
     if len(set(names)) < len(names):
         raise EvalInputError(f"a benchmark is listed twice: {', '.join(names)}")
+    try:
+        require_policy_tokens(model, config.step_format)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
     scorer = _load_ppm(ppm) if needing and ppm is not None else None
     rows: list[dict[str, Any]] = []
     summary: list[BenchmarkSummary] = []
@@ -421,6 +426,8 @@ def cli_eval(argv: list[str]) -> int:
     parser.add_argument("--max-depth", type=int, default=defaults.max_depth, help="deepest step (default %(default)s)")
     parser.add_argument("--mcts-width", type=int, default=defaults.mcts_width, help="mcts: candidates per expansion")
     parser.add_argument("--mcts-rollouts", type=int, default=defaults.mcts_rollouts, help="mcts: rollouts per problem")
+    parser.add_argument("--step-format", choices=list(StepFormat), default=defaults.step_format.value,
+                        help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
     parser.add_argument("--run", default="eval", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
@@ -436,6 +443,7 @@ def cli_eval(argv: list[str]) -> int:
             modes=args.modes or ["greedy"], temperature=args.temperature, max_step_tokens=args.max_step_tokens,
             max_depth=args.max_depth, mcts_width=args.mcts_width, mcts_rollouts=args.mcts_rollouts,
             seed=args.seed, backend=BackendConfig(backend=args.backend), limit=args.limit,
+            step_format=args.step_format,
         )
         if args.ppm is None and (needing := [mode.name for mode in parse_modes(config.modes) if mode.needs_ppm]):
             raise EvalInputError(f"mode(s) {', '.join(needing)} need a PPM checkpoint (--ppm)")

@@ -2,6 +2,8 @@
 
 problems -> rollouts (sharded) -> mine -> train SFT -> train PPM -> evaluate -> gate -> promote.
 Round 0 is the bootstrap: the base model, or the base model fine-tuned on a teacher's solutions.
+A recipe's step format (rstar, or Satori's chain-of-action-thought) reaches every stage through its
+sections (`models.recipe`); the bootstrap reads it here, to write the teacher's solutions in it.
 
 Stages hand each other `Artifact`s (a path and a content digest), never tables or models, so an
 orchestrator can persist them, key caches on them and ship them between machines. Every stage
@@ -219,7 +221,7 @@ class Pipeline:
         rows = [
             {**row, "run": self.run, "round": 0, "sft_format": "teacher", "rank": 1, "leaf_id": -1,
              "mean_q": 1.0, "min_q": 1.0}
-            for row in bootstrap_sft_rows(teacher_problems)
+            for row in bootstrap_sft_rows(teacher_problems, self.recipe.step_format)
         ]
         sft = write_table(pa.Table.from_pylist(rows), self.layout.table_path(self.run, 0, "sft"), table="sft")
         policy = train_sft([sft], self.layout.checkpoint_dir(self.run, 0, "policy"), recipe=self.recipe.training,

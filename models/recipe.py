@@ -9,6 +9,11 @@ configs, `GateRule`), so a recipe key is exactly a field name there. Unknown key
 and impossible values are rejected with the dotted name of the field (`search.mcts.widht:
 unknown key (did you mean 'width'?)`), the same at deploy time and at run time.
 
+One top-level switch, `step_format` (rstar, or Satori's chain-of-action-thought `coat`), is carried
+into every section that has a step format of its own (the search, mining's SFT format, the SFT, PPM
+and RL training configs, the RL prompts, evaluation) when the recipe is loaded; a section that
+names another format is rejected, so every stage of a loaded recipe writes and reads one format.
+
 Each stage's cache key includes the digest of the sections it reads (`Recipe.digest`), so editing
 the gate re-runs the gate and nothing upstream of it.
 """
@@ -32,10 +37,12 @@ from data_store.mining import MiningConfig
 from data_store.rl_prompts import RestartConfig
 from models.backends import BackendConfig
 from models.gate import GateRule
+from models.rl import RLSettingsError, check_rl_settings
 from models.tiny import TinyModelConfig
-from models.training import TrainingError, TrainingSettings, load_training_config
+from models.training import KINDS, TrainingError, TrainingSettings, load_training_config
 from search.mcts import MCTSConfig, SearchMode
 from search.sandbox import SandboxConfig
+from search.steps import StepFormat
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 CURRICULUM = "curriculum"
@@ -222,6 +229,12 @@ class Recipe:
 
     run: str = field(default="", metadata={"help": "run name (a directory under {home}/runs)", "required": True})
     seed: int = field(default=0, metadata={"help": "seed of the problem pool, the tiny model and every round's search"})
+    step_format: StepFormat = field(
+        default=StepFormat.RSTAR,
+        metadata={"help": "rstar (code-augmented steps) or coat (Satori's chain-of-action-thought: every step opens "
+                  "with <|continue|>, <|reflect|> or <|explore|>); set here once, it reaches the bootstrap, search, "
+                  "mining (sft_format coat), training and evaluation, whose own format fields may only repeat it"},
+    )
     model: ModelSettings = field(default_factory=ModelSettings, metadata={"help": "the starting policy"})
     problems: ProblemSettings = field(default_factory=ProblemSettings, metadata={"help": "training problems"})
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings, metadata={"help": "round 0"})
@@ -389,6 +402,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     recipe.training = training
     recipe.source = source
     _check(recipe, data, source)
+    _thread_step_format(recipe, data, source)
     return recipe
 
 
@@ -443,6 +457,53 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("gate.mode", f"{recipe.gate.mode!r} is not among eval.modes")
     if recipe.schedule.cron is not None:
         _check_cron(recipe.schedule, fail)
+    if recipe.rl.enabled:
+        try:
+            check_rl_settings(recipe.training.rl, [])
+        except RLSettingsError as err:
+            fail("training.rl", str(err))
+
+
+_UNSET = object()
+
+
+def _given(data: Any, *keys: Any) -> Any:
+    """The value a recipe file sets at a dotted place, or _UNSET when it leaves it to the defaults."""
+    for key in keys:
+        if not isinstance(data, Mapping) or key not in data:
+            return _UNSET
+        data = data[key]
+    return data
+
+
+def _thread_step_format(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
+    """Carry the recipe's step format into every section with one; a section naming another one fails."""
+    step_format = recipe.step_format.value
+    given = {
+        "search.mcts.step_format": _given(data, "search", "mcts", "step_format"),
+        "rl.prompts.step_format": _given(data, "rl", "prompts", "step_format"),
+        "eval.config.step_format": recipe.eval.config.get("step_format", _UNSET),
+        "bootstrap.training.step_format": recipe.bootstrap.training.get("step_format", _UNSET),
+        **{f"training.{kind}.step_format": recipe.training.for_kind(kind).get("step_format", _UNSET) for kind in KINDS},
+        **{f"search.round_overrides.{number}.step_format": overrides.get("step_format", _UNSET)
+           for number, overrides in recipe.search.round_overrides.items()},
+    }
+    for where, value in given.items():
+        if value is not _UNSET and str(value) != step_format:
+            raise RecipeError(f"{source}: {where}: {value!r} contradicts the recipe's step_format {step_format!r} "
+                              "(leave it out: the top-level step_format sets it)")
+    sft_format = _given(data, "mining", "sft_format")
+    if sft_format is not _UNSET and (sft_format == StepFormat.COAT) != (step_format == StepFormat.COAT):
+        raise RecipeError(f"{source}: mining.sft_format: {sft_format!r} contradicts the recipe's step_format "
+                          f"{step_format!r} (coat recipes, and only they, mine coat format-tuning rows)")
+    recipe.search.mcts.step_format = recipe.step_format
+    if step_format == StepFormat.COAT:
+        recipe.mining = dataclasses.replace(recipe.mining, sft_format=step_format)
+    recipe.rl.prompts = dataclasses.replace(recipe.rl.prompts, step_format=step_format)
+    recipe.eval.config = {**recipe.eval.config, "step_format": step_format}
+    recipe.training = TrainingSettings(
+        **{kind: {**recipe.training.for_kind(kind), "step_format": step_format} for kind in KINDS}
+    )
 
 
 def _benchmark_names(specs: Sequence[str]) -> list[str]:

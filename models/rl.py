@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from search.coat import CoatFormatError, final_answer, live_path, missing_coat_tokens, parse_coat_trajectory
 from search.coat import render_coat_solution, solution_program
-from search.steps import END_OF_ANSWER, SolutionStep, StepKind, parse_step, parse_trajectory, render_prompt
+from search.steps import END_OF_ANSWER, SolutionStep, StepFormat, StepKind, parse_step, parse_trajectory, render_prompt
 from search.steps import render_solution
 
 if TYPE_CHECKING:
     from search.rollout import AnswerChecker, Executor
 
-STEP_FORMATS = ("rstar", "coat")
+STEP_FORMATS = tuple(StepFormat)
 BUILTIN_REWARDS = ("outcome", "format", "ppm", "reflection")
 PPM_AGGREGATES = ("min", "mean", "last")
 PREFIX_KINDS = ("none", "correct", "wrong")

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.backends import BACKENDS, BackendConfig, open_generator
+from models.backends import BACKENDS, BackendConfig, open_generator, require_policy_tokens
 from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
 from search.sandbox import SandboxConfig
+from search.steps import StepFormat
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -49,6 +50,7 @@ def search_trees(
     config = config or RolloutStageConfig()
     if config.mcts.uses_ppm and ppm is None:
         raise ValueError(f"search mode {config.mcts.mode.value!r} needs a PPM checkpoint (--ppm)")
+    require_policy_tokens(model, config.mcts.step_format)
     scorer = None
     if ppm is not None:
         from models.ppm import PPMScorer
@@ -127,6 +129,8 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=MCTSConfig.temperature, help="sampling temperature")
     parser.add_argument("--max-step-tokens", type=int, default=256, help="token cap per step (default %(default)s)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint: PPM-augmented MCTS (round 3+)")
+    parser.add_argument("--step-format", choices=list(StepFormat), default=StepFormat.RSTAR.value,
+                        help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
@@ -144,6 +148,7 @@ def cli_rollout(argv: list[str]) -> int:
         max_step_tokens=args.max_step_tokens,
         mode=SearchMode.PPM if args.ppm else SearchMode.TERMINAL,
         seed=args.seed,
+        step_format=args.step_format,
     )
     config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend))
     out = Path(args.out) / "nodes.parquet"

@@ -423,24 +423,36 @@ def prepare_run(
         start = str(previous_checkpoint)
     start_record = base_record if start == config["base_model"] else describe_model_source(start)
     if kind == "rl":
-        _check_rl_run(config, table_infos, start)
+        _check_rl_run(config, table_infos)
+    _check_coat_tokens(kind, config, start)
     return RunRequest(kind, config, start, base_record, start_record, table_infos, str(output), overwrite)
 
 
-def _check_rl_run(config: Mapping[str, Any], tables: Sequence[TableInfo], start_model: str) -> None:
-    """The RL checks that need no training process: rewards, reward inputs, and the COAT tokens of a local model."""
+def _check_rl_run(config: Mapping[str, Any], tables: Sequence[TableInfo]) -> None:
+    """The RL checks that need no training process: rewards and their inputs."""
     import pyarrow.parquet as pq
 
     try:
         check_rl_settings(config, [pq.read_schema(table.path).names for table in tables])
         if config.get("ppm_model"):
             describe_model_source(config["ppm_model"])
-        if config.get("step_format") == "coat" and Path(start_model).expanduser().is_dir():
-            from transformers import AutoTokenizer
-
-            require_coat_tokens(AutoTokenizer.from_pretrained(start_model), start_model)
     except RLSettingsError as err:
         raise TrainingInputError(str(err)) from None
+
+
+def _check_coat_tokens(kind: str, config: Mapping[str, Any], start_model: str) -> None:
+    """A COAT run on a local model that lacks the meta-action tokens and would not get them: RL never adds
+    tokens, SFT and PPM do unless add_step_tokens is off."""
+    adds_tokens = kind != "rl" and config.get("add_step_tokens", True)
+    if config.get("step_format") != "coat" or adds_tokens or not Path(start_model).expanduser().is_dir():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        require_coat_tokens(AutoTokenizer.from_pretrained(start_model), start_model)
+    except RLSettingsError as err:
+        remedy = "" if kind == "rl" else " (or leave add_step_tokens on)"
+        raise TrainingInputError(f"{err}{remedy}") from None
 
 
 def _launch_command(request: RunRequest, request_path: Path) -> list[str]:

@@ -26,6 +26,9 @@ the solution back: "Back to step k." keeps the first k steps of the live path (0
 without it, only the latest step is dropped). The live path holds continue steps only, so step
 numbers count those; the program of a solution is the code of its live path (a meta step's own
 code never runs), and its answer is the live path's last answer step.
+
+The search generates COAT one step at a time (`parse_coat_step`, `step_program`): a meta step is a
+comment, so running it means running the live path after its rollback, which changes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from enum import Enum
 from search.steps import (
     END_OF_STEP,
     ParsedStep,
+    Phase,
     SolutionStep,
     StepKind,
     parse_solution,
@@ -149,6 +153,57 @@ def parse_coat_trajectory(text: str) -> tuple[str, list[CoatStep]]:
     if untagged:
         raise CoatFormatError("a step before the first meta-action token")
     return question, parse_coat_solution(text[len(prompt) :])
+
+
+def split_action(text: str) -> tuple[MetaAction | None, str]:
+    """The meta-action a generated step opens with and the text after its token; (None, text) without one."""
+    stripped = text.lstrip()
+    for action in MetaAction:
+        if stripped.startswith(action.value):
+            return action, stripped[len(action.value) :]
+    return None, text
+
+
+def as_coat_step(text: str) -> CoatStep:
+    """A step's text, token first, as a CoatStep; CoatFormatError when it does not open with a token."""
+    action, body = split_action(text)
+    if action is None:
+        raise CoatFormatError(f"a step without a meta-action token: {text.strip()[:80]!r}")
+    return CoatStep(action, SolutionStep(body.strip()))
+
+
+def _is_comment(code: str) -> bool:
+    return all(line.lstrip().startswith("#") for line in code.splitlines() if line.strip())
+
+
+def parse_coat_step(text: str, phase: Phase | None = None) -> tuple[MetaAction | None, ParsedStep]:
+    """Classify one generated COAT step: its meta action and the step after the token.
+
+    Malformed: no leading token, a second token inside, or a malformed step after the token. A
+    continue step is checked against `phase` like a plain step. A reflect or explore step must be a
+    comment closed by <end_of_step>, in either phase (it may come right after a final output).
+    """
+    action, body = split_action(text)
+    if action is None or _ACTION_SPLIT.search(body):
+        return action, ParsedStep(StepKind.MALFORMED)
+    if action is MetaAction.CONTINUE:
+        return action, parse_step(body, phase)
+    parsed = parse_step(body)
+    if parsed.kind is not StepKind.CODE or not _is_comment(parsed.code or ""):
+        return action, ParsedStep(StepKind.MALFORMED)
+    return action, parsed
+
+
+def step_program(steps: Sequence[CoatStep]) -> str | None:
+    """The program the last of `steps` runs: the code of the live path ending in it.
+
+    A meta step's live path is the one after its rollback; its comment is appended so that the step
+    runs like any other (and, being a comment, leaves the program's behaviour unchanged).
+    """
+    live = live_path(steps)
+    if steps and steps[-1].action is not MetaAction.CONTINUE:
+        live.append(steps[-1].step)
+    return solution_program(live)
 
 
 def live_path(steps: Sequence[CoatStep]) -> list[SolutionStep]:

@@ -12,7 +12,8 @@ step, the depth limit). The K chains of a problem are K replicas of it (distinct
 tree RNGs) in one `run_rollouts` call: every pass samples the next step of all chains of all
 problems in one generate call, and a generator samples each prompt of a call independently (its own
 rows in a batch, its own request seed), so replicas are independent samples. Steps run in the same
-sandbox and answers go through the same grader as in rollouts.
+sandbox and answers go through the same grader as in rollouts. Chains and trees are written in the
+config's step format (`step_format`: rstar, or Satori's chain-of-action-thought), as in the search.
 
 Samples are shared: `maj@K` and `ppm@K` with the same K judge the same K chains per problem, as
 rStar-Math's evaluation does, so the two are compared on equal footing and sampled once (both
@@ -35,7 +36,7 @@ from typing import Protocol
 from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
 from search.policy import Generator, StepScorer
 from search.rollout import Executor, Problem, RolloutProgress, run_rollouts
-from search.steps import Phase, parse_step, render_prompt
+from search.steps import Phase, StepFormat, render_prompt
 
 NO_ANSWER = "no_answer"
 """Status of a problem whose chosen chain states no answer (none reached an answer step, or its
@@ -128,13 +129,17 @@ class EvalSearchConfig:
     pipeline_groups: int = field(
         default=2, metadata={"help": "tree groups taking turns so code execution overlaps generation"}
     )
+    step_format: StepFormat = field(
+        default=StepFormat.RSTAR,
+        metadata={"help": "the policy's step format: rstar, or coat (chain-of-action-thought, search.coat)"},
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.pipeline_groups < 1:
             raise ValueError(f"pipeline_groups must be >= 1, got {self.pipeline_groups}")
-        self.mcts_config()  # MCTSConfig names any other setting out of range
+        self.step_format = self.mcts_config().step_format  # MCTSConfig names any other setting out of range
 
     def chain_config(self, temperature: float) -> MCTSConfig:
         """A width-1, one-rollout search: a single chain from the question to its end."""
@@ -146,6 +151,7 @@ class EvalSearchConfig:
             max_step_tokens=self.max_step_tokens,
             mode=SearchMode.TERMINAL,
             seed=self.seed,
+            step_format=self.step_format,
         )
 
     def mcts_config(self) -> MCTSConfig:
@@ -158,6 +164,7 @@ class EvalSearchConfig:
             max_step_tokens=self.max_step_tokens,
             mode=SearchMode.TEST_TIME,
             seed=self.seed,
+            step_format=self.step_format,
         )
 
 
@@ -431,7 +438,7 @@ class _Evaluation:
 
     def _records(self, picks: Sequence[_Pick], tokens: Sequence[int]) -> list[ProblemRecord]:
         answered = [
-            (i, parse_step(pick.leaf.step, Phase.ANSWER).answer_text or "")
+            (i, pick.tree.parse(pick.leaf.step, Phase.ANSWER).answer_text or "")
             for i, pick in enumerate(picks)
             if pick.leaf.kind is NodeKind.ANSWER
         ]

@@ -18,6 +18,14 @@ node (a non-terminal step at the maximum depth). Every terminal reward is back-p
 root when the terminal node is created: `q += reward`, `N += 1` along the path, `Q = q / N`. In
 PPM-augmented modes a new non-terminal node starts at `q = PPM score`, `N = 1`, without
 propagating that to its ancestors.
+
+Step formats. In `rstar` a step is a code-augmented step (`search.steps`) and its program is the code
+of its whole path. In `coat` (Satori's chain-of-action-thought, `search.coat`) every step opens with
+a meta-action token, and a node's `step` keeps the token, so prompts and PPM texts are COAT as they
+stand. A step's program is the code of its live path: `<|reflect|>` and `<|explore|>` steps roll
+earlier steps back, and such a meta step (a comment) runs the rolled-back program, becoming an
+ordinary non-terminal node. The answer comes after the live path's final code step. An rstar path
+is a COAT path whose steps all continue, so both formats share every line below.
 """
 
 from __future__ import annotations
@@ -28,13 +36,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from search.coat import CoatStep, MetaAction, as_coat_step, live_path, parse_coat_step, step_program
 from search.steps import (
     ParsedStep,
     Phase,
     SolutionStep,
+    StepFormat,
     StepKind,
     parse_step,
-    path_program,
     render_trajectory,
 )
 
@@ -98,9 +107,19 @@ class MCTSConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the per-tree RNGs (tie breaking among equal UCT values)"})
+    step_format: StepFormat = field(
+        default=StepFormat.RSTAR,
+        metadata={"help": "rstar (code-augmented steps) or coat (each step led by <|continue|>, <|reflect|> or "
+                  "<|explore|>; a step without one is malformed)"},
+    )
 
     def __post_init__(self) -> None:
         self.mode = SearchMode(self.mode)
+        if self.step_format not in tuple(StepFormat):
+            raise ValueError(
+                f"MCTSConfig.step_format must be one of {', '.join(StepFormat)}, got {self.step_format!r}"
+            )
+        self.step_format = StepFormat(self.step_format)
         for name in ("width", "rollouts", "max_depth", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -127,7 +146,7 @@ class Node:
     ppm_score: float | None = None
     visits: int = 0
     value_sum: float = 0.0
-    is_final_code: bool = False  # its children are answer steps
+    is_final_code: bool = False  # a final code step: its output is shown, an answer step may follow
     exhausted: bool = False  # terminal, or every child exhausted: selection skips it
     children: list[Node] = field(default_factory=list, repr=False)
 
@@ -147,7 +166,7 @@ class Candidate:
     step: str
     parsed: ParsedStep
     depth: int
-    program: str | None  # the path program to run in the sandbox; None when there is nothing to run
+    program: str | None  # the live path's program to run in the sandbox; None when there is nothing to run
     at_max_depth: bool
     program_ok: bool | None = None
     output: str | None = None
@@ -221,7 +240,21 @@ class Tree:
     # -- expansion ---------------------------------------------------------------------------
 
     def phase(self, node: Node) -> Phase:
-        return Phase.ANSWER if node.is_final_code else Phase.STEP
+        """What a child of `node` is: the answer once the live path ends in a final code step."""
+        live = live_path(self._coat_steps([n.step for n in self.path(node)]))
+        return Phase.ANSWER if live and parse_step(live[-1].text).kind is StepKind.FINAL_CODE else Phase.STEP
+
+    def parse(self, text: str, phase: Phase | None = None) -> ParsedStep:
+        """Classify a generated step in the tree's step format (in coat, the step after its token)."""
+        if self.config.step_format is StepFormat.COAT:
+            return parse_coat_step(text, phase)[1]
+        return parse_step(text, phase)
+
+    def _coat_steps(self, texts: Sequence[str]) -> list[CoatStep]:
+        """Well-formed steps as COAT steps: in the rstar format, every step continues the solution."""
+        if self.config.step_format is StepFormat.COAT:
+            return [as_coat_step(text) for text in texts]
+        return [CoatStep(MetaAction.CONTINUE, SolutionStep(text)) for text in texts]
 
     def path(self, node: Node) -> list[Node]:
         """The nodes from the first step down to `node` (the root excluded)."""
@@ -238,7 +271,7 @@ class Tree:
     def propose(self, node: Node, texts: Sequence[str]) -> list[Candidate]:
         """Turn sampled continuations of `node` into candidates: identical samples collapse into one."""
         phase = self.phase(node)
-        ancestor_codes = [n.code for n in self.path(node)]
+        ancestors = self._coat_steps([n.step for n in self.path(node)])
         depth = node.depth + 1
         seen: set[str] = set()
         candidates = []
@@ -246,8 +279,8 @@ class Tree:
             if text.strip() in seen:
                 continue
             seen.add(text.strip())
-            parsed = parse_step(text, phase)
-            program = path_program([*ancestor_codes, parsed.code]) if parsed.code is not None else None
+            parsed = self.parse(text, phase)
+            program = step_program([*ancestors, *self._coat_steps([text])]) if parsed.code is not None else None
             at_max_depth = depth >= self.config.max_depth
             candidates.append(Candidate(text, parsed, depth=depth, program=program, at_max_depth=at_max_depth))
         return candidates

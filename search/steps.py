@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 
 USER_TAG = "<|user|>"
 ASSISTANT_TAG = "<|assistant|>"
@@ -46,6 +46,14 @@ STEP_SPECIAL_TOKENS: list[str] = [
 PROMPT_TEMPLATE = (
     f"{USER_TAG}:\n{{question}}\n{ASSISTANT_TAG}: Let's think step by step and solve the problem with code.\n"
 )
+
+
+class StepFormat(StrEnum):
+    """How a policy writes its steps: rStar's code-augmented steps, or the same steps each led by a
+    chain-of-action-thought meta-action token (Satori, `search.coat`)."""
+
+    RSTAR = "rstar"
+    COAT = "coat"
 
 
 class Phase(Enum):

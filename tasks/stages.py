@@ -33,7 +33,7 @@ CACHE_DIR = ".cache"
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems", "seed"),
     "select": ("problems",),
-    "bootstrap": ("model", "problems", "bootstrap", "training", "seed"),
+    "bootstrap": ("model", "problems", "bootstrap", "training", "seed", "step_format"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
     "sft": ("model", "sft_data", "training", "seed"),

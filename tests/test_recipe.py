@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,49 @@ def test_run_command_rejects_a_bad_recipe_in_one_line(tmp_path: Path, capsys: py
     code = main(["run", "--recipe", str(bad)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "search.mcts.widht: unknown key" in lines[0]
+
+
+# --- the recipe's step format ---------------------------------------------------------------------
+
+
+def test_satori_recipe_runs_every_stage_in_coat() -> None:
+    recipe = load_recipe("satori")
+    assert recipe.step_format == "coat" and recipe.rl.enabled
+    assert (recipe.search.mcts_for_round(1, seed=0).step_format, recipe.mining.sft_format) == ("coat", "coat")
+    assert {recipe.training.for_kind(kind)["step_format"] for kind in ("sft", "ppm", "rl")} == {"coat"}
+    assert (recipe.rl.prompts.step_format, recipe.eval.config["step_format"]) == ("coat", "coat")
+    assert recipe.training.rl["rewards"] == ["outcome", "reflection"]
+
+
+def test_a_section_may_repeat_the_step_format() -> None:
+    recipe = parse_recipe(recipe_with(step_format="coat", **{"training.sft.step_format": "coat"}))
+    assert recipe.training.sft["step_format"] == "coat" and recipe.mining.sft_format == "coat"
+
+
+@pytest.mark.parametrize(("changes", "where"), [
+    ({"training.rl.step_format": "rstar"}, "training.rl.step_format"),
+    ({"search.mcts.step_format": "rstar"}, "search.mcts.step_format"),
+    ({"search.round_overrides": {2: {"step_format": "rstar"}}}, "search.round_overrides.2.step_format"),
+    ({"eval.config": {"step_format": "rstar"}}, "eval.config.step_format"),
+    ({"rl.prompts.step_format": "rstar"}, "rl.prompts.step_format"),
+    ({"bootstrap.training": {"step_format": "rstar"}}, "bootstrap.training.step_format"),
+    ({"mining.sft_format": "astro"}, "mining.sft_format"),
+])
+def test_a_section_contradicting_a_coat_recipe_fails_naming_the_field(changes: dict, where: str) -> None:
+    with pytest.raises(RecipeError, match=rf"{re.escape(where)}: '\w+' contradicts the recipe's step_format 'coat'"):
+        parse_recipe(recipe_with(step_format="coat", **changes))
+
+
+def test_coat_mining_in_an_rstar_recipe_is_rejected() -> None:
+    with pytest.raises(RecipeError, match=r"mining\.sft_format: 'coat' contradicts the recipe's step_format 'rstar'"):
+        parse_recipe(recipe_with(**{"mining.sft_format": "coat"}))
+
+
+def test_an_unknown_step_format_is_named() -> None:
+    with pytest.raises(RecipeError, match=r"step_format: 'cot' is not one of rstar, coat"):
+        parse_recipe(recipe_with(step_format="cot"))
+
+
+def test_an_rl_stage_without_a_reward_fails_at_load() -> None:
+    with pytest.raises(RecipeError, match=r"training\.rl: an RL stage needs at least one reward function"):
+        parse_recipe(recipe_with(**{"rl.enabled": True, "training.rl.rewards": []}))
