@@ -1,4 +1,4 @@
-"""The pipeline's problem stages on a curriculum run: pools as problems tables, per-round selection."""
+"""The pipeline's data stages on a curriculum run: pools as problems tables, per-round selection, the SFT set."""
 
 from __future__ import annotations
 
