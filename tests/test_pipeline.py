@@ -73,7 +73,7 @@ def mixed_prompts(pipeline: Pipeline, round_number: int, tables: list[Artifact])
 
 
 def test_sft_set_is_every_table_as_it_is_by_default(tmp_path: Path) -> None:
-    pipeline = curriculum_pipeline(tmp_path)
+    pipeline = curriculum_pipeline(tmp_path, sft_data={})
     tables = [sft_table(pipeline.layout, 0, 10), sft_table(pipeline.layout, 1, 2)]
     assert pipeline.sft_set(2, tables) == [Path(table.path) for table in tables]
 
