@@ -1,12 +1,13 @@
 """In-process generation with transformers: the CPU default backend of the policy `Generator`.
 
 One `generate` call serves many prompts: prompts are sorted by length and cut into left-padded
-batches; every (prompt, sample) pair of a batch becomes a row of one `model.generate` with the KV
+batches; every (prompt, sample) pair of a batch becomes a row of one decoding loop over the KV
 cache. Each prompt is prefilled once and its cache copied to its samples' rows, so n samples cost
 one prompt's prefill, not n (in a search, prompts grow with depth and prefill is much of the
 work). A row stops at the first stop string (kept at the end of its text, as vLLM's
-`include_stop_str_in_output` does), at EOS, or after `max_tokens` tokens. Sampling is seeded per
-call and batch, so a generator built with the same seed replays the same sequence of calls.
+`include_stop_str_in_output` does), at EOS, or after `max_tokens` tokens, and leaves the batch
+when it stops. Sampling is seeded per call and batch from a generator of its own (the global torch
+RNG is left alone), so a generator built with the same seed replays the same sequence of calls.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from models.tiny import load_causal_lm
 from search.policy import Completion, Generator
@@ -32,30 +34,80 @@ def _stop_end(text: str, stop: Sequence[str]) -> int | None:
     return min(ends) if ends else None
 
 
-class _StopStringsCriteria(StoppingCriteria):
-    """Stops each row as soon as its generated text (never the prompt) contains a stop string.
+def _sample_tokens(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else plain temperature sampling (no top-k/top-p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probabilities, 1, generator=rng).squeeze(-1)
 
-    Only a window of the newest tokens is decoded per step: a stop string of b bytes spans at most
-    b tokens, and anything older was already checked on an earlier step. `stopped_at[row]` records
-    how many tokens the row had generated when it stopped.
+
+class _AppendInPlaceLayer(DynamicLayer):
+    """A KV cache layer that appends into spare room reserved up front instead of concatenating.
+
+    `DynamicLayer` copies the whole cache on every decoding step (`torch.cat`), which made deep
+    search prompts decode up to twice as slowly as root prompts. Here a step writes one position;
+    the buffer is reallocated only when the reserve runs out. `keys`/`values` are views of the
+    filled part, as attention reads them.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int, batch: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.prompt_length = prompt_length
-        self.window = max(len(s.encode()) for s in self.stop)
-        self.stopped_at: list[int | None] = [None] * batch
+    def __init__(self, reserve: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reserve = reserve
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self.prompt_length
-        start = max(self.prompt_length, input_ids.shape[1] - self.window)
-        live = [row for row, stopped in enumerate(self.stopped_at) if stopped is None]
-        tails = self.tokenizer.batch_decode(input_ids[live, start:].tolist(), skip_special_tokens=True)
-        for row, tail in zip(live, tails):
-            if _stop_end(tail, self.stop) is not None:
-                self.stopped_at[row] = generated
-        return torch.tensor([stopped is not None for stopped in self.stopped_at], device=input_ids.device)
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self._key_buffer is None or self.length + new > self._key_buffer.shape[-2]:
+            self._key_buffer = self._grown(self._key_buffer, key_states, self.length + new + self.reserve)
+            self._value_buffer = self._grown(self._value_buffer, value_states, self.length + new + self.reserve)
+        assert self._value_buffer is not None
+        self._key_buffer[:, :, self.length : self.length + new] = key_states
+        self._value_buffer[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        self._refresh_views()
+        return self.keys, self.values
+
+    def _grown(self, buffer: torch.Tensor | None, states: torch.Tensor, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = states.shape
+        grown = states.new_empty(batch, heads, capacity, head_dim)
+        if buffer is not None and self.length:
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown
+
+    def _refresh_views(self) -> None:
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self.keys = self._key_buffer[:, :, : self.length]
+        self.values = self._value_buffer[:, :, : self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            assert self._key_buffer is not None and self._value_buffer is not None
+            self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+            self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            assert self._key_buffer is not None and self._value_buffer is not None
+            self._key_buffer = self._key_buffer[indices]
+            self._value_buffer = self._value_buffer[indices]
+            self._refresh_views()
+
+
+def _decoding_cache(config: Any, reserve: int) -> DynamicCache:
+    """A cache with room for `reserve` more positions per layer without copying (full-attention layers;
+    a model with other layer kinds, e.g. sliding windows, keeps transformers' own layers)."""
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_AppendInPlaceLayer(reserve) for _ in cache.layers]
+    return cache
 
 
 @contextmanager
@@ -152,62 +204,99 @@ class HFGenerator:
         temperature: float,
         max_tokens: int,
     ) -> list[Completion]:
-        """`samples` completions of each prompt, prompt by prompt."""
+        """`samples` completions of each prompt, prompt by prompt.
+
+        Finished rows (stop string, EOS) leave the batch: once a quarter of the rows have finished,
+        their cache rows are dropped, so decoding steps compute mostly rows still generating.
+        (`model.generate` carries finished rows to the end of the longest one; search steps vary
+        from a few tokens to the cap, and in a search call only a quarter to a third of its
+        row-steps were live.)
+        """
         width = max(len(ids) for ids in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
         attention_mask = torch.tensor(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device
         )
-        cache = self._shared_prefill(input_ids, attention_mask, samples) if samples > 1 and width > 1 else None
-        input_ids = input_ids.repeat_interleave(samples, dim=0)
-        attention_mask = attention_mask.repeat_interleave(samples, dim=0)
-        # Plain temperature sampling, as vLLM does when asked for it: override the model's own
-        # generation defaults (top-k 50, nucleus, repetition penalty of chat checkpoints).
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "typical_p": 1.0}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        config = GenerationConfig(
-            max_new_tokens=max_tokens,
-            repetition_penalty=1.0,
-            pad_token_id=pad,
-            eos_token_id=sorted(self._eos_ids),
-            use_cache=True,
-            **sampling,
-        )
-        rows = len(input_ids)
-        criteria = _StopStringsCriteria(self.tokenizer, stop, width, rows) if stop else None
-        with torch.random.fork_rng(devices=[] if self.device == "cpu" else [torch.device(self.device)]):
-            torch.manual_seed(seed)
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+        # Left padding: positions count real tokens only.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = _decoding_cache(self.model.config, reserve=max_tokens + 1)
+        # Each prompt is prefilled once (all but its last token) and its cache repeated per sample;
+        # the last token then runs per row, which gives each row its own first sample.
+        if width > 1:
+            self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1],
                 past_key_values=cache,
-                generation_config=config,
-                stopping_criteria=StoppingCriteriaList([criteria] if criteria else []),
+                use_cache=True,
+                logits_to_keep=1,
             )
-        generated = output[:, width:].tolist()
-        stopped_at = criteria.stopped_at if criteria else [None] * rows
+            cache.batch_repeat_interleave(samples)
+        attention_mask = attention_mask.repeat_interleave(samples, dim=0)
+        step_ids = input_ids[:, -1:].repeat_interleave(samples, dim=0)
+        step_positions = position_ids[:, -1:].repeat_interleave(samples, dim=0)
+        rows = len(step_ids)
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        stopped_at: list[int | None] = [None] * rows
+        in_batch = list(range(rows))  # the row at each batch position
+        live = set(in_batch)
+        window = max((len(s.encode()) for s in stop), default=0)
+        for step in range(max_tokens):
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+            tokens = _sample_tokens(logits, temperature, rng).tolist()
+            for row, token in zip(in_batch, tokens):
+                if row in live:
+                    generated[row].append(token)
+            live -= self._finished_rows(sorted(live), generated, stop, window, stopped_at)
+            if step == max_tokens - 1 or not live:
+                break
+            # Dropping rows copies the cache, so finished rows ride along (their tokens ignored)
+            # until a quarter of the batch has finished.
+            if len(live) <= 3 * len(in_batch) // 4:
+                keep = [index for index, row in enumerate(in_batch) if row in live]
+                kept = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(kept)
+                attention_mask = attention_mask[kept]
+                step_positions = step_positions[kept]
+                tokens = [tokens[index] for index in keep]
+                in_batch = [in_batch[index] for index in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(in_batch), 1))], dim=1)
+            step_positions = step_positions + 1
+            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
         return [self._completion(tokens, stopped, stop) for tokens, stopped in zip(generated, stopped_at)]
 
-    def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> DynamicCache:
-        """The KV cache of every prompt but its last token, computed once and repeated for each sample.
-        `generate` then runs only the last token per row: it sees a cache shorter than its inputs."""
-        cache = DynamicCache(config=self.model.config)
-        # Left padding: positions count real tokens only, as `generate` counts them.
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        self.model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache.batch_repeat_interleave(samples)
-        return cache
+    def _finished_rows(
+        self,
+        live: list[int],
+        generated: list[list[int]],
+        stop: Sequence[str],
+        window: int,
+        stopped_at: list[int | None],
+    ) -> set[int]:
+        """The live rows whose newest token is EOS or completes a stop string (recorded in `stopped_at`).
+
+        Only the generated text is searched, never the prompt, and only a window of the newest
+        tokens: a stop string of b bytes spans at most b tokens, and anything older was checked on
+        an earlier step.
+        """
+        finished = {row for row in live if generated[row][-1] in self._eos_ids}
+        if stop:
+            candidates = [row for row in live if row not in finished]
+            tails = self.tokenizer.batch_decode([generated[row][-window:] for row in candidates], skip_special_tokens=True)
+            for row, tail in zip(candidates, tails):
+                if _stop_end(tail, stop) is not None:
+                    stopped_at[row] = len(generated[row])
+                    finished.add(row)
+        return finished
 
     def _completion(self, tokens: list[int], stopped_at: int | None, stop: Sequence[str]) -> Completion:
         """Cut a row's generated tokens at its stop string, else at EOS, else it ran out of tokens."""

@@ -11,7 +11,8 @@ thread pool (the sandbox and the grader work in their own processes, the PPM in 
 the threads do not hold the GIL), the next group's candidates are being generated. A group waits
 for its own evaluation before selecting again, so each tree's search is exactly sequential MCTS,
 and the order of calls does not depend on timing: with a deterministic generator a seed replays
-exactly.
+exactly. As trees finish, the groups are formed anew from the unfinished ones whenever they fit in
+fewer groups, so the last passes still send full-size calls.
 """
 
 from __future__ import annotations
@@ -194,10 +195,23 @@ class _Driver:
     def run(self, pipeline_groups: int) -> RolloutResult:
         started = time.perf_counter()
         group_count = max(1, min(pipeline_groups, len(self.trees)))
+        group_size = -(-len(self.trees) // group_count)
         groups = [self.trees[g::group_count] for g in range(group_count)]
         pending: list[_PendingBatch | None] = [None] * group_count
         with ThreadPoolExecutor(max_workers=2 * group_count, thread_name_prefix="kaizen-eval") as pool:
             while True:
+                # As trees finish, calls shrink, and a small call generates far fewer tokens per
+                # second than a full one. Once the unfinished trees fit in fewer groups of the
+                # first size, every pending evaluation is applied and the groups are formed anew.
+                unfinished = [tree for tree in self.trees if not tree.finished]
+                if len(groups) > 1 and -(-len(unfinished) // group_size) < len(groups):
+                    for batch in pending:
+                        if batch is not None:
+                            self._apply(batch)
+                    unfinished = [tree for tree in self.trees if not tree.finished]
+                    group_count = max(1, -(-len(unfinished) // group_size))
+                    groups = [unfinished[g::group_count] for g in range(group_count)]
+                    pending = [None] * group_count
                 expanded_any = False
                 for g, group in enumerate(groups):
                     batch = pending[g]

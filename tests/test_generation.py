@@ -63,6 +63,15 @@ def test_greedy_batch_matches_each_prompt_alone(generator: HFGenerator) -> None:
     assert batched == [greedy(generator, [prompt])[0] for prompt in PROMPTS]
 
 
+def test_greedy_matches_transformers_generate(generator: HFGenerator) -> None:
+    """The own decoding loop (cache appended in place, rows leaving the batch) against the library's."""
+    completions = greedy(generator, PROMPTS, max_tokens=30)
+    for prompt, samples in zip(PROMPTS, completions):
+        ids = generator.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        reference = generator.model.generate(ids, do_sample=False, max_new_tokens=30)
+        assert samples[0].text == generator.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def test_greedy_does_not_depend_on_batch_size(model_dir: Path, generator: HFGenerator) -> None:
     one_at_a_time = HFGenerator(model_dir, batch_size=1)
     assert greedy(one_at_a_time, PROMPTS) == greedy(generator, PROMPTS)

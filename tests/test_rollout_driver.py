@@ -282,6 +282,22 @@ def test_each_pass_grades_all_answers_in_one_checker_call() -> None:
     assert sum(map(len, checker.calls)) == result.stats.answers_graded
 
 
+def test_trees_left_over_from_two_groups_share_one_call() -> None:
+    class QuickToFailPolicy(ScriptedPolicy):
+        """Problems marked quick get only a failing final step, so their trees end after one pass."""
+
+        def _continue(self, prompt: str, n: int) -> list[str]:
+            return [FINAL_STEP] * n if "(quick)" in prompt else super()._continue(prompt, n)
+
+    problems = [Problem(f"quick-{i}", f"{QUESTION} (quick)", "5") for i in range(4)] + toy_problems(2)
+    policy = QuickToFailPolicy()
+    search(problems, MCTSConfig(width=2, rollouts=3), policy, pipeline_groups=2)
+    # The two slow trees start in different groups (trees are dealt round-robin), so only
+    # re-forming the groups once the quick ones are done puts them into one call.
+    assert ["(copy 0)" in p for p in policy.calls[0]] == [False, False, True]
+    assert any(len(prompts) == 2 and not any("(quick)" in p for p in prompts) for prompts in policy.calls)
+
+
 def test_program_execution_overlaps_the_next_groups_generation() -> None:
     executing, executed, generated_meanwhile = threading.Event(), threading.Event(), threading.Event()
 
