@@ -45,8 +45,8 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, rng: torch.Generato
 class _AppendInPlaceLayer(DynamicLayer):
     """A KV cache layer that appends into spare room reserved up front instead of concatenating.
 
-    `DynamicLayer` copies the whole cache on every decoding step (`torch.cat`), which made deep
-    search prompts decode up to twice as slowly as root prompts. Here a step writes one position;
+    `DynamicLayer` copies the whole cache on every decoding step (`torch.cat`): with 100-300 cached
+    tokens a decoding step of the tiny model took 1.5-1.7x as long. Here a step writes one position;
     the buffer is reallocated only when the reserve runs out. `keys`/`values` are views of the
     filled part, as attention reads them.
     """
