@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+from types import FrameType
 
 # name -> (implementation "module:function", one-line summary for `kaizen --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +41,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so that no `except Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -50,11 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function_name = COMMANDS[name][0].split(":")
     command = getattr(importlib.import_module(module_name), function_name)
+    # Python's default SIGTERM action ends the process at once: no `finally`, no atexit, so
+    # Prefect's ephemeral server and training or vLLM subprocesses outlived a terminated run.
+    # Unwinding instead runs every cleanup. (Prefect's flow engine swaps in its own handler while
+    # a flow runs, marks the run crashed, then re-sends the signal here.)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(command(rest) or 0)
     except KeyboardInterrupt:
         print(f"kaizen {name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"kaizen {name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as error:
         # Users get one line; KAIZEN_DEBUG=1 shows the traceback for bug reports.
         if os.environ.get("KAIZEN_DEBUG"):

@@ -87,3 +87,27 @@ def test_resumed_round_leaves_no_temporary_files(homes: dict[str, Path]) -> None
     leftovers = [p for p in (run_dir(homes["killed"]) / "round-001").rglob(".*") if p.name != ".cache"
                  and ".cache" not in p.parts]
     assert leftovers == []
+
+
+def test_sigterm_stops_the_round_and_everything_it_started(tmp_path: Path) -> None:
+    """A process manager's SIGTERM to `kaizen` alone (not its group) must not orphan Prefect's
+    ephemeral server or the training subprocess, and leaves no partial checkpoint behind."""
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    home = tmp_path / "home"
+    process = kaizen_round(tmp_path, home, 0)
+    checkpoints = run_dir(home) / "round-000" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob(".*partial*")):
+        assert process.poll() is None and time.monotonic() < deadline, "bootstrap training never started"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(120) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while True:  # children get a moment to exit after their parent
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the terminated round are still running"
+        time.sleep(0.5)
+    assert not any(checkpoints.glob(".*partial*"))
