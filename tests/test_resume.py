@@ -1,5 +1,6 @@
 """Crash recovery: `kill -9` of a round during its rollouts, then the same command again, gives the
-same tables as an uninterrupted run, with no duplicated or missing rows.
+same tables as an uninterrupted run, with no duplicated or missing rows; SIGTERM stops a round and
+every process it started.
 
 Both runs are `kaizen round` processes (ephemeral Prefect, a SQLite database of their own), so the
 second attempt finds the first one's finished shard only through the persisted cache.
