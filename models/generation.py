@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +256,7 @@ class HFGenerator:
             for row, token in zip(in_batch, tokens):
                 if row in live:
                     generated[row].append(token)
-            live -= self._finished_rows(sorted(live), generated, stop, window, stopped_at)
+            live -= self._finished_rows(live, generated, stop, window, stopped_at)
             if step == max_tokens - 1 or not live:
                 break
             # Dropping rows copies the cache, so finished rows ride along (their tokens ignored)
@@ -276,7 +276,7 @@ class HFGenerator:
 
     def _finished_rows(
         self,
-        live: list[int],
+        live: Collection[int],
         generated: list[list[int]],
         stop: Sequence[str],
         window: int,

@@ -444,12 +444,12 @@ def _check_coat_tokens(kind: str, config: Mapping[str, Any], start_model: str) -
     """A COAT run on a local model that lacks the meta-action tokens and would not get them: RL never adds
     tokens, SFT and PPM do unless add_step_tokens is off."""
     adds_tokens = kind != "rl" and config.get("add_step_tokens", True)
-    if config.get("step_format") != "coat" or adds_tokens or not Path(start_model).expanduser().is_dir():
+    if adds_tokens:
         return
-    from transformers import AutoTokenizer
+    from models.backends import require_policy_tokens
 
     try:
-        require_coat_tokens(AutoTokenizer.from_pretrained(start_model), start_model)
+        require_policy_tokens(start_model, config.get("step_format", "rstar"))
     except RLSettingsError as err:
         remedy = "" if kind == "rl" else " (or leave add_step_tokens on)"
         raise TrainingInputError(f"{err}{remedy}") from None

@@ -239,9 +239,10 @@ class Tree:
 
     # -- expansion ---------------------------------------------------------------------------
 
-    def phase(self, node: Node) -> Phase:
-        """What a child of `node` is: the answer once the live path ends in a final code step."""
-        live = live_path(self._coat_steps([n.step for n in self.path(node)]))
+    @staticmethod
+    def _child_phase(path_steps: Sequence[CoatStep]) -> Phase:
+        """What a child of the path's last node is: the answer once the live path ends in a final code step."""
+        live = live_path(path_steps)
         return Phase.ANSWER if live and parse_step(live[-1].text).kind is StepKind.FINAL_CODE else Phase.STEP
 
     def parse(self, text: str, phase: Phase | None = None) -> ParsedStep:
@@ -270,8 +271,8 @@ class Tree:
 
     def propose(self, node: Node, texts: Sequence[str]) -> list[Candidate]:
         """Turn sampled continuations of `node` into candidates: identical samples collapse into one."""
-        phase = self.phase(node)
         ancestors = self._coat_steps([n.step for n in self.path(node)])
+        phase = self._child_phase(ancestors)
         depth = node.depth + 1
         seen: set[str] = set()
         candidates = []

@@ -17,6 +17,7 @@ fewer groups, so the last passes still send full-size calls.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -195,7 +196,7 @@ class _Driver:
     def run(self, pipeline_groups: int) -> RolloutResult:
         started = time.perf_counter()
         group_count = max(1, min(pipeline_groups, len(self.trees)))
-        group_size = -(-len(self.trees) // group_count)
+        group_size = math.ceil(len(self.trees) / group_count)
         groups = [self.trees[g::group_count] for g in range(group_count)]
         pending: list[_PendingBatch | None] = [None] * group_count
         with ThreadPoolExecutor(max_workers=2 * group_count, thread_name_prefix="kaizen-eval") as pool:
@@ -203,14 +204,14 @@ class _Driver:
                 # As trees finish, calls shrink, and a small call generates far fewer tokens per
                 # second than a full one. Once the unfinished trees fit in fewer groups of the
                 # first size, every pending evaluation is applied and the groups are formed anew.
-                unfinished = [tree for tree in self.trees if not tree.finished]
-                if len(groups) > 1 and -(-len(unfinished) // group_size) < len(groups):
+                unfinished = sum(not tree.finished for tree in self.trees)
+                if len(groups) > 1 and math.ceil(unfinished / group_size) < len(groups):
                     for batch in pending:
                         if batch is not None:
                             self._apply(batch)
-                    unfinished = [tree for tree in self.trees if not tree.finished]
-                    group_count = max(1, -(-len(unfinished) // group_size))
-                    groups = [unfinished[g::group_count] for g in range(group_count)]
+                    trees = [tree for tree in self.trees if not tree.finished]
+                    group_count = max(1, math.ceil(len(trees) / group_size))
+                    groups = [trees[g::group_count] for g in range(group_count)]
                     pending = [None] * group_count
                 expanded_any = False
                 for g, group in enumerate(groups):
