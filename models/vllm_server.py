@@ -42,6 +42,29 @@ DEFAULT_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
 PYTHON_ENV_VAR = "KAIZEN_VLLM_PYTHON"
 
 
+
+def _wait_for_group_exit(pgid: int, *, timeout_s: float) -> None:
+    """Wait until no live (non-zombie) process is left in process group `pgid`, or the timeout passes.
+
+    Zombies are skipped: in a container whose init does not reap orphans they never go away, and
+    they hold no memory.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _group_has_live_process(pgid):
+        time.sleep(0.05)
+
+
+def _group_has_live_process(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 class VLLMServerError(RuntimeError):
     """The vLLM environment could not be installed or found, or the server did not come up; one-line message."""
 
@@ -296,6 +319,9 @@ class VLLMServer:
             except ProcessLookupError:
                 pass
             process.wait()
+            # A killed engine takes a moment to exit and release its (GPU) memory; a server started
+            # right after must not race it.
+            _wait_for_group_exit(process.pid, timeout_s=self.config.stop_timeout_s)
         if self._own_log and not keep_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 
