@@ -3,9 +3,13 @@
     efficiency = (tokens generated during MCTS / MCTS wall time) / (tokens/s of a plain generate)
 
 Both figures come from one generator in one process (the same loaded model, or the same managed
-vLLM server), so backend, model and machine are the same. The plain generate sends the search
-problems' prompts in one call with the search's n (width), max_tokens, temperature and stop
-strings (`models.generation.measure_throughput`, median of three calls). It runs before every
+vLLM server), so backend, model and machine are the same. The plain generate sends as many
+curriculum prompts as the search has problems in one call, with the search's n (width),
+max_tokens, temperature and stop strings (`models.generation.measure_throughput`, median of three
+calls). Every plain call gets problems of its own, never searched and never sent before: both
+backends reuse the states of prompts they have prefilled (vLLM's prefix caching, the transformers
+backend's `PrefixKVCache`), which a search gains from as its prompts extend one another, but a
+plain generate of repeated prompts would be measuring the cache. It runs before every
 search and after the last (after a discarded full-size warm-up); each search is compared with the
 mean of the plain speeds just before and just after it, because the machine is shared and its
 speed drifts. Issue 3 target: >= 0.7 for the transformers backend and a tiny model on this CPU.
@@ -27,6 +31,7 @@ are printed). Models are cached under --workdir (default: a temporary directory)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -119,10 +124,22 @@ class SearchRun:
         return self.tokens / self.generate_s
 
 
-def plain_speed(generator: Generator, prompts: Sequence[str], search: MCTSConfig) -> float:
-    """Median tokens/s of three plain generate calls (one plain call takes about a second here)."""
-    return measure_throughput(generator, prompts, n=search.width, max_tokens=search.max_step_tokens,
-                              temperature=search.temperature, stop=list(SEARCH_STOP), runs=3).tokens_per_s
+class FreshPrompts:
+    """Prompt sets of curriculum problems (all levels), each set new: seeds no search or earlier set used."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seeds = itertools.count(seed + 1_000)
+
+    def take(self, sets: int) -> list[list[str]]:
+        return [[render_prompt(problem.problem) for problem in make_curriculum(self.size, 0, seed=next(self.seeds))[0]]
+                for _ in range(sets)]
+
+
+def plain_speed(generator: Generator, fresh: FreshPrompts, search: MCTSConfig) -> float:
+    """Median tokens/s of three plain generate calls on new prompts (one call takes about a second here)."""
+    return measure_throughput(generator, fresh.take(3), n=search.width, max_tokens=search.max_step_tokens,
+                              temperature=search.temperature, stop=list(SEARCH_STOP)).tokens_per_s
 
 
 def measure_backend(backend: str, model: Path, problems: Sequence[Problem], search: MCTSConfig,
@@ -132,20 +149,20 @@ def measure_backend(backend: str, model: Path, problems: Sequence[Problem], sear
     from search.sandbox import Sandbox
 
     stage = RolloutStageConfig(mcts=search)
-    prompts = [render_prompt(problem.question) for problem in problems]
+    fresh = FreshPrompts(len(problems), search.seed)
     runs = []
     with (open_generator(model, BackendConfig(backend=backend), seed=search.seed) as generator,
           Sandbox(stage.sandbox) as sandbox, Grader(workers=stage.grader_workers) as grader):
         # Start the sandbox's heavy (sympy) workers now: startup is not what this measures.
         sandbox.run_many(["print(1)", "import sympy\nprint(sympy.Integer(1))"])
-        plain_speed(generator, prompts, search)  # the first full-size calls are slower (allocation): not counted
-        plain_before = plain_speed(generator, prompts, search)
+        plain_speed(generator, fresh, search)  # the first full-size calls are slower (allocation): not counted
+        plain_before = plain_speed(generator, fresh, search)
         for repeat in range(repeats):
             print(f"{backend}: MCTS over {len(problems)} problems, run {repeat + 1} of {repeats}", file=sys.stderr)
             result = run_rollouts(problems, search, generator=generator, executor=sandbox, checker=grader,
                                   pipeline_groups=stage.pipeline_groups)
             load = os.getloadavg()[0]
-            plain_after = plain_speed(generator, prompts, search)
+            plain_after = plain_speed(generator, fresh, search)
             stats = result.stats
             kinds = Counter(node.kind.value for tree in result.trees for node in tree.nodes)
             runs.append(SearchRun(backend, repeat + 1, stats.tokens_generated, stats.wall_seconds,

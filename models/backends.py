@@ -23,12 +23,19 @@ class BackendConfig:
     backend: str = field(default="hf", metadata={"help": "`hf` (in-process transformers) or `vllm` (managed OpenAI-compatible server)"})
     device: str = field(default="cpu", metadata={"help": "torch device for the `hf` backend"})
     batch_size: int = field(default=64, metadata={"help": "`hf`: sequences (prompt x sample) per forward batch"})
+    prefix_cache_mb: int = field(
+        default=256,
+        metadata={"help": "`hf`: memory for the key/value states of recent prompts, reused by prompts that extend "
+                  "them (a search's next step); 0 turns reuse off (vLLM has its own prefix caching)"},
+    )
     concurrency: int = field(default=64, metadata={"help": "`vllm`: requests in flight at once"})
     vllm_url: str | None = field(default=None, metadata={"help": "`vllm`: use this running server instead of starting one"})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
 
 
 @contextmanager
@@ -38,7 +45,8 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
     if config.backend == "hf":
         from models.generation import HFGenerator
 
-        yield HFGenerator(model, device=config.device, batch_size=config.batch_size, seed=seed)
+        yield HFGenerator(model, device=config.device, batch_size=config.batch_size, seed=seed,
+                          prefix_cache_mb=config.prefix_cache_mb)
         return
     from models.vllm_server import VLLMGenerator, VLLMServer
 

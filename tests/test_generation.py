@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.generation import HFGenerator
+from models.generation import HFGenerator, PrefixKVCache, _sample_tokens
 from models.tiny import ModelLoadError, build_tiny_model, default_corpus
 from search.steps import render_prompt
 
@@ -180,3 +180,114 @@ def test_sampling_leaves_the_global_torch_rng_alone(generator: HFGenerator) -> N
 def test_missing_model_directory_raises_model_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load model"):
         HFGenerator(tmp_path / "missing")
+
+
+def test_rows_left_after_the_longest_prompt_stops_decode_as_if_alone(generator: HFGenerator) -> None:
+    """The longest prompt's row finishes first: the padding columns only it needed leave the cache
+    with it, and the other rows' positions and masks must stay right."""
+    longest = max(range(len(PROMPTS)), key=lambda index: len(PROMPTS[index]))
+    full = [samples[0].text for samples in greedy(generator, PROMPTS, max_tokens=30)]
+    others = [text for index, text in enumerate(full) if index != longest]
+    stop = next(
+        piece
+        for start in range(2, len(full[longest]) - 3)
+        if (piece := full[longest][start : start + 3]).isprintable()
+        and full[longest].find(piece) == start
+        and not any(piece in text for text in others)
+    )
+    stopped = [samples[0].text for samples in greedy(generator, PROMPTS, stop=[stop], max_tokens=30)]
+    assert stopped[longest] == first_stop_cut(full[longest], stop)
+    assert [text for index, text in enumerate(stopped) if index != longest] == others
+
+
+# --- reusing the states of earlier prompts -----------------------------------------------------------
+
+STEP = "# add the numbers\nx = 2 + 2\n<end_of_step>\n"
+
+
+def prefill_lengths(generator: HFGenerator) -> list[int]:
+    """Record the number of new positions of every forward pass with more than one (the prefills)."""
+    lengths: list[int] = []
+    forward = generator.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            lengths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    generator.model.forward = recording
+    return lengths
+
+
+def test_a_prompt_extending_an_earlier_one_prefills_only_its_new_tokens(model_dir: Path) -> None:
+    generator = HFGenerator(model_dir)
+    greedy(generator, PROMPTS[:1], max_tokens=4)
+    earlier, extended = (generator.tokenizer(text)["input_ids"] for text in (PROMPTS[0], PROMPTS[0] + STEP))
+    assert extended[: len(earlier)] == earlier  # the step starts a new token
+    prefills = prefill_lengths(generator)
+    greedy(generator, [PROMPTS[0] + STEP], max_tokens=4)
+    # The cache holds all of the earlier prompt but its last token (which ran per row), so that
+    # token and the step's are what is left to prefill.
+    assert prefills == [len(extended) - len(earlier)]
+
+
+def test_a_repeated_prompt_is_not_prefilled_again(model_dir: Path) -> None:
+    generator = HFGenerator(model_dir)
+    greedy(generator, PROMPTS, max_tokens=4)
+    prefills = prefill_lengths(generator)
+    greedy(generator, PROMPTS, max_tokens=4)
+    assert prefills == []
+
+
+def test_reused_states_give_the_completions_of_a_fresh_prefill(model_dir: Path) -> None:
+    """Calls as a search makes them (prompts extending the previous call's, next to new ones, so the
+    rows reuse prefixes of different lengths in one batch) give what a generator without reuse gives."""
+    calls = [PROMPTS[:2], [PROMPTS[0] + STEP, PROMPTS[2], PROMPTS[1] + STEP], [PROMPTS[1] + STEP + STEP, *PROMPTS]]
+    reusing, fresh = HFGenerator(model_dir), HFGenerator(model_dir, prefix_cache_mb=0)
+    assert [greedy(reusing, prompts) for prompts in calls] == [greedy(fresh, prompts) for prompts in calls]
+    assert len(reusing.prefix_cache) > 0 and fresh.prefix_cache is None
+
+
+def test_prefix_cache_finds_the_longest_cached_prefix() -> None:
+    cache = PrefixKVCache(max_bytes=1 << 20)
+    cache.put([1, 2], [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))])
+    cache.put([1, 2, 3, 4], [(torch.ones(1, 4, 4), torch.ones(1, 4, 4))])
+    assert cache.longest_prefix([1, 2, 3, 4, 5])[0] == 4
+    assert cache.longest_prefix([1, 2, 3, 9])[0] == 2
+    assert cache.longest_prefix([2, 1]) == (0, None)
+
+
+def test_prefix_cache_evicts_the_least_recently_used_within_its_budget() -> None:
+    def states(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros(1, length, 16), torch.zeros(1, length, 16))]  # 128 bytes per position
+
+    cache = PrefixKVCache(max_bytes=3 * 128 * 4)
+    for first in (1, 2, 3):
+        cache.put([first, 0, 0, 0], states(4))
+    cache.longest_prefix([1, 0, 0, 0])  # used: now the most recent
+    cache.put([4, 0, 0, 0], states(4))
+    assert [cache.longest_prefix([first, 0, 0, 0])[0] for first in (1, 2, 3, 4)] == [4, 0, 4, 4]
+    assert cache.nbytes <= cache.max_bytes
+
+
+def test_prefix_cache_keeps_nothing_larger_than_its_budget() -> None:
+    cache = PrefixKVCache(max_bytes=64)
+    cache.put([1, 2, 3], [(torch.zeros(1, 3, 16), torch.zeros(1, 3, 16))])
+    assert (len(cache), cache.nbytes) == (0, 0)
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+
+def test_sampling_draws_tokens_at_their_probabilities() -> None:
+    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probabilities.log().expand(40_000, 4)
+    tokens = _sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=4) / len(tokens)
+    assert torch.allclose(frequencies, probabilities, atol=0.01)
+
+
+def test_sampling_never_draws_a_token_of_probability_zero() -> None:
+    logits = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")]).expand(20_000, 4)
+    tokens = _sample_tokens(logits, 0.7, torch.Generator().manual_seed(1))
+    assert set(tokens.tolist()) == {0, 2}
