@@ -41,14 +41,27 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, rng: torch.Generato
 
     Sampling inverts each row's cumulative distribution at one uniform draw (`torch.multinomial`
     took ~1 ms for 64 rows of a 919-token vocabulary on this CPU, a fifth of a decoding step;
-    this takes ~0.1 ms). The draw is scaled by the row's total so rounding cannot run past the last
-    token, and `right=True` never lands on a token of probability zero.
+    this takes ~0.1 ms).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    cumulative = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
-    draws = torch.rand(len(cumulative), 1, generator=rng, device=cumulative.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, draws, right=True).squeeze(-1).clamp(max=cumulative.shape[-1] - 1)
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    draws = torch.rand(len(probabilities), 1, generator=rng, device=probabilities.device)
+    return _invert_cdf(probabilities, draws.double())
+
+
+def _invert_cdf(probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """For each row, the token at which its cumulative distribution passes `draws` (in [0, 1)) x its total.
+
+    The sum runs in float64: in float32, a 150k-token vocabulary's running sum rounds away every
+    token below ~3e-8. Scaling by the row's own total keeps rounding from running past the last
+    token, and `right=True` never stops on a token of probability zero.
+    """
+    cumulative = probabilities.double().cumsum(dim=-1)
+    totals = cumulative[:, -1:]
+    if not bool(torch.isfinite(totals).all()) or bool((totals <= 0).any()):
+        raise ValueError("cannot sample: the logits have NaN or infinite values, or no token has any probability")
+    return torch.searchsorted(cumulative, draws * totals, right=True).squeeze(-1)
 
 
 class _AppendInPlaceLayer(DynamicLayer):
@@ -95,12 +108,13 @@ class _AppendInPlaceLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : self.length]
         self.values = self._value_buffer[:, :, : self.length]
 
-    def preload(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start from states computed earlier (batch, heads, positions, head_dim), with the reserve after them."""
+    def preload(self, keys: torch.Tensor, values: torch.Tensor, upcoming: int) -> None:
+        """Start from states computed earlier (batch, heads, positions, head_dim), with room for
+        `upcoming` positions (the prefill still to run) plus the reserve after them."""
         self.lazy_initialization(keys, values)
         self.length = 0
-        self._key_buffer = self._grown(None, keys, keys.shape[-2] + self.reserve)
-        self._value_buffer = self._grown(None, values, values.shape[-2] + self.reserve)
+        self._key_buffer = self._grown(None, keys, keys.shape[-2] + upcoming + self.reserve)
+        self._value_buffer = self._grown(None, values, values.shape[-2] + upcoming + self.reserve)
         self._key_buffer[:, :, : keys.shape[-2]] = keys
         self._value_buffer[:, :, : values.shape[-2]] = values
         self.length = keys.shape[-2]
@@ -174,8 +188,11 @@ class PrefixKVCache:
     before, token for token, plus one step (the step format's markers are special tokens, so the
     tokenizer splits at step boundaries the same way every time). Reusing those states leaves only
     the new step to prefill. Least recently used entries go first once `max_bytes` would be exceeded.
-    States depend on the batch they were computed in only up to float rounding, so a generator
-    replays exactly when it sees the same sequence of calls (as it must for seeded sampling anyway).
+    Reused states equal freshly computed ones up to float rounding (batch shapes differ): in
+    float32 completions came out identical in the tests; in bfloat16 (the GPU default) rounding can
+    change a later token, so a completion may depend on which prompts came before it. A generator
+    still replays exactly when it sees the same sequence of calls, as seeded sampling needs anyway;
+    `prefix_cache_mb=0` makes every call independent of the ones before.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -459,7 +476,7 @@ class HFGenerator:
                 if used > 0 and layers is not None:
                     keys[row, :, past - used :] = layers[index][0][:, :used]
                     values[row, :, past - used :] = layers[index][1][:, :used]
-            layer.preload(keys, values)
+            layer.preload(keys, values, upcoming=width - past)
 
     def _finished_rows(
         self,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.generation import HFGenerator, PrefixKVCache, _sample_tokens
+from models.generation import HFGenerator, PrefixKVCache, _invert_cdf, _sample_tokens
 from models.tiny import ModelLoadError, build_tiny_model, default_corpus
 from search.steps import render_prompt
 
@@ -200,6 +200,25 @@ def test_rows_left_after_the_longest_prompt_stops_decode_as_if_alone(generator: 
     assert [text for index, text in enumerate(stopped) if index != longest] == others
 
 
+def test_padding_only_the_longest_prompt_needed_leaves_with_its_row(model_dir: Path) -> None:
+    """Once the longest prompt's row has stopped, decoding steps attend over fewer positions."""
+    generator = HFGenerator(model_dir)
+    longest = max(range(len(PROMPTS)), key=lambda index: len(PROMPTS[index]))
+    text = greedy(generator, [PROMPTS[longest]], max_tokens=30)[0][0].text
+    stop = pick_stop(text, after=2)
+    widths: list[int] = []
+    forward = generator.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            widths.append(kwargs["attention_mask"].shape[1])
+        return forward(*args, **kwargs)
+
+    generator.model.forward = recording
+    greedy(generator, PROMPTS, stop=[stop], max_tokens=30)
+    assert any(later < earlier for earlier, later in zip(widths, widths[1:]))
+
+
 # --- reusing the states of earlier prompts -----------------------------------------------------------
 
 STEP = "# add the numbers\nx = 2 + 2\n<end_of_step>\n"
@@ -248,6 +267,15 @@ def test_reused_states_give_the_completions_of_a_fresh_prefill(model_dir: Path) 
     assert len(reusing.prefix_cache) > 0 and fresh.prefix_cache is None
 
 
+def test_reused_states_give_the_samples_of_a_fresh_prefill(model_dir: Path) -> None:
+    calls = [PROMPTS[:2], [PROMPTS[0] + STEP, PROMPTS[2], PROMPTS[1] + STEP]]
+
+    def sampled(generator: HFGenerator) -> list:
+        return [generator.generate(prompts, n=3, stop=[], temperature=0.8, max_tokens=12) for prompts in calls]
+
+    assert sampled(HFGenerator(model_dir, seed=5)) == sampled(HFGenerator(model_dir, seed=5, prefix_cache_mb=0))
+
+
 def test_prefix_cache_finds_the_longest_cached_prefix() -> None:
     cache = PrefixKVCache(max_bytes=1 << 20)
     cache.put([1, 2], [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))])
@@ -287,7 +315,29 @@ def test_sampling_draws_tokens_at_their_probabilities() -> None:
     assert torch.allclose(frequencies, probabilities, atol=0.01)
 
 
-def test_sampling_never_draws_a_token_of_probability_zero() -> None:
-    logits = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")]).expand(20_000, 4)
-    tokens = _sample_tokens(logits, 0.7, torch.Generator().manual_seed(1))
-    assert set(tokens.tolist()) == {0, 2}
+def test_inverting_the_cdf_skips_tokens_of_probability_zero() -> None:
+    """Draws at the very start, on a boundary, and just below the total land on tokens with mass."""
+    probabilities = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 3)
+    draws = torch.tensor([[0.0], [0.5], [1.0 - 1e-12]], dtype=torch.float64)
+    assert _invert_cdf(probabilities, draws).tolist() == [1, 3, 3]
+
+
+def test_inverting_the_cdf_scales_draws_by_the_row_total() -> None:
+    """Probabilities that sum to less than one (rounding) still reach the last token, never past it."""
+    probabilities = torch.tensor([[0.25, 0.25, 0.2]])
+    assert _invert_cdf(probabilities, torch.tensor([[0.9]], dtype=torch.float64)).tolist() == [2]
+
+
+def test_sampling_keeps_tokens_of_tiny_probability_in_a_large_vocabulary() -> None:
+    """In float32, a running sum over 150k tokens rounds away every token below ~3e-8."""
+    probabilities = torch.full((1, 150_001), 1e-9)
+    probabilities[0, 0] = 1 - 150_000 * 1e-9
+    first = probabilities[0, 0].double()
+    between_first_and_second = (first + 0.5e-9) / probabilities.double().sum()
+    assert _invert_cdf(probabilities, between_first_and_second.reshape(1, 1)).tolist() == [1]
+
+
+def test_sampling_rejects_non_finite_logits() -> None:
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="cannot sample"):
+        _sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
