@@ -59,7 +59,7 @@ def _invert_cdf(probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tenso
     """
     cumulative = probabilities.double().cumsum(dim=-1)
     totals = cumulative[:, -1:]
-    if not bool(torch.isfinite(totals).all()) or bool((totals <= 0).any()):
+    if not bool((torch.isfinite(totals) & (totals > 0)).all()):
         raise ValueError("cannot sample: the logits have NaN or infinite values, or no token has any probability")
     return torch.searchsorted(cumulative, draws * totals, right=True).squeeze(-1)
 
@@ -108,17 +108,21 @@ class _AppendInPlaceLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : self.length]
         self.values = self._value_buffer[:, :, : self.length]
 
-    def preload(self, keys: torch.Tensor, values: torch.Tensor, upcoming: int) -> None:
-        """Start from states computed earlier (batch, heads, positions, head_dim), with room for
-        `upcoming` positions (the prefill still to run) plus the reserve after them."""
-        self.lazy_initialization(keys, values)
+    def preload(self, like: torch.Tensor, batch: int, past: int, upcoming: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start with `past` zeroed positions for `batch` rows (dtype, device, heads and head_dim of
+        `like`: heads x positions x head_dim), and room for `upcoming` positions (the prefill still to
+        run) plus the reserve. Returns the keys and values of those positions, for the caller to fill."""
+        heads, _, head_dim = like.shape
+        empty = like.new_empty(batch, heads, 0, head_dim)
+        self.lazy_initialization(empty, empty)
         self.length = 0
-        self._key_buffer = self._grown(None, keys, keys.shape[-2] + upcoming + self.reserve)
-        self._value_buffer = self._grown(None, values, values.shape[-2] + upcoming + self.reserve)
-        self._key_buffer[:, :, : keys.shape[-2]] = keys
-        self._value_buffer[:, :, : values.shape[-2]] = values
-        self.length = keys.shape[-2]
+        self._key_buffer = self._grown(None, empty, past + upcoming + self.reserve)
+        self._value_buffer = self._grown(None, empty, past + upcoming + self.reserve)
+        self.length = past
         self._refresh_views()
+        self.keys.zero_()  # padding columns must hold finite values: attention multiplies them by 0
+        self.values.zero_()
+        return self.keys, self.values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
@@ -152,6 +156,12 @@ class _AppendInPlaceLayer(DynamicLayer):
         return selected
 
 
+def _appends_in_place(cache: DynamicCache) -> bool:
+    """Whether `_decoding_cache` could give every layer the in-place kind (prefix reuse and column
+    trimming need it; other layer kinds take the plain path)."""
+    return all(isinstance(layer, _AppendInPlaceLayer) for layer in cache.layers)
+
+
 def _decoding_cache(config: Any, reserve: int) -> DynamicCache:
     """A cache with room for `reserve` more positions per layer without copying (full-attention layers;
     a model with other layer kinds, e.g. sliding windows, keeps transformers' own layers)."""
@@ -177,7 +187,10 @@ def _prefix_hashes(tokens: Sequence[int]) -> list[int]:
 class _CachedPrefix:
     tokens: tuple[int, ...]
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape (heads, len, head_dim)
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(keys.nbytes + values.nbytes for keys, values in self.layers)
 
 
 class PrefixKVCache:
@@ -221,20 +234,16 @@ class PrefixKVCache:
         if not tokens:
             return
         key = (len(tokens), _prefix_hashes(tokens)[-1])
-        nbytes = sum(keys.nbytes + values.nbytes for keys, values in layers)
-        if nbytes > self.max_bytes:
+        entry = _CachedPrefix(tuple(tokens), layers)
+        if entry.nbytes > self.max_bytes:
             return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        while self.nbytes + nbytes > self.max_bytes:
+        while self.nbytes + entry.nbytes > self.max_bytes:
             self.nbytes -= self._entries.popitem(last=False)[1].nbytes
-        self._entries[key] = _CachedPrefix(tuple(tokens), layers, nbytes)
-        self.nbytes += nbytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
 
 
 @contextmanager
@@ -405,7 +414,7 @@ class HFGenerator:
         prompts may be among those that finished), so later steps attend over fewer positions.
         """
         attention_mask = attention_mask[kept]
-        if not all(isinstance(layer, _AppendInPlaceLayer) for layer in cache.layers):
+        if not _appends_in_place(cache):
             cache.batch_select_indices(kept)
             return attention_mask
         leading = int(attention_mask.argmax(dim=1).min())  # each row's first real column
@@ -428,9 +437,7 @@ class HFGenerator:
         copied from the cache (a context shorter than that is padding there).
         """
         width = input_ids.shape[1]
-        reusable = self.prefix_cache is not None and all(
-            isinstance(layer, _AppendInPlaceLayer) for layer in cache.layers
-        )
+        reusable = self.prefix_cache is not None and _appends_in_place(cache)
         hits = [self.prefix_cache.longest_prefix(ids) for ids in contexts] if reusable else [(0, None)] * len(contexts)
         window = max(len(ids) - length for ids, (length, _) in zip(contexts, hits, strict=True))
         past = width - window
@@ -468,15 +475,12 @@ class HFGenerator:
         """
         like = next(layers for _, layers in hits if layers is not None)
         for index, layer in enumerate(cache.layers):
-            heads, _, head_dim = like[index][0].shape
-            keys = like[index][0].new_zeros(len(contexts), heads, past, head_dim)
-            values = torch.zeros_like(keys)
+            keys, values = layer.preload(like[index][0], len(contexts), past, upcoming=width - past)
             for row, (ids, (_, layers)) in enumerate(zip(contexts, hits, strict=True)):
                 used = len(ids) - (width - past)
                 if used > 0 and layers is not None:
                     keys[row, :, past - used :] = layers[index][0][:, :used]
                     values[row, :, past - used :] = layers[index][1][:, :used]
-            layer.preload(keys, values, upcoming=width - past)
 
     def _finished_rows(
         self,

@@ -42,7 +42,6 @@ DEFAULT_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
 PYTHON_ENV_VAR = "KAIZEN_VLLM_PYTHON"
 
 
-
 def _wait_for_group_exit(pgid: int, *, timeout_s: float) -> None:
     """Wait until no live (non-zombie) process is left in process group `pgid`, or the timeout passes.
 

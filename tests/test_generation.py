@@ -49,6 +49,21 @@ def pick_stop(text: str, *, after: int) -> str:
     )
 
 
+def record_forwards(generator: HFGenerator, pick) -> list[int]:
+    """From now on, `pick(new positions, attention width)` of each forward pass, where it is not None."""
+    picked: list[int] = []
+    forward = generator.model.forward
+
+    def recording(*args, **kwargs):
+        value = pick(kwargs["input_ids"].shape[1], kwargs["attention_mask"].shape[1])
+        if value is not None:
+            picked.append(value)
+        return forward(*args, **kwargs)
+
+    generator.model.forward = recording
+    return picked
+
+
 def test_returns_n_completions_for_every_prompt(generator: HFGenerator) -> None:
     completions = generator.generate(PROMPTS, n=3, stop=[], temperature=1.0, max_tokens=5)
     assert [len(samples) for samples in completions] == [3, 3, 3]
@@ -206,15 +221,7 @@ def test_padding_only_the_longest_prompt_needed_leaves_with_its_row(model_dir: P
     longest = max(range(len(PROMPTS)), key=lambda index: len(PROMPTS[index]))
     text = greedy(generator, [PROMPTS[longest]], max_tokens=30)[0][0].text
     stop = pick_stop(text, after=2)
-    widths: list[int] = []
-    forward = generator.model.forward
-
-    def recording(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] == 1:
-            widths.append(kwargs["attention_mask"].shape[1])
-        return forward(*args, **kwargs)
-
-    generator.model.forward = recording
+    widths = record_forwards(generator, lambda new, width: width if new == 1 else None)  # decoding steps
     greedy(generator, PROMPTS, stop=[stop], max_tokens=30)
     assert any(later < earlier for earlier, later in zip(widths, widths[1:]))
 
@@ -226,16 +233,7 @@ STEP = "# add the numbers\nx = 2 + 2\n<end_of_step>\n"
 
 def prefill_lengths(generator: HFGenerator) -> list[int]:
     """Record the number of new positions of every forward pass with more than one (the prefills)."""
-    lengths: list[int] = []
-    forward = generator.model.forward
-
-    def recording(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 1:
-            lengths.append(kwargs["input_ids"].shape[1])
-        return forward(*args, **kwargs)
-
-    generator.model.forward = recording
-    return lengths
+    return record_forwards(generator, lambda new, width: new if new > 1 else None)
 
 
 def test_a_prompt_extending_an_earlier_one_prefills_only_its_new_tokens(model_dir: Path) -> None:
