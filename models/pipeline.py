@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -167,7 +168,7 @@ class Pipeline:
         return ProblemPools(Artifact.of(write_table(table, train_path, table="problems")))
 
     def select_problems(self, round_number: int, pool: Artifact) -> Artifact:
-        """This round's search problems: all of the pool, or `per_round` of them, never-solved first."""
+        """This round's search problems: all of the pool, or a seeded sample of `per_round`, never-solved first."""
         from data_store.problems import load_problems
 
         table = load_problems(pool.require("problem pool"))
@@ -178,9 +179,12 @@ class Pipeline:
             with connect(self.layout.home) as con:
                 never_solved = set(unsolved_problems(con, self.run, through_round=round_number - 1))
             ids = table.column("problem_id").to_pylist()
-            # Never-solved problems first, then the rest, each in pool order: deterministic.
-            order = sorted(range(len(ids)), key=lambda index: (ids[index] not in never_solved, index))
-            table = table.take(order[:per_round])
+            # A seeded shuffle before the stable sort: pools are often ordered (by level, subject or
+            # source), and the first rows of one are a biased sample of it.
+            order = list(range(len(ids)))
+            random.Random(f"{self.recipe.seed}/{round_number}").shuffle(order)
+            order.sort(key=lambda index: ids[index] not in never_solved)
+            table = table.take(sorted(order[:per_round]))
         out = self.layout.table_path(self.run, round_number, "problems", stage="problems")
         return Artifact.of(write_table(table, out, table="problems"))
 

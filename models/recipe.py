@@ -94,7 +94,7 @@ class ProblemSettings:
     limit: int | None = field(default=None, metadata={"help": "use only the first N problems of the source"})
     per_round: int | None = field(
         default=None,
-        metadata={"help": "problems searched per round, never-solved ones first; None: every problem every round"},
+        metadata={"help": "problems searched per round: a seeded sample, never-solved ones first; None: every problem every round"},
     )
     curriculum: CurriculumSettings = field(
         default_factory=CurriculumSettings, metadata={"help": "with source 'curriculum': its sizes"}

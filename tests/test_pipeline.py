@@ -57,6 +57,22 @@ def test_selection_puts_problems_no_round_solved_first(tmp_path: Path) -> None:
     assert first not in selected
 
 
+def selected_ids(pipeline: Pipeline, round_number: int) -> list[str]:
+    selected = pipeline.select_problems(round_number, pipeline.prepare_problems().train)
+    return load_problems(selected.path).column("problem_id").to_pylist()
+
+
+def test_selection_samples_across_a_pool_ordered_by_level(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"problems.curriculum.train": 50, "problems.per_round": 10})
+    levels = {problem_id.split("-")[1] for problem_id in selected_ids(pipeline, 1)}
+    assert len(levels) > 2
+
+
+def test_selection_is_the_same_when_a_round_is_rerun(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"problems.curriculum.train": 50, "problems.per_round": 10})
+    assert selected_ids(pipeline, 1) == selected_ids(pipeline, 1)
+
+
 def sft_table(layout: Layout, round_number: int, rows: int) -> Artifact:
     table = pa.Table.from_pylist([
         {"prompt": f"q{round_number}-{row}", "completion": "c", "run": "demo", "round": round_number,
