@@ -117,14 +117,18 @@ class Layout:
     def table_files(self, table: str) -> list[Path]:
         """Every finished file of `table`, across runs and rounds, in path order.
 
-        Only final names match: a writer's temporary file is hidden (leading dot) and does not end
-        in `.parquet`, so a reader never sees a file that is still being written.
+        A table with a default stage is read from that stage's directory only: another stage may
+        write a table of the same name for another purpose (`eval-sft` holds the evaluation of the
+        policy before RL, which the `eval` view must not mix with the round's own). Only final names
+        match: a writer's temporary file is hidden (leading dot) and does not end in `.parquet`, so
+        a reader never sees a file that is still being written.
         """
         check_name(table, "table")
         if table == "problems":
             return sorted((self.home / "problems").glob("*.parquet"))
         rounds = self.home / "runs"
-        files = set(rounds.glob(f"*/round-*/*/{table}.parquet")) | set(
-            rounds.glob(f"*/round-*/*/{table}-[0-9]*.parquet")
+        stage = TABLE_STAGES.get(table, "*")
+        files = set(rounds.glob(f"*/round-*/{stage}/{table}.parquet")) | set(
+            rounds.glob(f"*/round-*/{stage}/{table}-[0-9]*.parquet")
         )
         return sorted(path for path in files if not path.name.startswith("."))

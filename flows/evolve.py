@@ -75,6 +75,7 @@ def rollouts_flow(
     refresh: bool = False,
 ) -> list[Artifact]:
     """Every rollout shard of a round, each its own task (on Ray when the recipe says so)."""
+    pipeline.drop_stale_shards(round_number)
     shard_task = cached(rollout_task, pipeline, round_number, refresh=refresh)
     futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
                for shard in range(pipeline.recipe.search.shards)]
@@ -126,7 +127,7 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             if stop_after == "rl":
                 return None
         ppm = stage("ppm", ppm_task, pipeline, round_number,
-                    pipeline.history("pairs", round_number) + [mined.pairs], policy) or previous.ppm
+                    pipeline.history("pairs", round_number) + [mined.pairs], policy, previous.ppm) or previous.ppm
         if stop_after == "ppm":
             return None
     evaluation = stage("evaluate", evaluate_task, pipeline, round_number, policy, ppm)

@@ -277,6 +277,16 @@ class Pipeline:
                  stats.tokens_generated, stats.tokens_per_second)
         return Artifact.of(out)
 
+    def drop_stale_shards(self, round_number: int) -> None:
+        """Delete the round's nodes files of shards beyond the recipe's count (left by an earlier attempt with
+        more shards): the `nodes` view reads every file, and would count their trees as this round's."""
+        shards = self.recipe.search.shards
+        for path in self.layout.stage_dir(self.run, round_number, "rollout").glob("nodes-*.parquet"):
+            index = path.stem.rpartition("-")[2]
+            if index.isdigit() and int(index) >= shards:
+                log.info("round %d: removing %s, a shard this recipe no longer has", round_number, path.name)
+                path.unlink()
+
     # --- mining and training ----------------------------------------------------------------
 
     def mine(self, round_number: int, nodes: Sequence[Artifact], problems: Artifact) -> Mined:
@@ -366,8 +376,11 @@ class Pipeline:
         log.info("round %d RL: %d restart prompts -> %s", round_number, table.num_rows, checkpoint)
         return Artifact.of(checkpoint)
 
-    def train_ppm(self, round_number: int, tables: Sequence[Artifact], policy: Artifact) -> Artifact | None:
-        """The round's PPM, started from this round's policy; None when no round has produced pairs."""
+    def train_ppm(
+        self, round_number: int, tables: Sequence[Artifact], policy: Artifact, previous_ppm: Artifact | None = None
+    ) -> Artifact | None:
+        """The round's PPM, started from this round's policy (or, under `init_from: previous`, from the last
+        round's PPM); None when no round has produced pairs."""
         import pyarrow.parquet as pq
 
         from models.training import train_ppm
@@ -378,7 +391,8 @@ class Pipeline:
             return None
         checkpoint = train_ppm(
             [path for path in paths if pq.read_metadata(path).num_rows], self.layout.checkpoint_dir(self.run, round_number, "ppm"),
-            recipe=self.recipe.training, base_model=str(policy.require("policy checkpoint")), overwrite=True,
+            recipe=self.recipe.training, base_model=str(policy.require("policy checkpoint")),
+            previous_checkpoint=previous_ppm.require("previous PPM") if previous_ppm else None, overwrite=True,
         )
         _log_training("PPM", round_number, checkpoint)
         return Artifact.of(checkpoint)

@@ -58,6 +58,8 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_l
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the PPM tokenizer has no EOS token")
+    if not texts:  # tokenizers refuse an empty batch, and a reward batch may have nothing to score
+        return []
     encoded = []
     for ids in tokenizer(list(texts))["input_ids"]:
         if not ids or ids[-1] != eos_id:

@@ -231,6 +231,16 @@ def _coerce(where: str, config_field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+# Fields the TRL config has that Kaizen cannot honour, and why.
+UNSUPPORTED_KEYS: dict[str, dict[str, str]] = {
+    "ppm": {
+        key: "the PPM encodes its texts with its tokenizer's own EOS and pad tokens, the ones the scorer uses "
+        "(RewardTrainer would swap them after encoding)"
+        for key in ("eos_token", "pad_token")
+    },
+}
+
+
 def check_config_keys(kind: str, values: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
     """The values with known keys only (scalars coerced); TrainingInputError naming every unknown key."""
     where = where or f"training.{kind}"
@@ -238,6 +248,8 @@ def check_config_keys(kind: str, values: Mapping[str, Any], where: str | None = 
     unknown = sorted(set(values) - set(fields_by_name))
     if unknown:
         raise TrainingInputError(_unknown_keys_message(where, unknown, list(fields_by_name)))
+    for key in sorted(set(values) & set(UNSUPPORTED_KEYS.get(kind, {}))):
+        raise TrainingInputError(f"{where}.{key} is not supported: {UNSUPPORTED_KEYS[kind][key]}")
     return {key: _coerce(f"{where}.{key}", fields_by_name[key], value) for key, value in values.items()}
 
 
@@ -266,12 +278,14 @@ def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettin
     unknown = sorted(set(section) - set(KINDS))
     if unknown:
         raise TrainingInputError(_unknown_keys_message("training", unknown, KINDS))
+    # A full recipe's top-level step_format applies to every kind (models.recipe threads it the same way).
+    recipe_wide = {"step_format": source["step_format"]} if "training" in source and "step_format" in source else {}
     checked = {}
     for kind in KINDS:
         values = section.get(kind) or {}
         if not isinstance(values, Mapping):
             raise TrainingInputError(f"training.{kind} must be a mapping")
-        checked[kind] = check_config_keys(kind, values)
+        checked[kind] = check_config_keys(kind, {**recipe_wide, **values})
     return TrainingSettings(**checked)
 
 

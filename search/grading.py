@@ -50,6 +50,8 @@ from typing import Any, Literal
 from search.jsonl import JSONLError, iter_jsonl
 
 GradeStatus = Literal["ok", "no_answer", "checker_error", "timeout"]
+JUDGED_STATUSES: frozenset[str] = frozenset({"ok", "no_answer"})
+"""Statuses whose `equal` is a verdict on the answer; the others say the check itself failed."""
 
 DEFAULT_TIMEOUT_S = 5.0
 MAX_CHECKED_CHARS = 8000
@@ -162,8 +164,8 @@ def extract_answer(text: str) -> str | None:
     GSM8K `#### N`. A text with none of these markers that is a single line of at most
     `BARE_ANSWER_MAX_CHARS` characters (and no broken box) is a bare answer (`"42"`,
     `"$\\frac{1}{2}$"`) and is returned whole without its math delimiters, so
-    `grade("0.5", "\\frac12")` works; a longer or multi-line text without a marker is a
-    solution that never stated an answer (None).
+    `grade("0.5", "\\frac12")` works; a longer or multi-line text without a marker, or a
+    sentence (`_is_prose`), is a solution that never stated an answer (None).
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -175,9 +177,28 @@ def extract_answer(text: str) -> str | None:
     if gsm8k and gsm8k[-1].strip():
         return gsm8k[-1].strip()
     bare = text.strip()
-    if bare and "\n" not in bare and len(bare) <= BARE_ANSWER_MAX_CHARS and not _BOX_COMMAND_RE.search(bare):
+    if (
+        bare
+        and "\n" not in bare
+        and len(bare) <= BARE_ANSWER_MAX_CHARS
+        and not _BOX_COMMAND_RE.search(bare)
+        and not _is_prose(bare)
+    ):
         return _strip_delimiters(bare) or None
     return None
+
+
+_WORD_RE = re.compile(r"(?<![A-Za-z\\])[A-Za-z]{2,}(?![A-Za-z])")
+_ADJACENT_WORDS_RE = re.compile(r"(?<![A-Za-z\\])[A-Za-z]{2,}[ \t]+[A-Za-z]{2,}(?![A-Za-z])")
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+
+
+def _is_prose(text: str) -> bool:
+    """Whether a marker-less line is a sentence rather than an answer: three or more words, two of them
+    side by side, outside `\\text{}`-like wrappers ("10 square units" and "-(ab + ac + bc)" are answers;
+    "Each child gets 5 apples, not 6." is not, and math-verify would grade its last number)."""
+    plain = _LATEX_COMMAND_RE.sub(" ", _TEXT_WRAPPER_RE.sub(" ", text))
+    return len(_WORD_RE.findall(plain)) >= 3 and _ADJACENT_WORDS_RE.search(plain) is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,16 @@ best new child and ends when an expansion yields only terminal children. The tre
 `rollouts` rollouts or when nothing is left to expand.
 
 Rewards. An answer node gets +1 when it matches the reference and -1 otherwise (in test-time mode
-its PPM score instead). Like the official rStar code, nodes that cannot continue also get -1: an
-`error` node (its program failed in the sandbox, or the step is malformed) and a `depth_limit`
-node (a non-terminal step at the maximum depth). Every terminal reward is back-propagated to the
-root when the terminal node is created: `q += reward`, `N += 1` along the path, `Q = q / N`. In
-PPM-augmented modes a new non-terminal node starts at `q = PPM score`, `N = 1`, without
-propagating that to its ancestors.
+its PPM score instead), back-propagated to the root when the node is created: `q += reward`,
+`N += 1` along the path, `Q = q / N`. Nodes that cannot continue are dropped, as the official rStar
+code does with its structural failures: an `error` node (its program failed in the sandbox, or the
+step is malformed) and a `depth_limit` node (a non-final step at the maximum depth) get `Q = -1`
+for themselves (`q = -1`, `N = 1`) and change nothing above them, so a step's Q reflects only the
+answers reached through it, not how many broken continuations were sampled below it. So does an
+answer the grader could not judge (a timeout or a checker failure: `correct` is None), with no
+value at all. A final code step is never cut by the depth limit: only its answer can follow, one
+level deeper. In PPM-augmented modes a new non-terminal node starts at `q = PPM score`, `N = 1`,
+without propagating that to its ancestors.
 
 Step formats. In `rstar` a step is a code-augmented step (`search.steps`) and its program is the code
 of its whole path. In `coat` (Satori's chain-of-action-thought, `search.coat`) every step opens with
@@ -97,7 +101,10 @@ class MCTSConfig:
         default=5, metadata={"help": "candidate steps sampled per expansion, k (paper: 5 in round 1, 8 later)"}
     )
     rollouts: int = field(default=8, metadata={"help": "rollouts per problem (paper: 8 in round 1, 16 later)"})
-    max_depth: int = field(default=16, metadata={"help": "deepest step; a non-terminal step there becomes depth_limit"})
+    max_depth: int = field(
+        default=16,
+        metadata={"help": "deepest step; a non-final code step there becomes depth_limit (a final one may still answer)"},
+    )
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the policy"})
     max_step_tokens: int = field(default=1024, metadata={"help": "token cap for one generated step"})
     mode: SearchMode = field(
@@ -282,7 +289,7 @@ class Tree:
             seen.add(text.strip())
             parsed = self.parse(text, phase)
             program = step_program([*ancestors, *self._coat_steps([text])]) if parsed.code is not None else None
-            at_max_depth = depth >= self.config.max_depth
+            at_max_depth = depth >= self.config.max_depth and parsed.kind is not StepKind.FINAL_CODE
             candidates.append(Candidate(text, parsed, depth=depth, program=program, at_max_depth=at_max_depth))
         return candidates
 
@@ -329,20 +336,23 @@ class Tree:
         )
         self.nodes.append(child)
         parent.children.append(child)
-        if child.is_terminal:
-            self._backpropagate(child, self._terminal_reward(child))
+        if kind is NodeKind.ANSWER:
+            reward = self._answer_reward(child)
+            if reward is not None:
+                self._backpropagate(child, reward)
+        elif child.is_terminal:
+            child.visits, child.value_sum = 1, WRONG_REWARD
         elif child.ppm_score is not None:
             child.visits, child.value_sum = 1, child.ppm_score
         return child
 
-    def _terminal_reward(self, node: Node) -> float:
-        if node.kind is not NodeKind.ANSWER:
-            return WRONG_REWARD
+    def _answer_reward(self, node: Node) -> float | None:
+        """The reward an answer node backs up; None for an answer the grader could not judge."""
         if self.config.mode is SearchMode.TEST_TIME:
             assert node.ppm_score is not None
             return node.ppm_score
         if node.correct is None:
-            raise ValueError(f"answer node {node.node_id} of {self.problem_id!r} was not graded")
+            return None
         return CORRECT_REWARD if node.correct else WRONG_REWARD
 
     def _backpropagate(self, node: Node, reward: float) -> None:

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from search.grading import JUDGED_STATUSES
 from search.mcts import Candidate, MCTSConfig, Node, Tree
 from search.policy import Generator, StepScorer
 from search.steps import STOP_STRINGS, StepKind
@@ -58,6 +59,9 @@ class AnswerGrade(Protocol):
 
     @property
     def pred_answer(self) -> str | None: ...
+
+    @property
+    def status(self) -> str: ...
 
 
 class AnswerChecker(Protocol):
@@ -289,7 +293,9 @@ class _Driver:
             return
         grades = self.checker.grade_many([(c.parsed.answer_text or "", e.reference) for e, c in answers])
         for (_, candidate), grade in zip(answers, grades, strict=True):
-            candidate.correct, candidate.answer = bool(grade.equal), grade.pred_answer
+            # A timeout or checker failure says nothing about the answer: no reward rather than -1.
+            judged = grade.status in JUDGED_STATUSES
+            candidate.correct, candidate.answer = (bool(grade.equal) if judged else None), grade.pred_answer
 
     def _apply(self, batch: _PendingBatch) -> None:
         for evaluation in batch.evaluations:

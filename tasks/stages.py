@@ -142,8 +142,10 @@ def rl_task(pipeline: Pipeline, round_number: int, nodes: list[Artifact], proble
 
 
 @task(name="ppm", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
-def ppm_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], policy: Artifact) -> Artifact | None:
-    return pipeline.train_ppm(round_number, tables, policy)
+def ppm_task(
+    pipeline: Pipeline, round_number: int, tables: list[Artifact], policy: Artifact, previous_ppm: Artifact | None
+) -> Artifact | None:
+    return pipeline.train_ppm(round_number, tables, policy, previous_ppm)
 
 
 @task(name="evaluate", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)

@@ -213,6 +213,13 @@ def test_nodes_view_spans_runs_and_rounds(home_with_rounds: Path) -> None:
     assert counts == [("a", 1, 4), ("a", 2, 2), ("b", 1, 2)]
 
 
+def test_a_table_is_read_from_its_own_stage_only(home_with_rounds: Path) -> None:
+    layout = Layout(home_with_rounds)
+    nodes = pa.Table.from_pylist(nodes_rows("a", 1, "p3", True))
+    write_table(nodes, layout.table_path("a", 1, "nodes", stage="elsewhere"), table="nodes")
+    assert connect(home_with_rounds).sql("SELECT count(*) FROM nodes WHERE problem_id = 'p3'").fetchall() == [(0,)]
+
+
 def test_tables_without_files_are_empty_views_with_their_columns(home_with_rounds: Path) -> None:
     con = connect(home_with_rounds)
     assert con.sql("SELECT count(*) FROM pairs").fetchall() == [(0,)]

@@ -51,6 +51,8 @@ def grader() -> Iterator[Grader]:
         ("She pays 3 * 4 = 12 dollars.\n#### 1,234", "1,234"),
         ("42", "42"),
         ("$\\frac{1}{2}$", "\\frac{1}{2}"),
+        ("10 square units", "10 square units"),
+        ("-(ab + ac + bc)", "-(ab + ac + bc)"),
     ],
     ids=[
         "last-of-several-boxes",
@@ -65,6 +67,8 @@ def grader() -> Iterator[Grader]:
         "gsm8k-hashes",
         "bare-number",
         "bare-latex",
+        "bare-number-with-unit-words",
+        "bare-expression-with-two-letter-products",
     ],
 )
 def test_extract_answer_finds_the_final_answer(text: str, expected: str) -> None:
@@ -77,8 +81,9 @@ def test_extract_answer_finds_the_final_answer(text: str, expected: str) -> None
         "Let x be the number of apples.\nThen 3x = 12, so we still need to",
         "",
         "so the result is \\boxed{\\frac{1}{2",
+        "Each child gets 5 apples, not 6.",
     ],
-    ids=["solution-without-marker", "empty", "only-box-truncated"],
+    ids=["solution-without-marker", "empty", "only-box-truncated", "one-line-sentence"],
 )
 def test_extract_answer_is_none_without_an_answer(text: str) -> None:
     assert extract_answer(text) is None

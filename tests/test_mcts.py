@@ -51,14 +51,19 @@ def expand(
 
 def test_q_values_follow_hand_computed_backup() -> None:
     tree = make_tree()
-    step_a, error_1 = expand(tree, [STEP_A, STEP_B], failing=frozenset({STEP_B}))  # error: -1
-    final, error_2 = expand(tree, [FINAL, MALFORMED])  # malformed: -1
-    expand(tree, [RIGHT, WRONG, RIGHT_AGAIN])  # +1, -1, +1
-    # final: +1 -1 +1 = 1 over 3; step_a adds error_2: 1 - 1 = 0 over 4; root adds error_1: -1 over 5
-    assert (final.value_sum, final.visits) == (1.0, 3)
-    assert (step_a.value_sum, step_a.visits) == (0.0, 4)
-    assert (tree.root.value_sum, tree.root.visits) == (-1.0, 5)
-    assert (error_1.q_value, error_2.q_value, tree.root.q_value) == (-1.0, -1.0, -0.2)
+    step_a, _ = expand(tree, [STEP_A, STEP_B], failing=frozenset({STEP_B}))
+    final, _ = expand(tree, [FINAL, MALFORMED])
+    expand(tree, [RIGHT, WRONG, RIGHT_AGAIN])  # +1, -1, +1 up to the root
+    for node in (final, step_a, tree.root):
+        assert (node.value_sum, node.visits) == (1.0, 3)
+
+
+def test_error_nodes_get_minus_one_without_propagating() -> None:
+    tree = make_tree()
+    step_a, error_1 = expand(tree, [STEP_A, STEP_B], failing=frozenset({STEP_B}))
+    _, error_2 = expand(tree, [FINAL, MALFORMED])
+    assert [(node.kind, node.value_sum, node.visits) for node in (error_1, error_2)] == [(NodeKind.ERROR, -1.0, 1)] * 2
+    assert (step_a.visits, tree.root.visits) == (0, 0)
 
 
 def test_failed_program_or_malformed_step_becomes_error_node() -> None:
@@ -139,10 +144,17 @@ def test_fully_terminal_subtrees_are_skipped() -> None:
     assert chosen is not None and chosen.parent_id == loser.node_id
 
 
-def test_non_terminal_step_at_max_depth_becomes_depth_limit_with_reward_minus_one() -> None:
+def test_step_at_max_depth_becomes_depth_limit_with_minus_one_not_propagated() -> None:
     tree = make_tree(max_depth=1)
     [node] = expand(tree, [STEP_A])
-    assert (node.kind, node.q_value, tree.root.q_value) == (NodeKind.DEPTH_LIMIT, -1.0, -1.0)
+    assert (node.kind, node.q_value, tree.root.visits) == (NodeKind.DEPTH_LIMIT, -1.0, 0)
+
+
+def test_final_code_step_at_max_depth_may_still_answer() -> None:
+    tree = make_tree(max_depth=1)
+    [final] = expand(tree, [FINAL])
+    [answer] = expand(tree, [RIGHT])
+    assert (final.kind, answer.kind, answer.depth, tree.root.q_value) == (NodeKind.STEP, NodeKind.ANSWER, 2, 1.0)
 
 
 def test_ppm_initialises_new_step_nodes_without_propagating() -> None:

@@ -57,6 +57,33 @@ def test_selection_puts_problems_no_round_solved_first(tmp_path: Path) -> None:
     assert first not in selected
 
 
+def test_shards_beyond_the_recipes_count_are_dropped(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"search.shards": 2})
+    shard = {index: pipeline.layout.table_path("demo", 1, "nodes", shard=index) for index in range(3)}
+    for path in shard.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    pipeline.drop_stale_shards(1)
+    assert [path.exists() for path in shard.values()] == [True, True, False]
+
+
+def test_ppm_under_init_from_previous_is_given_the_last_rounds_ppm(tmp_path: Path, monkeypatch) -> None:
+    import models.training
+
+    pipeline = curriculum_pipeline(tmp_path, **{"training.ppm.init_from": "previous"})
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b", "run": "demo", "round": 2, "problem_id": "p",
+            "pair_kind": "step", "node_id": 0, "chosen_id": 1, "rejected_id": 2, "q_chosen": 1.0,
+            "q_rejected": -1.0, "margin": 2.0}
+    pairs = write_table(pa.Table.from_pylist([pair]), pipeline.layout.table_path("demo", 2, "pairs"), table="pairs")
+    calls = []
+    (tmp_path / models.training.PROVENANCE_FILE).write_text("{}")
+    monkeypatch.setattr(models.training, "train_ppm", lambda *args, **kwargs: calls.append(kwargs) or tmp_path)
+    previous = tmp_path / "round-1-ppm"
+    previous.mkdir()
+    pipeline.train_ppm(2, [Artifact.of(pairs)], Artifact.of(tmp_path), Artifact.of(previous))
+    assert calls[0]["previous_checkpoint"] == previous
+
+
 def selected_ids(pipeline: Pipeline, round_number: int) -> list[str]:
     selected = pipeline.select_problems(round_number, pipeline.prepare_problems().train)
     return load_problems(selected.path).column("problem_id").to_pylist()

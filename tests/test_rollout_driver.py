@@ -93,6 +93,7 @@ class InProcessExecutor:
 class ToyGrade:
     equal: bool
     pred_answer: str | None
+    status: str = "ok"
 
 
 class BoxedChecker:
@@ -104,6 +105,13 @@ class BoxedChecker:
         boxed = [re.search(r"\\boxed\{([^}]*)\}", text) for text, _ in pairs]
         answers = [match.group(1) if match else None for match in boxed]
         return [ToyGrade(answer == gold, answer) for answer, (_, gold) in zip(answers, pairs, strict=True)]
+
+
+class TimingOutChecker:
+    """A grader whose every check times out (its `equal` is False, as the real grader reports it)."""
+
+    def grade_many(self, pairs: Sequence[tuple[str, str]]) -> list[ToyGrade]:
+        return [ToyGrade(False, None, "timeout") for _ in pairs]
 
 
 class StepPreferringScorer:
@@ -172,6 +180,13 @@ def test_search_records_wrong_answers_and_failed_programs() -> None:
     assert outcomes == {(NodeKind.ANSWER, True): 1, (NodeKind.ANSWER, False): 3, (NodeKind.ERROR, None): 2}
 
 
+def test_answers_the_grader_could_not_judge_are_neither_right_nor_wrong() -> None:
+    [tree] = search(toy_problems(1), MCTSConfig(width=3, rollouts=4), checker=TimingOutChecker()).trees
+    answers = [node for node in tree.nodes if node.kind is NodeKind.ANSWER]
+    assert answers and {(node.correct, node.visits) for node in answers} == {(None, 0)}
+    assert tree.root.visits == 0
+
+
 def test_same_seeds_replay_exactly() -> None:
     def rows() -> list[dict[str, object]]:
         config = MCTSConfig(width=2, rollouts=3, seed=7)
@@ -208,10 +223,13 @@ def test_problem_without_reference_is_refused_by_name() -> None:
 # -- the nodes table --------------------------------------------------------------------------------
 
 
-def ppm_initialisation(row: dict[str, Any]) -> tuple[int, float]:
-    """The visit and value a PPM-initialised step node holds on its own (not from its subtree)."""
+def own_value(row: dict[str, Any]) -> tuple[int, float]:
+    """The visit and value a node holds on its own, not backed up through it: a PPM-initialised step's
+    score, or the -1 of a node that cannot continue."""
     if row["kind"] == "step" and row["ppm_score"] is not None:
         return 1, row["ppm_score"]
+    if row["kind"] in ("error", "depth_limit"):
+        return 1, -1.0
     return 0, 0.0
 
 
@@ -230,11 +248,11 @@ def check_tree_invariants(rows: list[dict[str, Any]]) -> None:
         if not kids:
             continue
         # Every back-propagated visit of a parent came through exactly one child.
-        own_visits, own_value = ppm_initialisation(row)
-        kids_own_visits = sum(ppm_initialisation(kid)[0] for kid in kids)
-        kids_own_value = sum(ppm_initialisation(kid)[1] for kid in kids)
-        assert row["visits"] - own_visits == sum(kid["visits"] for kid in kids) - kids_own_visits
-        value = row["q_value"] * row["visits"] - own_value
+        row_visits, row_value = own_value(row)
+        kids_own_visits = sum(own_value(kid)[0] for kid in kids)
+        kids_own_value = sum(own_value(kid)[1] for kid in kids)
+        assert row["visits"] - row_visits == sum(kid["visits"] for kid in kids) - kids_own_visits
+        value = row["q_value"] * row["visits"] - row_value
         kids_value = sum(kid["q_value"] * kid["visits"] for kid in kids) - kids_own_value
         assert value == pytest.approx(kids_value)
 

@@ -150,6 +150,16 @@ def test_config_values_outside_their_choices_are_rejected() -> None:
         load_training_config({"sft": {"init_from": "last"}})
 
 
+def test_ppm_refuses_a_different_eos_or_pad_token() -> None:
+    with pytest.raises(TrainingInputError, match="training.ppm.eos_token is not supported"):
+        load_training_config({"ppm": {"eos_token": "<end_of_answer>"}})
+
+
+def test_a_full_recipes_step_format_reaches_every_kind() -> None:
+    settings = load_training_config({"step_format": "coat", "training": {"sft": {}, "rl": {"step_format": "coat"}}})
+    assert [settings.for_kind(kind)["step_format"] for kind in ("sft", "ppm", "rl")] == ["coat"] * 3
+
+
 # --- bad input fails before training -----------------------------------------------------------
 
 
@@ -235,6 +245,12 @@ def test_encoding_appends_eos_and_cuts_the_start(tiny_model: Path) -> None:
     cut = encode_texts(tokenizer, [text], max_length=5)[0]
     assert full[-1] == tokenizer.eos_token_id
     assert cut == full[-5:]
+
+
+def test_encoding_nothing_gives_nothing(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    assert encode_texts(AutoTokenizer.from_pretrained(tiny_model), [], max_length=16) == []
 
 
 @pytest.mark.parametrize("head", ["causal_lm", "classifier"])
