@@ -47,18 +47,17 @@ class HomeError(ValueError):
     """The configured home directory or a name inside it is not acceptable."""
 
 
-def get_home() -> Path:
-    """The data home: `$KAIZEN_HOME` if set, else `./kaizen_home`; refused inside the code tree."""
-    configured = os.environ.get(HOME_ENV)
+def get_home(explicit: str | Path | None = None) -> Path:
+    """The data home: `explicit` (a `--home` option) if given, else `$KAIZEN_HOME` if set, else
+    `./kaizen_home`; refused inside the code tree, however it was chosen."""
+    configured = explicit or os.environ.get(HOME_ENV)
     home = Path(configured).expanduser() if configured else Path.cwd() / DEFAULT_HOME_NAME
     home = home.resolve()
     for code_dir in (CODE_ROOT / name for name in CODE_DIRS):
         if home == code_dir or code_dir in home.parents:
-            raise HomeError(
-                f"data home {home} is inside the code tree ({code_dir}); set {HOME_ENV} to a directory outside it"
-            )
+            raise HomeError(f"data home {home} is inside the code tree ({code_dir}); choose a directory outside it")
     if home == CODE_ROOT:
-        raise HomeError(f"data home {home} is the code tree itself; set {HOME_ENV} to a directory outside it")
+        raise HomeError(f"data home {home} is the code tree itself; choose a directory outside it")
     return home
 
 

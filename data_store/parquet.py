@@ -109,3 +109,15 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], *, older_than_s:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def check_output_directory(path: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that a command can create or write into the directory `path` (nothing is
+    created: a failed run leaves no trace); ValueError in one line when a file is in the way."""
+    directory = Path(path)
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(f"output directory {directory} cannot be created: {candidate} is a file")
+            break
+    return directory

@@ -142,6 +142,15 @@ def _normalised_metadata(value: Any) -> dict[str, Any]:
     return {"metadata": value}
 
 
+def check_field_mapping(fields: Mapping[str, str]) -> None:
+    """ProblemsError naming every key of a `{our column: source column}` mapping that is not one of ours."""
+    unknown = set(fields) - set(DEFAULT_FIELDS)
+    if unknown:
+        raise ProblemsError(
+            f"unknown field mapping key(s) {', '.join(sorted(unknown))}; use {', '.join(DEFAULT_FIELDS)}"
+        )
+
+
 def _problems_table(
     rows: Iterable[tuple[str, dict[str, Any]]],
     *,
@@ -151,11 +160,7 @@ def _problems_table(
     limit: int | None,
     origin: str,
 ) -> pa.Table:
-    unknown = set(fields) - set(DEFAULT_FIELDS)
-    if unknown:
-        raise ProblemsError(
-            f"unknown field mapping key(s) {', '.join(sorted(unknown))}; use {', '.join(DEFAULT_FIELDS)}"
-        )
+    check_field_mapping(fields)
     seen: dict[str, tuple[str, str | None]] = {}
     columns: dict[str, list[str | None]] = {
         name: [] for name in ("problem_id", "problem", "answer", "source", "metadata")

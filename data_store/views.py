@@ -54,7 +54,7 @@ def connect(home: str | Path | None = None, *, database: str = ":memory:") -> du
     import duckdb  # noqa: PLC0415 - keep importing the package cheap
 
     con = duckdb.connect(database)
-    create_views(con, Layout(Path(home) if home is not None else get_home()))
+    create_views(con, Layout(get_home(home)))
     return con
 
 

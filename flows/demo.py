@@ -63,7 +63,7 @@ def cli_demo(argv: list[str]) -> int:
 
     overrides = {"seed": args.seed} if args.seed is not None else None
     recipe = load_recipe(args.recipe, overrides)
-    home = (args.home or get_home()).resolve()
+    home = get_home(args.home)
     _quiet_prefect()
     started = time.monotonic()
     state = evolve_flow(args.recipe, 0, args.rounds, str(home), overrides, return_state=True)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -47,7 +47,6 @@ from tasks.stages import (
 )
 
 ROUND0_STAGES = ("problems", "bootstrap", "evaluate")
-STALE_FILE = "STALE"
 
 
 class GateFailed(RuntimeError):
@@ -56,7 +55,7 @@ class GateFailed(RuntimeError):
 
 def open_pipeline(recipe: str | Recipe, home: str | None = None, overrides: dict[str, Any] | None = None) -> Pipeline:
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    return Pipeline(loaded, Layout(Path(home).resolve() if home else get_home()))
+    return Pipeline(loaded, Layout(get_home(home)))
 
 
 def _task_runner(pipeline: Pipeline) -> Any:
@@ -142,7 +141,6 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     record = RoundRecord(round_number, policy, ppm, evaluation.metrics, stats, decision.passed, list(decision.reasons))
     pipeline.record_round(record, started_at)
     pipeline.promote(record)
-    (pipeline.layout.round_dir(pipeline.run, round_number) / STALE_FILE).unlink(missing_ok=True)
     _publish(pipeline, record, evaluation)
     verdict = "passed" if decision.passed else "FAILED"
     logger.info("round %d gate %s: %s", round_number, verdict, "; ".join(decision.reasons))
@@ -195,14 +193,10 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
                overrides: dict[str, Any] | None = None) -> list[str]:
     """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
     pipeline = open_pipeline(recipe, home, overrides)
-    pipeline_stages = tuple(s for s in STAGES if s != "bootstrap" and (s != "rl" or pipeline.recipe.rl.enabled))
-    order = ROUND0_STAGES if round_number == 0 else pipeline_stages
-    if stage not in order:
-        raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
+    order = _check_stage(pipeline, stage, round_number)
     _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
     stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
-    marker = pipeline.layout.round_dir(pipeline.run, round_number) / STALE_FILE
-    marker.write_text(json.dumps({"rerun": stage, "stale": stale}) + "\n", encoding="utf-8")
+    pipeline.mark_stale(round_number, stage, stale)
     return stale
 
 
@@ -212,15 +206,43 @@ def evaluate_flow(
     limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0, step_format: str = "rstar",
 ) -> list[dict[str, Any]]:
     """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given."""
-    from models.backends import BackendConfig
-    from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
+    from models.evaluation import evaluate, write_eval
 
-    config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend),
-                        step_format=step_format)
-    report = evaluate(model, [load_benchmark(spec, limit=limit) for spec in benchmarks], config, ppm=ppm)
+    config, loaded = _evaluation_inputs(benchmarks, modes, limit, backend, seed, step_format)
+    report = evaluate(model, loaded, config, ppm=ppm)
     if out:
         write_eval(report, out)
     return [row if isinstance(row, dict) else vars(row) for row in report.summary]
+
+
+def _evaluation_inputs(
+    benchmarks: list[str], modes: list[str] | None, limit: int | None, backend: str, seed: int, step_format: str
+) -> tuple[Any, list[Any]]:
+    """The evaluation's config and loaded benchmarks; EvalInputError on a bad mode or benchmark."""
+    from models.backends import BackendConfig
+    from models.evaluation import EvalConfig, load_benchmark
+
+    config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend),
+                        step_format=step_format)
+    return config, [load_benchmark(spec, limit=limit) for spec in benchmarks]
+
+
+def _check_round(pipeline: Pipeline, round_number: int) -> None:
+    """A round can run: its number is valid and (after round 0) it has a promoted, up-to-date predecessor."""
+    if round_number < 0:
+        raise ValueError(f"round must be >= 0, got {round_number}")
+    if round_number > 0:
+        pipeline.starting_point(round_number)
+
+
+def _check_stage(pipeline: Pipeline, stage: str, round_number: int) -> tuple[str, ...]:
+    """The stages of the round, after checking that `stage` is one of them and the round can run."""
+    pipeline_stages = tuple(s for s in STAGES if s != "bootstrap" and (s != "rl" or pipeline.recipe.rl.enabled))
+    order = ROUND0_STAGES if round_number == 0 else pipeline_stages
+    if stage not in order:
+        raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
+    _check_round(pipeline, round_number)
+    return order
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -257,9 +279,12 @@ def _quiet_prefect() -> None:
 def _parse_rounds(text: str) -> tuple[int | None, int]:
     start, _, end = text.partition(":")
     try:
-        return (int(start) if start else None), int(end or start)
+        first, last = (int(start) if start else None), int(end or start)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--rounds must look like START:END or END, got {text!r}") from None
+    if first is not None and not 0 <= first <= last:
+        raise argparse.ArgumentTypeError(f"--rounds START:END needs 0 <= START <= END, got {text!r}")
+    return first, last
 
 
 def cli_run(argv: list[str]) -> int:
@@ -270,8 +295,14 @@ def cli_run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides = _checked(args)
     start, end = args.rounds
+    pipeline = open_pipeline(args.recipe, args.home, overrides)
+    first = pipeline.next_round() if start is None else start
+    if first > end:
+        print(f"nothing to run: rounds up to {end} of run {pipeline.run!r} are already promoted")
+        return 0
+    _check_round(pipeline, first)
     state = evolve_flow(args.recipe, start, end, args.home, overrides, return_state=True)
-    return _report_state(state)
+    return _report_state(state, parser.prog)
 
 
 def cli_round(argv: list[str]) -> int:
@@ -281,7 +312,10 @@ def cli_round(argv: list[str]) -> int:
                         help="round number (default: the one after the promoted round)")
     args = parser.parse_args(argv)
     overrides = _checked(args)
-    return _report_state(round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True))
+    pipeline = open_pipeline(args.recipe, args.home, overrides)
+    _check_round(pipeline, pipeline.next_round() if args.round_number is None else args.round_number)
+    state = round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True)
+    return _report_state(state, parser.prog)
 
 
 def cli_stage(argv: list[str]) -> int:
@@ -291,12 +325,16 @@ def cli_stage(argv: list[str]) -> int:
     parser.add_argument("--round", dest="round_number", type=int, required=True)
     args = parser.parse_args(argv)
     overrides = _checked(args)
+    _check_stage(open_pipeline(args.recipe, args.home, overrides), args.stage, args.round_number)
     state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
     if state.is_completed():
         stale = state.result()
+        again = ["kaizen", "round", "--recipe", args.recipe, "--round", str(args.round_number)]
+        again += ["--home", args.home] if args.home else []
+        again += [word for key, value in args.overrides for word in ("--set", f"{key}={value}")]
         print(f"re-ran {args.stage} of round {args.round_number}; now stale: {', '.join(stale)} "
-              f"(kaizen round --recipe {args.recipe} --round {args.round_number} brings them up to date)")
-    return _report_state(state)
+              f"({shlex.join(again)} brings them up to date)")
+    return _report_state(state, parser.prog)
 
 
 def cli_evaluate(argv: list[str]) -> int:
@@ -312,21 +350,27 @@ def cli_evaluate(argv: list[str]) -> int:
                         help="the policy's step format (coat: chain-of-action-thought)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    from data_store.parquet import check_output_directory
+
+    _evaluation_inputs(args.benchmarks, args.modes, args.limit, args.backend, args.seed, args.step_format)
+    if args.out:
+        check_output_directory(args.out)
     _quiet_prefect()
     state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
                           args.seed, args.step_format, return_state=True)
     if state.is_completed():
         for row in state.result():
             print(json.dumps(row))
-    return _report_state(state)
+    return _report_state(state, parser.prog)
 
 
-def _report_state(state: Any) -> int:
+def _report_state(state: Any, prog: str) -> int:
     """0 for a completed flow run; otherwise one line with the failure's message."""
     if state.is_completed():
         return 0
     try:
         state.result()
     except BaseException as err:  # noqa: BLE001 - the flow's own exception, reported in one line
-        print(f"kaizen: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
     return 1

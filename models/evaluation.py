@@ -432,6 +432,7 @@ def cli_eval(argv: list[str]) -> int:
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
 
+    from data_store.parquet import check_output_directory
     from models.tiny import ModelLoadError
 
     def fail(message: str, code: int) -> int:
@@ -448,6 +449,7 @@ def cli_eval(argv: list[str]) -> int:
         if args.ppm is None and (needing := [mode.name for mode in parse_modes(config.modes) if mode.needs_ppm]):
             raise EvalInputError(f"mode(s) {', '.join(needing)} need a PPM checkpoint (--ppm)")
         benchmarks = [load_benchmark(spec, limit=args.limit) for spec in args.benchmarks]
+        check_output_directory(args.out)
     except ValueError as err:
         return fail(str(err), 2)
     started = time.perf_counter()

@@ -37,6 +37,8 @@ from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 # and hashing tens of gigabytes of weights for every cache key would cost minutes.
 _CONTENT_HASH_LIMIT = 64 * 2**20
 PROMOTED_FILE = "promoted.json"
+STALE_FILE = "STALE"
+"""Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
 LOGGER_NAME = "kaizen.pipeline"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -191,21 +193,29 @@ class Pipeline:
     # --- round 0 ----------------------------------------------------------------------------
 
     def base_model(self) -> str:
-        """The base model's directory or hub name; a recipe's 'tiny' base is built once per run."""
+        """The base model's directory or hub name; a recipe's 'tiny' base is built once per shape and seed.
+
+        The directory is named after what the model is built from, so a run whose recipe changes the
+        tiny model's shape or the seed gets a new base instead of silently reusing the old one.
+        """
         if self.recipe.model.base != TINY:
             return self.recipe.model.base
         from dataclasses import replace
 
         from models.tiny import build_tiny_model
 
-        out = self.layout.checkpoint_dir(self.run, 0, "base")
+        config = replace(self.recipe.model.tiny, seed=self.recipe.seed)
+        from_curriculum = self.recipe.problems.source == CURRICULUM
+        recipe_of_base = json.dumps({"tiny": asdict(config), "curriculum_corpus": from_curriculum}, sort_keys=True)
+        digest = hashlib.sha256(recipe_of_base.encode()).hexdigest()[:12]
+        out = self.layout.checkpoint_dir(self.run, 0, f"base-{digest}")
         if not out.exists():
             corpus = None
-            if self.recipe.problems.source == CURRICULUM:
+            if from_curriculum:
                 from data_store.curriculum import curriculum_corpus
 
                 corpus = curriculum_corpus(seed=self.recipe.seed)
-            build_tiny_model(out, corpus=corpus, config=replace(self.recipe.model.tiny, seed=self.recipe.seed))
+            build_tiny_model(out, corpus=corpus, config=config)
         return str(out)
 
     def bootstrap(self) -> Artifact:
@@ -451,8 +461,24 @@ class Pipeline:
         promoted = sorted(run_dir.glob(f"round-*/{PROMOTED_FILE}")) if run_dir.exists() else []
         return self.promotion(int(promoted[-1].parent.name.removeprefix("round-"))) if promoted else None
 
+    def mark_stale(self, round_number: int, rerun: str, stale: Sequence[str]) -> None:
+        """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run again."""
+        path = self.layout.round_dir(self.run, round_number) / STALE_FILE
+        path.write_text(json.dumps({"rerun": rerun, "stale": list(stale)}) + "\n", encoding="utf-8")
+
+    def stale_since(self, round_number: int) -> str | None:
+        """The stage re-run in a round since its gate, or None when the round's promotion is up to date."""
+        path = self.layout.round_dir(self.run, round_number) / STALE_FILE
+        return json.loads(path.read_text(encoding="utf-8"))["rerun"] if path.exists() else None
+
     def starting_point(self, round_number: int) -> Current:
-        """What round `round_number` (>= 1) starts from: round `round_number - 1`, which must be promoted."""
+        """What round `round_number` (>= 1) starts from: round `round_number - 1`, promoted and up to date."""
+        rerun = self.stale_since(round_number - 1)
+        if rerun is not None:
+            raise MissingInputError(
+                f"round {round_number - 1} of run {self.run!r} had its {rerun} stage re-run after its gate; run "
+                f"round {round_number - 1} again so its later stages and gate see the new {rerun} output"
+            )
         start = self.promotion(round_number - 1)
         if start is None:
             current = self.current()
@@ -464,8 +490,11 @@ class Pipeline:
         return start
 
     def next_round(self) -> int:
+        """The round to run next: the one after the latest promoted round, or that round itself while it is stale."""
         current = self.current()
-        return 0 if current is None else current.round + 1
+        if current is None:
+            return 0
+        return current.round if self.stale_since(current.round) else current.round + 1
 
     def record_round(self, record: RoundRecord, started_at: datetime) -> Artifact:
         """Write the round's row of the `rounds` table."""
@@ -482,7 +511,9 @@ class Pipeline:
         return Artifact.of(write_table(pa.Table.from_pylist([row]), out, table="rounds"))
 
     def promote(self, record: RoundRecord) -> Artifact | None:
-        """After a passed gate, make the round's checkpoints current; after a failed one, withdraw them."""
+        """After a passed gate, make the round's checkpoints current; after a failed one, withdraw them.
+        Either way the round is judged on its current outputs, so it is no longer stale."""
+        (self.layout.round_dir(self.run, record.round) / STALE_FILE).unlink(missing_ok=True)
         path = self.layout.round_dir(self.run, record.round) / PROMOTED_FILE
         if not record.gate_passed:
             path.unlink(missing_ok=True)  # a re-run that now fails its gate must not stay current

@@ -409,6 +409,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
     """Rules that span fields or need another component's knowledge."""
     from data_store.home import HomeError, check_name
+    from data_store.problems import ProblemsError, check_field_mapping
 
     def fail(where: str, message: str) -> None:
         raise RecipeError(f"{source}: {where}: {message}")
@@ -431,6 +432,10 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
             fail(where, "mode and seed are set per round")
     if recipe.search.shards < 1:
         fail("search.shards", f"must be >= 1, got {recipe.search.shards}")
+    try:
+        check_field_mapping(recipe.problems.fields)
+    except ProblemsError as err:
+        fail("problems.fields", str(err))
     if recipe.problems.source == "" or recipe.model.base == "":
         fail("problems.source" if not recipe.problems.source else "model.base", "required")
     if recipe.bootstrap.teacher not in (None, CURRICULUM):

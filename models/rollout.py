@@ -88,9 +88,13 @@ def rollout_stage(
     import pyarrow as pa
 
     from data_store.parquet import write_table
+    from data_store.schema import NODES
 
+    if not problems:  # a shard can be empty when a round has fewer problems than shards
+        write_table(NODES.empty_table(), out, table="nodes")
+        return RolloutStats()
     result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
-    write_table(pa.Table.from_pylist(result.node_rows(run, round_number)), out, table="nodes")
+    write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
     return result.stats
 
 
@@ -137,8 +141,13 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
 
+    from data_store.parquet import check_output_directory
     from data_store.problems import load_problems
 
+    try:
+        out = check_output_directory(args.out) / "nodes.parquet"
+    except ValueError as err:
+        parser.error(str(err))
     problems = search_problems(load_problems(args.problems, limit=args.limit, require_answer=True))
     mcts = MCTSConfig(
         rollouts=args.rollouts,
@@ -151,7 +160,6 @@ def cli_rollout(argv: list[str]) -> int:
         step_format=args.step_format,
     )
     config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend))
-    out = Path(args.out) / "nodes.parquet"
     update, close = tqdm_progress("rollouts")
     try:
         stats = rollout_stage(

@@ -265,7 +265,12 @@ def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettin
     if isinstance(source, (str, Path)):
         import yaml
 
-        path = Path(source)
+        from models.recipe import RecipeError, resolve_recipe_path  # models.recipe builds on this module
+
+        try:
+            path = resolve_recipe_path(source)  # a YAML path, or a bundled recipe's name
+        except RecipeError as err:
+            raise TrainingInputError(str(err)) from None
         try:
             source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables; rl: GRPO on `rl_prompts` tables")
     parser.add_argument("--tables", nargs="+", type=Path, required=True, help="Parquet tables (all verified data so far)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
-    parser.add_argument("--recipe", type=Path, default=None, help="recipe YAML with a `training` section")
+    parser.add_argument("--recipe", default=None,
+                        help="recipe name (deployments/recipes) or YAML path; its `training` section is used")
     parser.add_argument("--base-model", default=None, help="model to start from (default: the recipe's); for ppm, "
                         "this round's SFT checkpoint")
     parser.add_argument("--previous", type=Path, default=None,

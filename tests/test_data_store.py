@@ -14,7 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_store.home import CODE_ROOT, HOME_ENV, HomeError, Layout, get_home
-from data_store.parquet import ParquetStreamWriter, remove_stale_temporaries, write_table
+from data_store.parquet import (
+    ParquetStreamWriter,
+    check_output_directory,
+    remove_stale_temporaries,
+    write_table,
+)
 from data_store.problems import ProblemsError, content_id, load_problems
 from data_store.schema import NODES, SchemaError, check_schema, conform
 from data_store.views import connect, solved_per_round, unsolved_problems
@@ -81,6 +86,11 @@ def test_home_inside_the_code_tree_is_refused(inside: str, monkeypatch: pytest.M
         get_home()
 
 
+def test_an_explicit_home_inside_the_code_tree_is_refused_too() -> None:
+    with pytest.raises(HomeError, match="code tree"):
+        get_home(CODE_ROOT / "models" / "kaizen_home")
+
+
 def test_layout_names_round_stage_and_shard_files(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     assert (
@@ -142,6 +152,12 @@ def test_a_writer_killed_mid_file_leaves_nothing_visible(tmp_path: Path) -> None
     assert not target.exists()
     assert layout.table_files("nodes") == []
     assert connect(tmp_path).sql("SELECT count(*) FROM nodes").fetchall() == [(0,)]
+
+
+def test_an_output_directory_with_a_file_in_the_way_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "out").touch()
+    with pytest.raises(ValueError, match="out cannot be created: .*out is a file"):
+        check_output_directory(tmp_path / "out")
 
 
 def test_stale_temporaries_are_swept(tmp_path: Path) -> None:

@@ -7,13 +7,22 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from data_store.home import Layout
 from data_store.parquet import write_table
 from data_store.problems import load_problems
 from data_store.views import connect
-from models.pipeline import Artifact, Pipeline
+from models.pipeline import Artifact, MissingInputError, Pipeline, RoundRecord
 from models.recipe import load_recipe
+
+
+def load_table_rows(path: Path, table: str) -> int:
+    """Rows of a Parquet file, after checking it has `table`'s columns."""
+    from data_store.schema import check_schema
+
+    check_schema(pq.read_schema(path), table)
+    return pq.read_metadata(path).num_rows
 
 
 def curriculum_pipeline(home: Path, **overrides: object) -> Pipeline:
@@ -82,6 +91,48 @@ def test_ppm_under_init_from_previous_is_given_the_last_rounds_ppm(tmp_path: Pat
     previous.mkdir()
     pipeline.train_ppm(2, [Artifact.of(pairs)], Artifact.of(tmp_path), Artifact.of(previous))
     assert calls[0]["previous_checkpoint"] == previous
+
+
+def test_a_new_tiny_shape_or_seed_gets_a_new_base_model(tmp_path: Path, monkeypatch) -> None:
+    import models.tiny
+
+    monkeypatch.setattr(models.tiny, "build_tiny_model", lambda out, **kwargs: Path(out).mkdir(parents=True))
+    bases = [curriculum_pipeline(tmp_path, **overrides).base_model()
+             for overrides in ({}, {}, {"model.tiny.num_heads": 2}, {"seed": 7})]
+    assert bases[0] == bases[1] and len(set(bases)) == 3
+
+
+def promoted_round_zero(home: Path) -> Pipeline:
+    pipeline = curriculum_pipeline(home)
+    pipeline.promote(RoundRecord(0, Artifact.of(home), None, {}, {}, True, []))
+    return pipeline
+
+
+def test_a_round_with_a_stage_rerun_after_its_gate_is_next_again(tmp_path: Path) -> None:
+    pipeline = promoted_round_zero(tmp_path)
+    pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
+    assert pipeline.next_round() == 0
+
+
+def test_no_round_starts_from_a_stale_one(tmp_path: Path) -> None:
+    pipeline = promoted_round_zero(tmp_path)
+    pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
+    with pytest.raises(MissingInputError, match="had its bootstrap stage re-run after its gate"):
+        pipeline.starting_point(1)
+
+
+def test_judging_a_round_again_clears_its_staleness(tmp_path: Path) -> None:
+    pipeline = promoted_round_zero(tmp_path)
+    pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
+    pipeline.promote(RoundRecord(0, Artifact.of(tmp_path), None, {}, {}, True, []))
+    assert pipeline.next_round() == 1
+
+
+def test_a_shard_without_problems_writes_an_empty_nodes_table(tmp_path: Path) -> None:
+    from models.rollout import rollout_stage
+
+    stats = rollout_stage([], model=str(tmp_path / "never-loaded"), out=tmp_path / "nodes.parquet")
+    assert stats.trees == 0 and load_table_rows(tmp_path / "nodes.parquet", "nodes") == 0
 
 
 def selected_ids(pipeline: Pipeline, round_number: int) -> list[str]:

@@ -87,6 +87,13 @@ def test_missing_required_section_is_named(missing: str) -> None:
         parse_recipe(data)
 
 
+def test_an_unknown_problem_field_mapping_key_is_named() -> None:
+    from models.recipe import apply_overrides
+
+    with pytest.raises(RecipeError, match=r"problems\.fields: unknown field mapping key\(s\) bogus"):
+        parse_recipe(apply_overrides(MINIMAL, {"problems.fields": {"bogus": "x"}}))
+
+
 def test_unknown_recipe_name_lists_the_bundled_ones() -> None:
     with pytest.raises(RecipeError, match="not found .*demo"):
         load_recipe("no-such-recipe")

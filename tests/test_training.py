@@ -150,6 +150,15 @@ def test_config_values_outside_their_choices_are_rejected() -> None:
         load_training_config({"sft": {"init_from": "last"}})
 
 
+def test_a_recipe_can_be_named_like_everywhere_else() -> None:
+    assert load_training_config("demo").for_kind("sft")["learning_rate"] == 1e-3
+
+
+def test_an_unknown_recipe_name_is_one_clear_error() -> None:
+    with pytest.raises(TrainingInputError, match="recipe 'no-such-recipe' not found"):
+        load_training_config("no-such-recipe")
+
+
 def test_ppm_refuses_a_different_eos_or_pad_token() -> None:
     with pytest.raises(TrainingInputError, match="training.ppm.eos_token is not supported"):
         load_training_config({"ppm": {"eos_token": "<end_of_answer>"}})

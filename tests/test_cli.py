@@ -1,0 +1,43 @@
+"""The flow commands' bad input: one error line naming the command and a non-zero exit, before any flow starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_round_without_its_predecessor_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["round", "--recipe", "demo", "--round", "3", "--home", str(tmp_path)], capsys)
+    assert code == 1 and err == [
+        "kaizen round: error: round 3 of run 'demo' starts from round 2, which is not promoted "
+        "(no round is promoted yet); run round 0 first"
+    ]
+
+
+def test_a_negative_round_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["round", "--recipe", "demo", "--round", "-1", "--home", str(tmp_path)], capsys)
+    assert code == 1 and err == ["kaizen round: error: round must be >= 0, got -1"]
+
+
+def test_a_stage_the_round_does_not_have_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["stage", "bootstrap", "--recipe", "demo", "--round", "1", "--home", str(tmp_path)], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("kaizen stage: error: round 1 has no stage 'bootstrap'")
+
+
+def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--recipe", "demo", "--rounds", "5:3", "--home", str(tmp_path)])
+    assert exit_info.value.code == 2 and "needs 0 <= START <= END" in capsys.readouterr().err
+
+
+def test_an_unknown_evaluation_mode_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "bogus"], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")
