@@ -76,6 +76,8 @@ _ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?\s*", re.IGNORECASE)
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
 _HOPE_SUFFIX_RE = re.compile(r"\.?\s*I hope it is correct.*$", re.IGNORECASE | re.DOTALL)
+# "The answer is 6, since 2 + 4 = 6": the answer ends where a clause giving a reason begins.
+_REASON_CLAUSE_RE = re.compile(r",?\s+(?:since|because|as|so|which|given|due)\b.*$", re.IGNORECASE)
 _DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -152,7 +154,8 @@ def _answer_after_phrase(text: str) -> str | None:
             if end > 0:
                 return rest[len(left) : end].strip() or None
     line = _HOPE_SUFFIX_RE.sub("", rest.split("\n", 1)[0])
-    line = _SENTENCE_END_RE.split(line, 1)[0].strip().strip("*").strip()
+    line = _SENTENCE_END_RE.split(line, 1)[0]
+    line = _REASON_CLAUSE_RE.sub("", line).strip().strip("*").strip()
     return _strip_delimiters(line) or None
 
 

@@ -17,9 +17,9 @@ its PPM score instead), back-propagated to the root when the node is created: `q
 code does with its structural failures: an `error` node (its program failed in the sandbox, or the
 step is malformed) and a `depth_limit` node (a non-final step at the maximum depth) get `Q = -1`
 for themselves (`q = -1`, `N = 1`) and change nothing above them, so a step's Q reflects only the
-answers reached through it, not how many broken continuations were sampled below it. So does an
-answer the grader could not judge (a timeout or a checker failure: `correct` is None), with no
-value at all. A final code step is never cut by the depth limit: only its answer can follow, one
+answers reached through it, not how many broken continuations were sampled below it. An answer the
+grader could not judge (a timeout or a checker failure: `correct` is None) changes nothing either,
+and has no value of its own. A final code step is never cut by the depth limit: only its answer can follow, one
 level deeper. In PPM-augmented modes a new non-terminal node starts at `q = PPM score`, `N = 1`,
 without propagating that to its ancestors.
 

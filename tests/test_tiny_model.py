@@ -93,6 +93,11 @@ def test_heads_narrower_than_32_are_rejected() -> None:
         TinyModelConfig(hidden_size=64, num_heads=4)
 
 
+def test_a_shape_of_zero_is_named() -> None:
+    with pytest.raises(ValueError, match="num_heads must be >= 1, got 0"):
+        TinyModelConfig(num_heads=0)
+
+
 def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
     first = build_tiny_model(tmp_path / "a", corpus=synthetic_corpus(), num_layers=1)
     second = build_tiny_model(tmp_path / "b", corpus=synthetic_corpus(), num_layers=1)
