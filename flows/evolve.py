@@ -36,6 +36,7 @@ from tasks.stages import (
     STAGES,
     bootstrap_task,
     cached,
+    evaluate_checkpoint_task,
     evaluate_task,
     mine_task,
     ppm_task,
@@ -164,12 +165,16 @@ def round_flow(recipe: str, round_number: int | None = None, home: str | None = 
                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One round of a recipe (the next one after the promoted round when no number is given).
 
-    `overrides` sets recipe fields by dotted name, e.g. {"search.mcts.rollouts": 16}.
+    `overrides` sets recipe fields by dotted name, e.g. {"search.mcts.rollouts": 16}. A round whose
+    gate fails is recorded and published, and then the flow run fails (GateFailed): a nightly run
+    that cannot move on must not look like a success.
     """
     pipeline = open_pipeline(recipe, home, overrides)
     number = pipeline.next_round() if round_number is None else round_number
     result = _run_round(pipeline, number)
     assert result is not None
+    if not result["gate_passed"]:
+        raise GateFailed(f"round {number} failed its gate: {'; '.join(result['gate_reasons'])}")
     return result
 
 
@@ -180,11 +185,8 @@ def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str |
     pipeline = open_pipeline(recipe, home, overrides)
     first = pipeline.next_round() if start is None else start
     results = []
-    for number in range(first, end + 1):
-        result = round_flow(recipe, number, str(pipeline.layout.home), overrides)
-        results.append(result)
-        if not result["gate_passed"]:
-            raise GateFailed(f"round {number} failed its gate: {'; '.join(result['gate_reasons'])}")
+    for number in range(first, end + 1):  # a failed gate raises in round_flow and ends the loop
+        results.append(round_flow(recipe, number, str(pipeline.layout.home), overrides))
     return results
 
 
@@ -205,14 +207,25 @@ def evaluate_flow(
     model: str, benchmarks: list[str], modes: list[str] | None = None, ppm: str | None = None,
     limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0, step_format: str = "rstar",
 ) -> list[dict[str, Any]]:
-    """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given."""
-    from models.evaluation import evaluate, write_eval
+    """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given.
+
+    The accuracies also go to the run's logs and to a table artifact in the UI, so a run without `out`
+    keeps its figures.
+    """
+    from prefect.artifacts import create_table_artifact
+
+    from models.evaluation import write_eval
 
     config, loaded = _evaluation_inputs(benchmarks, modes, limit, backend, seed, step_format)
-    report = evaluate(model, loaded, config, ppm=ppm)
+    report = evaluate_checkpoint_task(model, loaded, config, ppm)
     if out:
         write_eval(report, out)
-    return [row if isinstance(row, dict) else vars(row) for row in report.summary]
+    rows = [row if isinstance(row, dict) else vars(row) for row in report.summary]
+    logger = get_run_logger()
+    for row in rows:
+        logger.info("%s", json.dumps(row))
+    create_table_artifact(table=rows, description=f"evaluation of {model}")
+    return rows
 
 
 def _evaluation_inputs(

@@ -27,6 +27,12 @@ What is covered (isolation="bwrap"):
 - Environment: cleared; only PATH, HOME, TMPDIR, LANG and thread-count variables are set.
 - A small seccomp filter refuses creating or joining namespaces (unshare, setns, clone with
   CLONE_NEWUSER), so programs cannot build their own user namespace to widen the kernel surface.
+- A second filter, installed in each program's process, keeps the program away from its worker
+  (which runs under the same uid): no signals to the worker, the namespace's init or a process
+  group (kill, tkill, tgkill, rt_sigqueueinfo, pidfds), no limits, priority or scheduling set on
+  another process (prlimit64, setpriority, sched_set*), no sockets but Unix, IPv4, IPv6 and
+  netlink (AF_VSOCK reached the hypervisor's port space), and none of the kernel objects that
+  outlive a process (POSIX message queues, keyrings, memfds).
 - Children and threads die with the program: when it ends or times out, everything else in the
   worker's PID namespace is killed. A program that kills its worker gets an error result and the
   worker is replaced transparently.
@@ -35,7 +41,9 @@ What is NOT covered: a general seccomp syscall filter (any other syscall the ker
 unprivileged user is available); kernel or bwrap exploits; fair CPU sharing (no cgroups: a
 program may use every core until its time limit); side channels (timing, caches, host-wide
 /proc files such as /proc/cpuinfo and /proc/meminfo); memory adds up across a program's
-processes (the limit is per process) and its /tmp files (up to `tmp_mb`); everything under /usr
+processes (the limit is per process) and its /tmp files (up to `tmp_mb`), and memory the kernel
+spends on its behalf (page tables, pipe buffers, the inodes of many empty /tmp entries) is not
+limited at all, since there are no cgroups; everything under /usr
 and the Python installation is readable. isolation="none" (for machines without user
 namespaces) keeps only the per-program process, rlimits, timeout and a private scratch
 directory: it is NOT a security boundary.
@@ -64,7 +72,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Host-only modules (subprocess, threading, queue, tempfile, ...) are imported where they are
 # used: the worker runs this very file, and every module it loads makes each fork dearer
@@ -772,44 +780,111 @@ def _worker_environment(scratch: str) -> dict[str, str]:
     }
 
 
-def _namespace_seccomp_filter() -> bytes:
-    """Classic BPF program for bwrap --seccomp: refuse unshare, setns, clone3 and user-namespace
-    clones; allow everything else. clone3 gets ENOSYS so glibc falls back to plain clone."""
-    tables = {  # machine: (AUDIT_ARCH, clone, unshare, setns, clone3)
-        "x86_64": (0xC000003E, 56, 272, 308, 435),
-        "aarch64": (0xC00000B7, 220, 97, 268, 435),
-    }
+_SECCOMP_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {  # name: (x86_64, aarch64)
+    "clone": (56, 220), "unshare": (272, 97), "setns": (308, 268), "clone3": (435, 435),
+    "kill": (62, 129), "tkill": (200, 130), "tgkill": (234, 131), "rt_sigqueueinfo": (129, 138),
+    "rt_tgsigqueueinfo": (297, 240), "pidfd_open": (434, 434), "pidfd_send_signal": (424, 424),
+    "prlimit64": (302, 261), "setpriority": (141, 140), "sched_setaffinity": (203, 122),
+    "sched_setscheduler": (144, 119), "sched_setparam": (142, 118), "sched_setattr": (314, 274),
+    "socket": (41, 198), "socketpair": (53, 199), "mq_open": (240, 180), "add_key": (248, 217),
+    "request_key": (249, 218), "keyctl": (250, 219), "memfd_create": (319, 279),
+}
+_BPF_LOAD, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_SECCOMP_ALLOW, _SECCOMP_EPERM, _SECCOMP_ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _syscall_numbers() -> tuple[int, dict[str, int]]:
+    """(AUDIT_ARCH, syscall numbers) of this machine; SandboxUnavailable when there is no table."""
     machine = os.uname().machine
-    if machine not in tables:
+    if machine not in _SECCOMP_ARCH:
         raise SandboxUnavailable(f"no seccomp syscall table for {machine}; {_FIX_HINT}")
-    arch, clone, unshare, setns, clone3 = tables[machine]
-    load, jump_eq, jump_ge, jump_set, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
-    clone_newuser, x32_syscall_bit = 0x10000000, 0x40000000
-    # (code, jump-if-true target, jump-if-false target, k); targets are labels resolved below.
+    column = tuple(_SECCOMP_ARCH).index(machine)
+    return _SECCOMP_ARCH[machine], {name: numbers[column] for name, numbers in _SYSCALLS.items()}
+
+
+def _argument(index: int) -> tuple:
+    """Load the low half of a system call argument (seccomp_data.args[index])."""
+    return (_BPF_LOAD, None, None, 16 + 8 * index)
+
+
+def _assemble(body: list) -> bytes:
+    """Classic BPF for seccomp: an architecture check (x32 refused), `body` with the system call
+    number loaded, then the verdicts. Instructions are (code, jump-if-true, jump-if-false, k) with
+    jumps to labels ("next", "allow", "eperm", "enosys" or a ("label", name) entry of `body`)."""
+    arch, _ = _syscall_numbers()
     program = [
-        (load, None, None, 4),                   # seccomp_data.arch
-        (jump_eq, "next", "enosys", arch),
-        (load, None, None, 0),                   # seccomp_data.nr
+        (_BPF_LOAD, None, None, 4),              # seccomp_data.arch
+        (_BPF_JEQ, "next", "enosys", arch),
+        (_BPF_LOAD, None, None, 0),              # seccomp_data.nr
         # x32 system calls are the x86_64 numbers with this bit set: refuse them all.
-        *([(jump_ge, "enosys", "next", x32_syscall_bit)] if machine == "x86_64" else []),
-        (jump_eq, "eperm", "next", unshare),
-        (jump_eq, "eperm", "next", setns),
-        (jump_eq, "enosys", "next", clone3),
-        (jump_eq, "next", "allow", clone),
-        (load, None, None, 16),                  # low half of seccomp_data.args[0]: clone flags
-        (jump_set, "eperm", "allow", clone_newuser),
-        (ret, None, None, allow),
-        (ret, None, None, eperm),
-        (ret, None, None, enosys),
+        *([(_BPF_JGE, "enosys", "next", _X32_SYSCALL_BIT)] if arch == _SECCOMP_ARCH["x86_64"] else []),
+        *body,
+        (_BPF_RET, None, None, _SECCOMP_ALLOW),
+        ("label", "allow"), (_BPF_RET, None, None, _SECCOMP_ALLOW),
+        ("label", "eperm"), (_BPF_RET, None, None, _SECCOMP_EPERM),
+        ("label", "enosys"), (_BPF_RET, None, None, _SECCOMP_ENOSYS),
     ]
-    labels = {"allow": len(program) - 3, "eperm": len(program) - 2, "enosys": len(program) - 1}
+    labels, instructions = {}, []
+    for entry in program:
+        if entry[0] == "label":
+            labels[entry[1]] = len(instructions)
+        else:
+            instructions.append(entry)
     encoded = b""
-    for index, (code, if_true, if_false, k) in enumerate(program):
-        offsets = [0 if target in (None, "next") else labels[target] - index - 1
-                   for target in (if_true, if_false)]
+    for index, (code, if_true, if_false, k) in enumerate(instructions):
+        offsets = [0 if target in (None, "next") else labels[target] - index - 1 for target in (if_true, if_false)]
         encoded += struct.pack("=HBBI", code, *offsets, k)
     return encoded
+
+
+def _namespace_seccomp_filter() -> bytes:
+    """The container's filter (bwrap --seccomp): refuse unshare, setns, clone3 and user-namespace
+    clones; allow everything else. clone3 gets ENOSYS so glibc falls back to plain clone."""
+    _, nr = _syscall_numbers()
+    clone_newuser = 0x10000000
+    return _assemble([
+        (_BPF_JEQ, "eperm", "next", nr["unshare"]),
+        (_BPF_JEQ, "eperm", "next", nr["setns"]),
+        (_BPF_JEQ, "enosys", "next", nr["clone3"]),
+        (_BPF_JEQ, "next", "allow", nr["clone"]),
+        _argument(0),                            # clone flags
+        (_BPF_JSET, "eperm", "allow", clone_newuser),
+    ])
+
+
+def _program_seccomp_filter(worker_pid: int) -> bytes:
+    """The filter each program runs under (see the module docstring): what it may not do to its worker."""
+    _, nr = _syscall_numbers()
+    negative = 0x80000000  # a pid argument at or above this is a process group or "every process"
+    refused = ("pidfd_open", "pidfd_send_signal", "mq_open", "add_key", "request_key", "keyctl", "memfd_create")
+    socket_families = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
+    body: list = [(_BPF_JEQ, "eperm", "next", nr[name]) for name in refused]
+    for name in ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        body.append((_BPF_JEQ, "signal", "next", nr[name]))
+    for name in ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr"):
+        body.append((_BPF_JEQ, "self_only", "next", nr[name]))
+    body += [
+        (_BPF_JEQ, "priority", "next", nr["setpriority"]),
+        (_BPF_JEQ, "family", "next", nr["socket"]),
+        (_BPF_JEQ, "family", "allow", nr["socketpair"]),
+        ("label", "signal"), _argument(0),       # the target pid (tgid for tgkill)
+        (_BPF_JGE, "eperm", "next", negative),
+        (_BPF_JEQ, "eperm", "next", 0),
+        (_BPF_JEQ, "eperm", "next", 1),
+        (_BPF_JEQ, "eperm", "allow", worker_pid),
+        ("label", "self_only"), _argument(0),    # pid 0: the calling process
+        (_BPF_JEQ, "allow", "eperm", 0),
+        ("label", "priority"), _argument(0),     # which: PRIO_PROCESS only, and who: the caller
+        (_BPF_JEQ, "next", "eperm", 0),
+        _argument(1),
+        (_BPF_JEQ, "allow", "eperm", 0),
+        ("label", "family"), _argument(0),
+        *[(_BPF_JEQ, "allow", "next", family) for family in socket_families],
+        (_BPF_RET, None, None, _SECCOMP_EPERM),
+    ]
+    return _assemble(body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,7 +922,8 @@ def _worker_main(settings: dict) -> None:
             exec(_WARM_UP.get(module, ""), {})
         except Exception:
             pass  # a library version without one of these functions: the rest is warm
-    runner = _ProgramRunner(settings, (protocol_in, protocol_out), libc.sched_getcpu)
+    confine = _program_confinement(libc) if settings["pid_namespace"] else None
+    runner = _ProgramRunner(settings, (protocol_in, protocol_out), libc.sched_getcpu, confine)
     # Objects that exist now are never collected in children: a collection would touch (and so
     # copy) every page of the forked heap.
     gc.collect()
@@ -869,6 +945,25 @@ def _worker_main(settings: dict) -> None:
             return  # the host starts a fresh worker
 
 
+def _program_confinement(libc: Any) -> Callable[[], None]:
+    """What a forked child calls, before the program runs, to put itself under the program filter."""
+    import ctypes
+
+    code = _program_seccomp_filter(os.getpid())
+    instructions = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    program = SockFprog(len(code) // 8, ctypes.addressof(instructions))
+
+    def confine(_keep_alive: tuple = (instructions, program)) -> None:
+        if libc.prctl(22, 2, ctypes.byref(program), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            raise OSError(ctypes.get_errno(), "cannot install the program's seccomp filter")
+
+    return confine
+
+
 def _effective_capabilities() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -881,8 +976,9 @@ class _ProgramRunner:
     """Forks one child per program, supervises it and cleans up after it (worker side)."""
 
     def __init__(self, settings: dict, protocol_fds: tuple[int, int],
-                 current_cpu: Callable[[], int]) -> None:
+                 current_cpu: Callable[[], int], confine: Callable[[], None] | None) -> None:
         self._protocol_fds = protocol_fds
+        self._confine = confine
         self._scratch = settings["scratch_dir"]
         self._workdir = os.path.join(self._scratch, "program")
         self._skeleton = _scratch_skeleton(self._scratch)
@@ -933,7 +1029,7 @@ class _ProgramRunner:
                        *self._ipc_tables):
                 os.close(fd)
             _run_child(code, workdir, stdout_write, stderr_write, status_write, self._limits,
-                       self._streams, new_process_group=not self._pid_namespace)
+                       self._streams, new_process_group=not self._pid_namespace, confine=self._confine)
         os.sched_setaffinity(0, self._all_cpus)
         for fd in (stdout_write, stderr_write, status_write):
             os.close(fd)
@@ -951,7 +1047,9 @@ class _ProgramRunner:
             text += _TRUNCATION_MARKER.format(limit=self._output_limit)
         if timed_out:
             outcome = {"error": "timeout", "timed_out": True}
-        elif status:
+        elif status and os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+            # Only a child that wrote its report exits 0; a program that wrote into the pipe and
+            # then stopped the report going out (closed the pipe, crashed) is not believed.
             outcome = _parse_status(status)
         else:
             outcome = self._describe_exit(wait_status, stderr_tail)
@@ -1103,16 +1201,17 @@ def _parse_status(status: bytes) -> dict:
     """The child's report; the program could have written into that pipe too, so check it."""
     try:
         outcome = json.loads(status)
-    except ValueError:
+    except (ValueError, RecursionError):
         outcome = None
     if not isinstance(outcome, dict) or not set(outcome) <= _STATUS_TYPES.keys() or not all(
-            isinstance(value, _STATUS_TYPES[key]) for key, value in outcome.items()):
+            isinstance(value, _STATUS_TYPES[key]) for key, value in outcome.items()) or len(
+            outcome.get("error") or "") > _ERROR_TEXT_LIMIT:
         return {"error": "the program overwrote the sandbox's status report"}
     return outcome
 
 
-_STATUS_TYPES = {"ok": bool, "error": (str, type(None)), "timed_out": bool,
-                 "memory_exceeded": bool}
+# What a child reports; timeouts are the worker's to declare, never the child's.
+_STATUS_TYPES = {"ok": bool, "error": (str, type(None)), "memory_exceeded": bool}
 
 
 def _count_processes_of(uid: int) -> int:
@@ -1132,7 +1231,7 @@ def _count_processes_of(uid: int) -> int:
 
 def _run_child(code: bytes, workdir: str, stdout_fd: int, stderr_fd: int, status_fd: int,
                limits: list[tuple[int, int, int]], streams: tuple[io.TextIOWrapper, ...], *,
-               new_process_group: bool) -> None:
+               new_process_group: bool, confine: Callable[[], None] | None) -> None:
     """The forked child: limits, redirections, the program, a status report. Never returns."""
     me = os.getpid()
     memory_report = b'{"error": "memory limit exceeded", "memory_exceeded": true}'
@@ -1146,6 +1245,8 @@ def _run_child(code: bytes, workdir: str, stdout_fd: int, stderr_fd: int, status
             os.setpgid(0, 0)
         for kind, soft, hard in limits:
             resource.setrlimit(kind, (soft, hard))
+        if confine is not None:
+            confine()
         os.chdir(workdir)
         sys.stdout, sys.stderr = streams
         gc.enable()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
 from models.pipeline import LOGGER_NAME, Artifact, Current, Evaluation, Mined, Pipeline, ProblemPools
@@ -154,6 +154,18 @@ def evaluate_task(pipeline: Pipeline, round_number: int, policy: Artifact, ppm: 
     progress = PrefectProgress(f"round {round_number} {label}")
     try:
         return pipeline.evaluate(round_number, policy, ppm, on_progress=progress.update, label=label)
+    finally:
+        progress.close()
+
+
+@task(name="evaluate-checkpoint", tags=[GPU_TAG], cache_policy=NO_CACHE, **_RETRY)
+def evaluate_checkpoint_task(model: str, benchmarks: list[Any], config: Any, ppm: str | None) -> Any:
+    """Any checkpoint on loaded benchmarks (the `evaluate` flow): not a round's stage, so nothing is cached."""
+    from models.evaluation import evaluate
+
+    progress = PrefectProgress(f"evaluate {model}")
+    try:
+        return evaluate(model, benchmarks, config, ppm=ppm, on_progress=progress.update)
     finally:
         progress.close()
 

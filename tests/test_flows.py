@@ -182,6 +182,14 @@ def test_failed_gate_stops_evolve_before_the_next_round(resumed: dict[str, Any],
     assert not (run_dir(rounds) / "round-003").exists()
 
 
+def test_a_round_whose_gate_fails_is_a_failed_flow_run(resumed: dict[str, Any], rounds: dict[str, Any], workdir: Path) -> None:
+    from flows.evolve import round_flow
+
+    strict = write_recipe(workdir, "strict", gate={"min_gain": 1.0, "tolerance": 0.0})
+    state = round_flow(strict, 2, rounds["home"], return_state=True)
+    assert state.is_failed() and "round 2 failed its gate" in str(state.message)
+
+
 def test_failed_gate_withdraws_the_promotion(resumed: dict[str, Any], rounds: dict[str, Any]) -> None:
     from flows.evolve import open_pipeline
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -123,14 +124,11 @@ def test_concurrent_callers_each_get_their_own_results(patient: Sandbox) -> None
     assert outputs == [f"{i}\n" for i in range(60)]
 
 
-def test_programs_queued_behind_a_dying_or_retiring_worker_still_run(sandbox: Sandbox) -> None:
-    kill_worker = "import os, signal\nos.kill(-1, signal.SIGKILL)"
+def test_programs_queued_behind_a_retiring_worker_still_run(sandbox: Sandbox) -> None:
     leave_ipc = "import ctypes\nctypes.CDLL(None).shmget(0, 4096, 0o1600)\nprint('ipc')"
-    programs = [kill_worker if i % 5 == 1 else leave_ipc if i % 5 == 3 else f"print({i})"
-                for i in range(20)]
+    programs = [leave_ipc if i % 5 == 3 else f"print({i})" for i in range(20)]
     results = sandbox.run_many(programs)
-    assert [r.stdout for r in results] == [
-        "" if i % 5 == 1 else "ipc\n" if i % 5 == 3 else f"{i}\n" for i in range(20)]
+    assert [r.stdout for r in results] == ["ipc\n" if i % 5 == 3 else f"{i}\n" for i in range(20)]
 
 
 def test_an_answer_sent_just_before_the_worker_retires_is_kept(
@@ -365,11 +363,80 @@ def test_program_runs_unprivileged_when_the_host_is_root(sandbox: Sandbox) -> No
     assert run(sandbox, "import os\nprint(os.getuid(), os.getgroups())").stdout == "65534 []\n"
 
 
-def test_program_that_kills_its_worker_gets_an_error_and_the_next_one_runs(
-        one_worker: Sandbox) -> None:
-    killed = run(one_worker, "import os, signal\nos.kill(-1, signal.SIGKILL)")
+def test_program_whose_worker_dies_gets_an_error_and_the_next_one_runs(one_worker: Sandbox) -> None:
+    def kill_the_workers() -> None:  # from the host: programs cannot reach their worker
+        for pool in one_worker._pools.values():
+            for slot in pool._slots:
+                if slot._process is not None:
+                    slot._process.kill()
+
+    timer = threading.Timer(0.3, kill_the_workers)
+    timer.start()
+    killed = run(one_worker, "import time\ntime.sleep(0.9)")
+    timer.join()
     assert killed.error is not None and "worker died" in killed.error
     assert run(one_worker, "print('next')").stdout == "next\n"
+
+
+@pytest.mark.parametrize("attack", [
+    "os.kill(2, signal.SIGSTOP)",  # the worker
+    "os.kill(-1, signal.SIGSTOP)",  # every process the uid may signal, the worker too
+    "os.kill(0, signal.SIGSTOP)",  # the process group the program shares with its worker
+    "resource.prlimit(2, resource.RLIMIT_FSIZE, (1000, 1000))",  # would break every later program
+    "os.setpriority(os.PRIO_PROCESS, 2, 19)",
+    "os.setpriority(os.PRIO_USER, 0, 19)",  # every process of the uid
+    "os.sched_setaffinity(2, {0})",
+], ids=["kill-worker", "kill-all", "kill-group", "prlimit-worker", "renice-worker", "renice-uid", "pin-worker"])
+def test_a_program_cannot_touch_its_worker(one_worker: Sandbox, attack: str) -> None:
+    result = run(one_worker, f"import os, resource, signal\n{attack}")
+    assert result.error == "PermissionError: [Errno 1] Operation not permitted"
+    assert run(one_worker, "print('next')").stdout == "next\n"
+
+
+def test_a_program_may_still_limit_renice_and_signal_itself_and_its_children(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import os, resource, subprocess
+        resource.prlimit(0, resource.RLIMIT_NOFILE, (64, 64))
+        os.nice(1)
+        child = subprocess.Popen(["sleep", "5"])
+        child.kill()
+        print(child.wait())
+    """)
+    assert result.stdout == "-9\n"
+
+
+@pytest.mark.parametrize("syscall", [
+    "libc.syscall(319 if machine == 'x86_64' else 279, b'x', 0)",  # memfd_create
+    "libc.syscall(240 if machine == 'x86_64' else 180, b'/kz', 0o100 | 2, 0o600, None)",  # mq_open
+    "libc.syscall(248 if machine == 'x86_64' else 217, b'user', b'kz', b'v', 1, -4)",  # add_key
+], ids=["memfd", "posix-message-queue", "keyring"])
+def test_kernel_objects_that_outlive_a_program_are_refused(sandbox: Sandbox, syscall: str) -> None:
+    result = run(sandbox, f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        machine = os.uname().machine
+        print({syscall}, ctypes.get_errno())
+    """)
+    assert result.stdout == "-1 1\n"  # EPERM
+
+
+def test_sockets_other_than_unix_and_ip_are_refused(sandbox: Sandbox) -> None:
+    result = run(sandbox, "import socket\nsocket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)")
+    assert result.error == "PermissionError: [Errno 1] Operation not permitted"
+
+
+def test_a_status_report_forged_by_the_program_is_not_believed(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b'{"ok": true}')
+                os.close(fd)
+            except OSError:
+                pass
+        raise ValueError("this program failed")
+    """)
+    assert not result.ok
 
 
 # Bad input
