@@ -30,7 +30,7 @@ from data_store.home import Layout, get_home
 from models.gate import decide_gate
 from models.pipeline import Artifact, Current, Pipeline, RoundRecord
 from models.recipe import Recipe, load_recipe
-from models.report import round_markdown
+from models.report import round_markdown, write_run_report
 from search.steps import StepFormat
 from tasks.stages import (
     STAGES,
@@ -143,6 +143,10 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     pipeline.record_round(record, started_at)
     pipeline.promote(record)
     _publish(pipeline, record, evaluation)
+    try:  # the run's HTML report, kept current after every round (runs/{run}/report.html)
+        write_run_report(pipeline.layout, pipeline.run)
+    except Exception as err:  # noqa: BLE001 - a report that cannot be drawn must not fail a finished round
+        logger.warning("run report not written: %s", err)
     verdict = "passed" if decision.passed else "FAILED"
     logger.info("round %d gate %s: %s", round_number, verdict, "; ".join(decision.reasons))
     return {"round": round_number, "gate_passed": decision.passed, "gate_reasons": list(decision.reasons),

@@ -462,7 +462,7 @@ def render_html(data: RunData, plots: Sequence[Plot]) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>Kaizen run {escape(data.run)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>Run {escape(data.run)}</h1>",
-        f'<div class="sub">{len(rounds)} round{"s" if len(rounds) != 1 else ""} ({span}) · total wall time '
+        f'<div class="sub">{len(rounds)} round{"s" if len(rounds) != 1 else ""} ({span}) · wall time of the rounds '
         f"{_duration(total_wall)} · generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
         _cards(rounds), _rounds_table(rounds),
     ]

@@ -107,6 +107,10 @@ def test_shards_together_hold_every_problem_once(rounds: dict[str, Any]) -> None
     assert len(roots) == len(set(roots)) == RECIPE["problems"]["curriculum"]["train"]
 
 
+def test_a_round_keeps_the_run_report_current(rounds: dict[str, Any]) -> None:
+    assert "<h1>Run " in (run_dir(rounds) / "report.html").read_text()
+
+
 def test_round_records_its_gate_decision(rounds: dict[str, Any]) -> None:
     row = pq.read_table(run_dir(rounds) / "round-001" / "gate" / "rounds.parquet").to_pylist()[0]
     assert row["gate_passed"] and "curriculum-test/greedy" in row["gate_reason"]

@@ -37,6 +37,14 @@ def test_bundled_recipes_load(path: Path) -> None:
     assert load_recipe(path).run
 
 
+def test_the_deploy_build_step_checks_the_recipe_the_deployments_run() -> None:
+    spec = yaml.safe_load((RECIPES_DIR.parent / "prefect.yaml").read_text())
+    [step] = spec["build"]
+    recipe = spec["definitions"]["recipe"]
+    assert step["prefect.deployments.steps.run_shell_script"]["script"] == f"kaizen check-recipe {recipe} --print-cron"
+    assert {deployment["parameters"].get("recipe") for deployment in spec["deployments"]} == {recipe, None}
+
+
 def test_recipe_is_found_by_bundled_name() -> None:
     assert load_recipe("demo").source.endswith("demo.yaml")
 
