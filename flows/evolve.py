@@ -281,12 +281,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field by dotted name (repeatable), e.g. --set search.shards=4")
 
 
-def _checked(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The overrides as a dict, after checking the recipe with them (a bad recipe fails before Prefect starts)."""
+def _checked(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Pipeline]:
+    """The overrides as a dict and the pipeline they give, whose recipe and home are checked on the way
+    (a bad recipe or home fails before Prefect starts)."""
     overrides = dict(args.overrides) or None
-    load_recipe(args.recipe, overrides)
+    pipeline = open_pipeline(args.recipe, args.home, overrides)
     _quiet_prefect()
-    return overrides
+    return overrides, pipeline
 
 
 def _quiet_prefect() -> None:
@@ -310,9 +311,8 @@ def cli_run(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
                         help="START:END (default: from the round after the promoted one to 4)")
     args = parser.parse_args(argv)
-    overrides = _checked(args)
+    overrides, pipeline = _checked(args)
     start, end = args.rounds
-    pipeline = open_pipeline(args.recipe, args.home, overrides)
     first = pipeline.next_round() if start is None else start
     if first > end:
         print(f"nothing to run: rounds up to {end} of run {pipeline.run!r} are already promoted")
@@ -328,8 +328,7 @@ def cli_round(argv: list[str]) -> int:
     parser.add_argument("--round", dest="round_number", type=int, default=None,
                         help="round number (default: the one after the promoted round)")
     args = parser.parse_args(argv)
-    overrides = _checked(args)
-    pipeline = open_pipeline(args.recipe, args.home, overrides)
+    overrides, pipeline = _checked(args)
     _check_round(pipeline, pipeline.next_round() if args.round_number is None else args.round_number)
     state = round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True)
     return _report_state(state, parser.prog)
@@ -341,8 +340,8 @@ def cli_stage(argv: list[str]) -> int:
     _common(parser)
     parser.add_argument("--round", dest="round_number", type=int, required=True)
     args = parser.parse_args(argv)
-    overrides = _checked(args)
-    _check_stage(open_pipeline(args.recipe, args.home, overrides), args.stage, args.round_number)
+    overrides, pipeline = _checked(args)
+    _check_stage(pipeline, args.stage, args.round_number)
     state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
     if state.is_completed():
         stale = state.result()

@@ -204,18 +204,15 @@ class Pipeline:
 
         from models.tiny import build_tiny_model
 
-        config = replace(self.recipe.model.tiny, seed=self.recipe.seed)
-        from_curriculum = self.recipe.problems.source == CURRICULUM
-        recipe_of_base = json.dumps({"tiny": asdict(config), "curriculum_corpus": from_curriculum}, sort_keys=True)
-        digest = hashlib.sha256(recipe_of_base.encode()).hexdigest()[:12]
-        out = self.layout.checkpoint_dir(self.run, 0, f"base-{digest}")
+        # The sections the model is built from: its shape, the seed, and (for its tokenizer's corpus) the problems.
+        out = self.layout.checkpoint_dir(self.run, 0, f"base-{self.recipe.digest('model', 'problems', 'seed')[:12]}")
         if not out.exists():
             corpus = None
-            if from_curriculum:
+            if self.recipe.problems.source == CURRICULUM:
                 from data_store.curriculum import curriculum_corpus
 
                 corpus = curriculum_corpus(seed=self.recipe.seed)
-            build_tiny_model(out, corpus=corpus, config=config)
+            build_tiny_model(out, corpus=corpus, config=replace(self.recipe.model.tiny, seed=self.recipe.seed))
         return str(out)
 
     def bootstrap(self) -> Artifact:
@@ -290,10 +287,10 @@ class Pipeline:
     def drop_stale_shards(self, round_number: int) -> None:
         """Delete the round's nodes files of shards beyond the recipe's count (left by an earlier attempt with
         more shards): the `nodes` view reads every file, and would count their trees as this round's."""
-        shards = self.recipe.search.shards
-        for path in self.layout.stage_dir(self.run, round_number, "rollout").glob("nodes-*.parquet"):
-            index = path.stem.rpartition("-")[2]
-            if index.isdigit() and int(index) >= shards:
+        wanted = {self.layout.table_path(self.run, round_number, "nodes", shard=shard)
+                  for shard in range(self.recipe.search.shards)}
+        for path in next(iter(wanted)).parent.glob("nodes-*.parquet"):
+            if path not in wanted:
                 log.info("round %d: removing %s, a shard this recipe no longer has", round_number, path.name)
                 path.unlink()
 
@@ -463,8 +460,8 @@ class Pipeline:
 
     def mark_stale(self, round_number: int, rerun: str, stale: Sequence[str]) -> None:
         """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run again."""
-        path = self.layout.round_dir(self.run, round_number) / STALE_FILE
-        path.write_text(json.dumps({"rerun": rerun, "stale": list(stale)}) + "\n", encoding="utf-8")
+        with atomic_path(self.layout.round_dir(self.run, round_number) / STALE_FILE) as temporary:
+            temporary.write_text(json.dumps({"rerun": rerun, "stale": list(stale)}) + "\n", encoding="utf-8")
 
     def stale_since(self, round_number: int) -> str | None:
         """The stage re-run in a round since its gate, or None when the round's promotion is up to date."""
