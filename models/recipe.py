@@ -522,13 +522,26 @@ _CRON_NAMES = (
     ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
 )
 _CRON_ITEM = re.compile(r"(?P<range>\*|(?P<low>\w+)(?:-(?P<high>\w+))?)(?:/(?P<step>\d+))?")
+# The shorthands Prefect's cron schedules (croniter) accept for a whole expression.
+CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 
 
 def cron_problem(expression: str) -> str | None:
-    """Why a five-field cron expression is invalid, or None when it is valid."""
-    parts = expression.split()
+    """Why a five-field cron expression (or a shorthand such as @daily) is invalid; None when valid."""
+    parts = CRON_MACROS.get(expression.strip().lower(), expression).split()
     if len(parts) != 5:
-        return f"{expression!r} has {len(parts)} fields; cron needs 5 (minute hour day month weekday)"
+        return (
+            f"{expression!r} has {len(parts)} fields; cron needs 5 (minute hour day month weekday) "
+            "or a shorthand such as @daily"
+        )
     for part, (low, high), names in zip(parts, _CRON_RANGES, _CRON_NAMES):
         for item in part.split(","):
             match = _CRON_ITEM.fullmatch(item)

@@ -124,7 +124,7 @@ def test_digest_changes_only_with_its_sections() -> None:
     assert before.digest("search") == after.digest("search") and before.digest("gate") != after.digest("gate")
 
 
-@pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 0-6 1,15 jan-mar mon-fri", "30 4 * * 7"])
+@pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 0-6 1,15 jan-mar mon-fri", "30 4 * * 7", "@daily"])
 def test_valid_cron_expressions_pass(expression: str) -> None:
     assert cron_problem(expression) is None
 
