@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
 
@@ -77,9 +78,20 @@ def rollouts_flow(
     """Every rollout shard of a round, each its own task (on Ray when the recipe says so)."""
     pipeline.drop_stale_shards(round_number)
     shard_task = cached(rollout_task, pipeline, round_number, refresh=refresh)
-    futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
-               for shard in range(pipeline.recipe.search.shards)]
+    with _shard_resources(pipeline):
+        futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
+                   for shard in range(pipeline.recipe.search.shards)]
     return [future.result() for future in futures]
+
+
+def _shard_resources(pipeline: Pipeline) -> AbstractContextManager[Any]:
+    """On Ray, the GPUs each shard reserves (Ray then sets the shard's CUDA_VISIBLE_DEVICES)."""
+    execution = pipeline.recipe.execution
+    if execution.task_runner != "ray" or not execution.ray_gpus_per_shard:
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=execution.ray_gpus_per_shard)
 
 
 def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = frozenset(),

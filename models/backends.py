@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from search.policy import Generator
+from models.vllm_server import VLLMServerConfig
+from search.policy import Generator, StepScorer
 
 BACKENDS = ("hf", "vllm")
 
@@ -21,7 +22,7 @@ class BackendConfig:
     """Which engine generates, and how."""
 
     backend: str = field(default="hf", metadata={"help": "`hf` (in-process transformers) or `vllm` (managed OpenAI-compatible server)"})
-    device: str = field(default="cpu", metadata={"help": "torch device for the `hf` backend"})
+    device: str | None = field(default=None, metadata={"help": "`hf`: torch device; None: cuda when a GPU is visible, else cpu"})
     batch_size: int = field(default=64, metadata={"help": "`hf`: sequences (prompt x sample) per forward batch"})
     prefix_cache_mb: int = field(
         default=256,
@@ -30,6 +31,16 @@ class BackendConfig:
     )
     concurrency: int = field(default=64, metadata={"help": "`vllm`: requests in flight at once"})
     vllm_url: str | None = field(default=None, metadata={"help": "`vllm`: use this running server instead of starting one"})
+    vllm: VLLMServerConfig = field(
+        default_factory=VLLMServerConfig,
+        metadata={"help": "`vllm`: how the managed server runs (models.vllm_server.VLLMServerConfig: GPU memory "
+                  "share, tensor / data parallel sizes, ...)"},
+    )
+    ppm_device: str | None = field(
+        default=None,
+        metadata={"help": "torch device of the PPM that scores search steps and samples (e.g. cuda:7, off the "
+                  "GPUs the policy's server uses); None: cuda when a GPU is visible, else cpu"},
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -45,7 +56,7 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
     if config.backend == "hf":
         from models.generation import HFGenerator
 
-        yield HFGenerator(model, device=config.device, batch_size=config.batch_size, seed=seed,
+        yield HFGenerator(model, device=config.device or default_device(), batch_size=config.batch_size, seed=seed,
                           prefix_cache_mb=config.prefix_cache_mb)
         return
     from models.vllm_server import VLLMGenerator, VLLMServer
@@ -54,9 +65,37 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
         with VLLMGenerator(config.vllm_url, str(model), concurrency=config.concurrency, seed=seed) as generator:
             yield generator
         return
-    with VLLMServer(model) as server:
+    with VLLMServer(model, config=config.vllm) as server:
         with VLLMGenerator(server.base_url, server.model_name, concurrency=config.concurrency, seed=seed) as generator:
             yield generator
+
+
+def default_device() -> str:
+    """cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def open_ppm_scorer(ppm: str | Path | None, config: BackendConfig) -> Iterator[StepScorer | None]:
+    """Yield the PPM at `ppm` as a step scorer on the backend's `ppm_device` (None when `ppm` is None);
+    its memory is freed on exit. A PPM that does not load raises ModelLoadError with one line."""
+    if ppm is None:
+        yield None
+        return
+    from models.ppm import PPMScorer
+    from models.tiny import ModelLoadError
+
+    try:
+        scorer = PPMScorer(ppm, device=config.ppm_device)
+    except Exception as err:  # noqa: BLE001 - the boundary where any loading failure becomes one message
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"cannot load PPM {str(ppm)!r}: {reason}") from err
+    try:
+        yield scorer
+    finally:
+        scorer.release()
 
 
 def require_policy_tokens(model: str | Path, step_format: str) -> None:

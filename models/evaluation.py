@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.backends import BACKENDS, BackendConfig, open_generator, require_policy_tokens
+from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
 from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, evaluate_modes, parse_mode
 from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
@@ -34,8 +34,6 @@ from search.steps import StepFormat
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from search.policy import StepScorer
 
 KNOWN_BENCHMARKS: dict[str, str] = {
     "math500": "math500_test.jsonl",
@@ -261,10 +259,10 @@ def evaluate(
         require_policy_tokens(model, config.step_format)
     except ValueError as err:
         raise EvalInputError(str(err)) from None
-    scorer = _load_ppm(ppm) if needing and ppm is not None else None
     rows: list[dict[str, Any]] = []
     summary: list[BenchmarkSummary] = []
     with (
+        open_ppm_scorer(ppm if needing else None, config.backend) as scorer,
         open_generator(model, config.backend, seed=config.seed) as generator,
         Sandbox(config.sandbox) as sandbox,
         Grader(workers=config.grader_workers, timeout_s=config.grader_timeout_s) as grader,
@@ -286,17 +284,6 @@ def evaluate(
                 summary.append(_summary(result, benchmark.name))
     table = conform(pa.Table.from_pylist(rows) if rows else EVAL.empty_table(), "eval")
     return EvalReport(table, summary)
-
-
-def _load_ppm(ppm: str | Path) -> StepScorer:
-    from models.ppm import PPMScorer
-    from models.tiny import ModelLoadError
-
-    try:
-        return PPMScorer(ppm)
-    except Exception as err:  # noqa: BLE001 - the boundary where any loading failure becomes one message
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelLoadError(f"cannot load PPM {str(ppm)!r}: {reason}") from err
 
 
 def _progress_for(

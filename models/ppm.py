@@ -162,6 +162,15 @@ class PPMScorer:
                 values[index] = value
         return values
 
+    def release(self) -> None:
+        """Free the model's memory now: a long-lived flow process would keep it cached on the GPU
+        through the training stages that follow."""
+        import torch
+
+        self.model = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
 
 def _read_jsonl_texts(path: Path, text_field: str) -> tuple[list[Any], list[str]]:
     """Rows of a JSONL file and the text of each: the row itself when it is a string, else `row[text_field]`."""

@@ -221,6 +221,15 @@ class ExecutionSettings:
                   "choices": ["thread", "ray"]},
     )
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address; None: start a local Ray"})
+    ray_gpus_per_shard: float = field(
+        default=0.0,
+        metadata={"help": "GPUs Ray reserves for each rollout shard, whose vLLM server and PPM then see only "
+                  "those; 0: none reserved, and every shard sees (and its server starts on) the first GPU"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.ray_gpus_per_shard < 0:
+            raise ValueError(f"ray_gpus_per_shard must be >= 0, got {self.ray_gpus_per_shard}")
 
 
 @dataclass

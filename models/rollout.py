@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.backends import BACKENDS, BackendConfig, open_generator, require_policy_tokens
+from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
 from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
 from search.sandbox import SandboxConfig
@@ -51,12 +51,8 @@ def search_trees(
     if config.mcts.uses_ppm and ppm is None:
         raise ValueError(f"search mode {config.mcts.mode.value!r} needs a PPM checkpoint (--ppm)")
     require_policy_tokens(model, config.mcts.step_format)
-    scorer = None
-    if ppm is not None:
-        from models.ppm import PPMScorer
-
-        scorer = PPMScorer(ppm)
     with (
+        open_ppm_scorer(ppm, config.backend) as scorer,
         open_generator(model, config.backend, seed=config.mcts.seed) as generator,
         Sandbox(config.sandbox) as sandbox,
         Grader(workers=config.grader_workers) as grader,

