@@ -66,6 +66,8 @@ def _group_has_live_process(pgid: int) -> bool:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PORT_ATTEMPTS = 3
+_PORT_TAKEN = re.compile(r"address already in use", re.IGNORECASE)
 
 
 def _tie_to_this_thread() -> Callable[[], None] | None:
@@ -304,18 +306,28 @@ class VLLMServer:
             handle, name = tempfile.mkstemp(prefix="kaizen-vllm-", suffix=".log")
             os.close(handle)
             self.log_path = Path(name)
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_tie_to_this_thread(),
-            )
-        atexit.register(self.stop)
-        try:
-            self._wait_until_healthy()
-        except BaseException:
-            self.stop(keep_log=True)
-            raise
-        return self
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            with self.log_path.open("wb") as log:
+                self._process = subprocess.Popen(
+                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=_tie_to_this_thread(),
+                )
+            atexit.register(self.stop)
+            try:
+                self._wait_until_healthy()
+                return self
+            except VLLMServerError as error:
+                self.stop(keep_log=True)
+                # A port picked here can be taken before the server binds it (servers of parallel
+                # shards starting together): pick another.
+                if self.config.port is None and attempt < PORT_ATTEMPTS and _PORT_TAKEN.search(error.log_tail):
+                    self.port = free_port(self.config.host)
+                    continue
+                raise
+            except BaseException:
+                self.stop(keep_log=True)
+                raise
+        raise AssertionError("unreachable")
 
     def _wait_until_healthy(self) -> None:
         import httpx

@@ -242,3 +242,39 @@ def process_is_live(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+FAKE_SERVER = """
+import http.server, socket, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+try:
+    server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)
+except OSError as error:
+    print(f"OSError: {error}", flush=True)
+    sys.exit(1)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server.RequestHandlerClass = Health
+server.serve_forever()
+"""
+
+
+def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers of parallel shards can race for the same free port; the loser picks another."""
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    fake_python = tmp_path / "python"  # answers /health like a server, or fails to bind as vLLM does
+    fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    fake_python.chmod(0o755)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        ports = iter([taken_port, free_port()])
+        monkeypatch.setattr("models.vllm_server.free_port", lambda host="127.0.0.1": next(ports))
+        with VLLMServer(tmp_path, python=fake_python, config=VLLMServerConfig(startup_timeout_s=30)) as server:
+            assert server.port != taken_port and server.running
