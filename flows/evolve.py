@@ -149,7 +149,8 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
                                          "eval-sft").metrics
     if stop_after == "evaluate":
         return None
-    decision = decide_gate(evaluation.metrics, previous.metrics if previous else None, pipeline.recipe.gate)
+    decision = decide_gate(evaluation.metrics, previous.metrics if previous else None, pipeline.recipe.gate,
+                           has_ppm=ppm is not None)
     stats["wall_s"] = (datetime.now(timezone.utc) - started_at).total_seconds()
     record = RoundRecord(round_number, policy, ppm, evaluation.metrics, stats, decision.passed, list(decision.reasons))
     pipeline.record_round(record, started_at)

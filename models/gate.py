@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from search.evaluation import parse_mode
+
 ROUNDING_SLACK = 1e-9
 """Accuracies are ratios of counts: 0.57 - 0.56 is 0.00999... in floating point, yet a gain of one point."""
 
@@ -34,6 +36,8 @@ class GateRule:
     def __post_init__(self) -> None:
         if self.tolerance < 0 or self.min_gain < 0:
             raise ValueError(f"gate min_gain and tolerance must be >= 0, got {self.min_gain} and {self.tolerance}")
+        # The name the metrics carry: "maj@08" is measured as maj@8.
+        object.__setattr__(self, "mode", parse_mode(self.mode).name)
 
     @property
     def metric(self) -> str:
@@ -59,16 +63,21 @@ def _points(value: float, *, signed: bool = False) -> str:
     return f"{100 * value:{'+' if signed else ''}.1f} points"
 
 
-def decide_gate(current: Mapping[str, float], previous: Mapping[str, float] | None, rule: GateRule) -> GateDecision:
+def decide_gate(
+    current: Mapping[str, float], previous: Mapping[str, float] | None, rule: GateRule, *, has_ppm: bool = True
+) -> GateDecision:
     """Pass or fail this round by `rule`, comparing `current` metrics with the `previous` round's.
 
     Fails when the gated metric is missing from `current`, fell by more than `rule.tolerance`, or
     (with `rule.min_gain` above 0) rose by less than `rule.min_gain`. A `min_gain` of 0 asks for no
     rise, so the tolerance alone decides: by default (both 0) the metric may not fall at all. With
     no previous round, or one that did not measure the metric, there is nothing to compare with and
-    the gate passes saying so.
+    the gate passes saying so; so does a round without a PPM (the bootstrap) gated on a mode that
+    needs one.
     """
     metric = rule.metric
+    if metric not in current and not has_ppm and parse_mode(rule.mode).needs_ppm:
+        return GateDecision(True, [f"{metric} needs a PPM, which this round does not have yet, so the gate passes."])
     if metric not in current:
         available = ", ".join(sorted(current)) or "none"
         return GateDecision(False, [f"The gated metric {metric} is missing from this round's evaluation (it has: {available})."])

@@ -40,6 +40,7 @@ from models.gate import GateRule
 from models.rl import RLSettingsError, check_rl_settings
 from models.tiny import TinyModelConfig
 from models.training import KINDS, TrainingError, TrainingSettings, load_training_config
+from search.evaluation import parse_mode
 from search.mcts import MCTSConfig, SearchMode
 from search.sandbox import SandboxConfig
 from search.steps import StepFormat
@@ -467,7 +468,7 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("eval", str(err))
     if recipe.gate.benchmark not in _benchmark_names(recipe.eval.benchmarks):
         fail("gate.benchmark", f"{recipe.gate.benchmark!r} is not among eval.benchmarks")
-    if recipe.gate.mode not in recipe.eval.modes:
+    if recipe.gate.mode not in {parse_mode(mode).name for mode in recipe.eval.modes}:
         fail("gate.mode", f"{recipe.gate.mode!r} is not among eval.modes")
     if recipe.schedule.cron is not None:
         _check_cron(recipe.schedule, fail)

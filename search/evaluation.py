@@ -385,7 +385,9 @@ class _Evaluation:
         return _Pick(chain, self._answer_leaf(chain) or chain.nodes[-1])
 
     def _best_answer_node(self, tree: Tree) -> _Pick:
-        answers = [node for node in tree.nodes if node.kind is NodeKind.ANSWER]
+        leaves = [node for node in tree.nodes if node.kind is NodeKind.ANSWER]
+        # An answer step with nothing gradable in it is picked only when no step has an answer.
+        answers = [node for node in leaves if node.answer is not None] or leaves
         best = best_scored([node.q_value for node in answers])
         return _Pick(tree, answers[best] if best is not None else tree.nodes[-1])
 
@@ -409,9 +411,12 @@ class _Evaluation:
             distinct = list(dict.fromkeys(answer for answer in problem_answers if answer is not None))
             pairs += [(later, earlier) for i, later in enumerate(distinct) for earlier in distinct[:i]]
         # Boxed, the answer is extracted back exactly as it is; a verdict other than "ok" counts as different.
-        boxed = [(f"\\boxed{{{later}}}", earlier) for later, earlier in pairs]
-        verdicts = self.grades.grade_many(boxed) if pairs else []
-        return {pair: verdict.equal and verdict.status == "ok" for pair, verdict in zip(pairs, verdicts, strict=True)}
+        # Both directions must agree: math-verify's leniencies are one-sided ("10\\%" takes 0.1 and 10,
+        # which are not the same answer), and one-sided equality would let a cluster absorb both.
+        directed = [*pairs, *((earlier, later) for later, earlier in pairs)]
+        verdicts = self.grades.grade_many([(f"\\boxed{{{a}}}", b) for a, b in directed]) if pairs else []
+        equal = [verdict.equal and verdict.status == "ok" for verdict in verdicts]
+        return {pair: equal[i] and equal[i + len(pairs)] for i, pair in enumerate(pairs)}
 
     def _best_by_ppm(self, searched: _Searched) -> list[_Pick]:
         assert self.scorer is not None
@@ -425,7 +430,13 @@ class _Evaluation:
         scores: list[list[float | None]] = [[None] * len(chains) for chains in searched.trees]
         for (p, c, _), value in zip(answered, values, strict=True):
             scores[p][c] = float(value)
-        return [self._chain_pick(chains, best_scored(row)) for chains, row in zip(searched.trees, scores, strict=True)]
+        picks = []
+        for chains, row in zip(searched.trees, scores, strict=True):
+            # Chains whose answer step holds a gradable answer first, as in `_best_answer_node`.
+            gradable = [score if self._extracted(chain) is not None else None for chain, score in zip(chains, row)]
+            best = best_scored(gradable)
+            picks.append(self._chain_pick(chains, best if best is not None else best_scored(row)))
+        return picks
 
     def _chain_pick(self, chains: list[Tree], chosen: int | None) -> _Pick:
         if chosen is None:  # no chain has an answer: show the first one's dead end

@@ -150,9 +150,10 @@ def _answer_after_phrase(text: str) -> str | None:
     rest = text[matches[-1].end() :]
     for left, right in _DELIMITERS:
         if rest.startswith(left):
-            end = rest.find(right, len(left))
-            if end > 0:
-                return rest[len(left) : end].strip() or None
+            # The closing delimiter is the first one not escaped: "$\$36$" is 36 dollars.
+            closing = re.compile(r"(?<!\\)" + re.escape(right)).search(rest, len(left))
+            if closing:
+                return rest[len(left) : closing.start()].strip() or None
     line = _HOPE_SUFFIX_RE.sub("", rest.split("\n", 1)[0])
     line = _SENTENCE_END_RE.split(line, 1)[0]
     line = _REASON_CLAUSE_RE.sub("", line).strip().strip("*").strip()
@@ -217,10 +218,34 @@ _FRACTION_COMMAND_RE = re.compile(r"\\[dt]frac(?![A-Za-z])")
 _SINGLE_DIGIT_ARGUMENT_RE = re.compile(r"\\(sqrt|frac)\s*(\d)")
 _SINGLE_DIGIT_DENOMINATOR_RE = re.compile(r"(\\frac\{[^{}]*\})\s*(\d)")
 _TRAILING_UNIT_RE = re.compile(
-    r"(?<=\S)\s*\\(?:text|textrm|mbox|mathrm)\s*\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?$"
+    r"(?<=\S)\s*\\(?:text|textrm|mbox|mathrm)\s*\{\s*(?P<words>[A-Za-z][A-Za-z .]*)\}(?:\^\{?\d\}?)?$"
 )
 # "36 dollars", "15 cm^2": words after a number are units (LaTeX commands were already removed).
-_NUMBER_WITH_WORDS_RE = re.compile(r"(-?[\d.,/]*\d)\s+[A-Za-z]{2,}(?:\s+[A-Za-z]+)*\.?(?:\^\{?\d\}?)?")
+_NUMBER_WITH_WORDS_RE = re.compile(
+    r"(-?[\d.,/]*\d)\s+(?P<words>[A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\.?(?:\^\{?\d\}?)?"
+)
+# Words that qualify or contradict a number rather than name its unit: "6 or more", "2 less than x",
+# "5 is wrong" are not 6, 2 and 5.
+_NOT_UNIT_WORDS = frozenset(
+    "or and nor not no is are was were more less fewer greater smaller larger than at most least only "
+    "about approximately roughly nearly almost over under above below plus minus times to from between "
+    "if when with without wrong incorrect correct".split()
+)
+
+
+def _are_unit_words(words: str) -> bool:
+    return not any(word.lower() in _NOT_UNIT_WORDS for word in words.replace(".", " ").split())
+
+
+def _drop_trailing_unit(text: str) -> str:
+    match = _TRAILING_UNIT_RE.search(text)
+    return text[: match.start()] if match and _are_unit_words(match["words"]) else text
+
+
+def _is_qualified(text: str) -> bool:
+    """A number followed by words that qualify it, which math-verify would drop like a unit."""
+    match = _TRAILING_UNIT_RE.search(text) or _NUMBER_WITH_WORDS_RE.fullmatch(text.strip())
+    return bool(match) and not _are_unit_words(match["words"])
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 _CHOICE_RE = re.compile(r"\(([A-Ea-e])\)(?:\s.*)?|([A-E])")
 _THOUSANDS_SEPARATOR_RE = re.compile(r"(?<=\d)(?:\{,\}|,\\!)\s*(?=\d)")
@@ -250,7 +275,7 @@ def _plain_to_latex(text: str) -> str:
     text = text.replace("**", "^")
     text = _SCIENTIFIC_RE.sub(r"\1\\times10^{\2}", text)
     text = _BARE_FUNCTION_RE.sub(r"\\\1", text)
-    if match := _NUMBER_WITH_WORDS_RE.fullmatch(text.strip()):
+    if (match := _NUMBER_WITH_WORDS_RE.fullmatch(text.strip())) and _are_unit_words(match["words"]):
         text = match.group(1)
     return text
 
@@ -266,6 +291,7 @@ class _Canonical:
     choice: str | None  # multiple-choice letter
     brackets: str | None  # "()", "(]", ... of a tuple or interval; "{}" set; "" bare list
     items: tuple[_Canonical, ...] = ()  # elements of a tuple, interval, set or list
+    qualified: bool = False  # a number followed by words that qualify it ("6 or more"), not a unit
 
 
 def _parse_rational(text: str) -> tuple[Fraction, bool] | None:
@@ -307,7 +333,8 @@ def _canonical(answer: str, top_level: bool = True) -> _Canonical:
     text = _DEGREES_RE.sub("", text)
     text = text.replace("\\$", "").replace("$", "")
     text = re.sub(r"(?<!\\)%", r"\\%", text).strip().rstrip(".,").strip()
-    text = _plain_to_latex(_TRAILING_UNIT_RE.sub("", text))
+    qualified = _is_qualified(text)
+    text = _plain_to_latex(_drop_trailing_unit(text))
     if match := _TEXT_WRAPPER_RE.fullmatch(text):
         text = match.group(1).strip()
     choice = None
@@ -322,7 +349,7 @@ def _canonical(answer: str, top_level: bool = True) -> _Canonical:
     rational = _parse_rational(text)
     number, is_decimal = rational if rational is not None else (None, False)
     brackets, items = _split_sequence(text) if top_level else (None, ())
-    return _Canonical(text, variable, number, is_decimal, choice, brackets, items)
+    return _Canonical(text, variable, number, is_decimal, choice, brackets, items, qualified)
 
 
 def _split_sequence(text: str) -> tuple[str | None, tuple[_Canonical, ...]]:
@@ -385,6 +412,8 @@ def _fast_verdict(pred: _Canonical, gold: _Canonical) -> bool | None:
         return None  # "x = 5" vs "y = 5": math-verify's rules for equations apply
     if pred.text == gold.text:
         return True
+    if pred.qualified or gold.qualified:
+        return False  # "6 or more" is not 6, though math-verify drops the words
     exact = _compare_rationals(pred, gold)
     if exact is not None:
         return exact

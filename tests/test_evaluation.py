@@ -49,6 +49,7 @@ from search.steps import parse_trajectory
 
 BROKEN = "broken"  # a script value whose program raises: the chain ends without an answer
 SLOW = "slow"  # an answer the checker times out on
+UNBOXED = "unboxed"  # a printed value whose answer step states no boxed answer
 
 
 class ChainScript:
@@ -70,7 +71,9 @@ class ChainScript:
 
     def _completion(self, prompt: str) -> Completion:
         printed = re.search(r"<output>(.*)<end_of_output>\n$", prompt, re.S)
-        if printed:
+        if printed and printed.group(1) == UNBOXED:
+            text = "<answer>The answer is not clear.<end_of_answer>"
+        elif printed:
             text = f"<answer>The answer is \\boxed{{{printed.group(1)}}}.<end_of_answer>"
         else:
             question, _ = parse_trajectory(prompt)
@@ -237,6 +240,34 @@ def test_ppm_best_of_k_picks_the_trajectory_the_ppm_rates_best() -> None:
     scorer = AnswerPreferringScorer({"5": 0.9, "7": -0.3})
     record = only_record(run_modes([problem(0, "5")], ["ppm@3"], {problem(0).question: ["7", "5", "7"]}, scorer=scorer))
     assert (record.extracted_answer, record.correct) == ("5", True)
+
+
+def test_ppm_best_of_k_prefers_an_answer_it_can_grade() -> None:
+    scorer = AnswerPreferringScorer({"5": -0.5})  # an unboxed answer step scores 0.0, higher
+    record = only_record(run_modes([problem(0, "5")], ["ppm@2"], {problem(0).question: [UNBOXED, "5"]}, scorer=scorer))
+    assert (record.extracted_answer, record.correct) == ("5", True)
+
+
+class OneSidedPercentChecker(FractionChecker):
+    """math-verify's one-sided leniency: a reference of "10%" accepts 10 and 0.1, not the other way."""
+
+    @staticmethod
+    def _grade(text: str, gold: str) -> ToyGrade:
+        boxed = re.search(r"\\boxed\{([^}]*)\}", text)
+        answer = boxed.group(1) if boxed else None
+        if answer is not None and gold.endswith("%"):
+            return ToyGrade(answer in (gold, gold[:-1], str(Fraction(gold[:-1]) / 100)), answer, "ok")
+        return FractionChecker._grade(text, gold)
+
+
+def test_majority_vote_joins_answers_only_when_equal_both_ways() -> None:
+    # One-sided, "10%" would gather 0.1 and 10 (which differ) and outvote the two 7s.
+    [result] = evaluate_modes(
+        [problem(0, "7")], [parse_mode("maj@5")], EvalSearchConfig(pipeline_groups=1, max_depth=4),
+        generator=ChainScript({problem(0).question: ["10%", "0.1", "10", "7", "7"]}),
+        executor=InProcessExecutor(), checker=OneSidedPercentChecker(),
+    )
+    assert (result.records[0].extracted_answer, result.records[0].correct) == ("7", True)
 
 
 def test_ppm_scores_whole_trajectories_through_the_answer_step() -> None:

@@ -79,3 +79,16 @@ def test_the_rule_gates_the_configured_benchmark_and_mode_only() -> None:
 def test_negative_thresholds_are_refused(settings: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         GateRule("math500", **settings)
+
+
+def test_a_round_without_a_ppm_passes_a_gate_on_a_ppm_mode() -> None:
+    decision = decide_gate(summary(0.3), None, GateRule("math500", mode="mcts"), has_ppm=False)
+    assert decision.passed and "needs a PPM" in decision.reasons[0]
+
+
+def test_a_missing_ppm_metric_still_fails_a_round_that_has_a_ppm() -> None:
+    assert not decide_gate(summary(0.3), None, GateRule("math500", mode="ppm@8")).passed
+
+
+def test_gate_modes_are_named_as_the_metrics_name_them() -> None:
+    assert GateRule("math500", mode="maj@08").metric == "math500/maj@8"

@@ -47,6 +47,7 @@ def grader() -> Iterator[Grader]:
         ("Done: $\\boxed{4}$. Check: \\boxed{\\frac{1}{2", "4"),
         ("We conclude that the answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
         ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),
+        ("The final answer is $\\$36$. I hope it is correct.", "\\$36"),
         ("Therefore, the answer is 42. Thanks!", "42"),
         ("The answer is 6, since 2 + 4 = 6", "6"),
         ("She pays 3 * 4 = 12 dollars.\n#### 1,234", "1,234"),
@@ -64,6 +65,7 @@ def grader() -> Iterator[Grader]:
         "truncated-last-box-skipped",
         "answer-is-inline-math",
         "minerva-final-answer",
+        "escaped-dollar-inside-math",
         "answer-is-plain",
         "answer-is-then-a-reason",
         "gsm8k-hashes",
@@ -172,6 +174,10 @@ NOT_EQUIVALENT = [
     ("D", "\\text{(C)}"),
     ("\\text{Navin}", "\\text{Evelyn}"),
     ("", "5"),
+    ("6 \\text{ or more}", "6"),
+    ("10 times larger", "10"),
+    ("2 less than x", "2"),
+    ("5 is wrong", "5"),
 ]
 
 

@@ -133,6 +133,11 @@ def test_valid_cron_expressions_pass(expression: str) -> None:
     assert cron_problem(expression) is None
 
 
+def test_gate_mode_matches_an_eval_mode_written_differently() -> None:
+    recipe = parse_recipe(recipe_with(**{"eval.modes": ["greedy", "maj@8"], "gate.mode": "maj@08"}))
+    assert recipe.gate.metric.endswith("/maj@8")
+
+
 def test_overrides_set_dotted_fields() -> None:
     from models.recipe import apply_overrides
 
