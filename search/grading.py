@@ -338,7 +338,8 @@ def _canonical(answer: str, top_level: bool = True) -> _Canonical:
     if match := _TEXT_WRAPPER_RE.fullmatch(text):
         text = match.group(1).strip()
     choice = None
-    if top_level and (match := _CHOICE_RE.fullmatch(text)):  # inside a tuple, C is a variable
+    # Inside a tuple, C is a variable; "\text{(C) } 18" is choice C with its value.
+    if top_level and (match := _CHOICE_RE.fullmatch(_TEXT_WRAPPER_RE.sub(r"\1", text).strip())):
         choice = (match.group(1) or match.group(2)).upper()
     if _THOUSANDS_RE.fullmatch(text):  # before spaces go: "58, 500" is a list, not 58500
         text = text.replace(",", "")
