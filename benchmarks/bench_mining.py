@@ -35,6 +35,7 @@ from data_store.mining import (
     render_node_step,
     write_mined,
 )
+from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import render_prompt
 
 Node = dict  # one row of the nodes table
@@ -56,7 +57,8 @@ class _Tree:
     def _visit(self, node: Node) -> None:
         correct = node["kind"] == "answer" and node["correct"] is True
         wrong = node["kind"] == "answer" and node["correct"] is False
-        failure = node if node["kind"] == "error" or wrong else None
+        failed_step = node["kind"] == "error" and node["error"] != MALFORMED_STEP_ERROR
+        failure = node if failed_step or wrong else None
         for child in self.children[node["node_id"]]:
             self._visit(child)
             child_correct, child_wrong = self.leads[child["node_id"]]

@@ -39,6 +39,7 @@ from rapidfuzz.distance import Levenshtein
 from data_store.parquet import COMPRESSION, atomic_path
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
+from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import END_OF_CODE, END_OF_STEP, SolutionStep, StepKind, parse_step, render_prompt, render_solution
 
 if TYPE_CHECKING:
@@ -219,7 +220,9 @@ def _connect(files: Sequence[Path], config: MiningConfig) -> duckdb.DuckDBPyConn
 
 LOAD_SQL = """
 CREATE TEMP TABLE node AS
-SELECT hash(run, round, problem_id) AS tree, node_id, parent_id, depth, kind, correct, q_value FROM source;
+SELECT hash(run, round, problem_id) AS tree, node_id, parent_id, depth, kind, correct, q_value,
+       kind = 'error' AND error IS NOT DISTINCT FROM $malformed AS malformed
+FROM source;
 CREATE TEMP TABLE tree AS
 SELECT hash(run, round, problem_id) AS tree, run, round, problem_id, count(*) AS nodes,
        count(*) FILTER (WHERE parent_id = -1) AS roots,
@@ -240,10 +243,11 @@ WITH RECURSIVE up AS (
 SELECT * FROM up
 """
 
+# A malformed step (the policy broke the step format) is no branch a trace can show being tried.
 LEAF_SQL = """
 CREATE TEMP TABLE leaf AS
 SELECT tree, node_id, correct AS leaf_correct, kind = 'error' OR correct = false AS leaf_failed, depth AS leaf_depth
-FROM node WHERE kind = 'answer' OR (kind = 'error' AND $with_errors)
+FROM node WHERE kind = 'answer' OR (kind = 'error' AND NOT malformed AND $with_errors)
 """
 
 # Per node: whether some answer below (or at) it is correct / wrong, and (ASTRO) the shallowest
@@ -538,6 +542,11 @@ def _execute(con: duckdb.DuckDBPyConnection, statements: str, parameters: Mappin
         con.execute(statement, used or None)
 
 
+def load_trees(con: duckdb.DuckDBPyConnection) -> None:
+    """The `node` and `tree` tables from the `source` view (LOAD_SQL)."""
+    _execute(con, LOAD_SQL, {"malformed": MALFORMED_STEP_ERROR})
+
+
 def _ancestors(starts: str, carry: Sequence[str] = ()) -> str:
     return ANCESTORS_SQL.format(
         starts=starts,
@@ -568,7 +577,7 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
             "min_edit_distance": config.min_edit_distance,
         }
         with _timed(timings, "load"):
-            _execute(con, LOAD_SQL)
+            load_trees(con)
         with _timed(timings, "validate"):
             _validate(con, files, problems.select(["problem_id"]))
         astro = config.sft_format == "astro"

@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_store.mining import LOAD_SQL, MiningConfig, MiningInputError, _connect, _execute, _validate, find_node_files
+from data_store.mining import MiningConfig, MiningInputError, _connect, _validate, find_node_files, load_trees
 from data_store.mining import render_node_step
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
@@ -148,7 +148,7 @@ def _load_trees(node_files: Sequence[str | Path], problems: pa.Table, threads: i
     if not files:
         raise MiningInputError("no nodes files given")
     with closing(_connect(files, MiningConfig(threads=threads))) as con:
-        _execute(con, LOAD_SQL)
+        load_trees(con)
         _validate(con, files, problems.select(["problem_id"]))
         rows = con.sql(f"SELECT {_NODE_COLUMNS} FROM source ORDER BY run, round, problem_id, node_id").fetchall()
     names = _NODE_COLUMNS.split(", ")

@@ -155,8 +155,8 @@ def step_prefixes(text: str, step_format: str) -> list[str]:
 class Verdict:
     """What running and grading one completion found."""
 
-    well_formed: bool  # parses in the step format and ends in an answer step
-    correct: bool  # well-formed, its program ran, and its answer equals the reference
+    well_formed: bool  # parses in the step format and ends in an answer step right after a final code step
+    correct: bool  # well-formed, its program ran and printed the reference, and its answer equals it
     answer: str | None = None
     reason: str | None = None  # why it is not correct
 
@@ -168,11 +168,19 @@ def _parse_for_judging(text: str, step_format: str) -> tuple[list[SolutionStep] 
         return None, f"malformed: {err}"
     if not steps or parse_step(steps[-1].text).kind is not StepKind.ANSWER:
         return None, "malformed: the solution does not end in an answer step"
+    # The search and evaluation accept an answer only after a final code step (whose output they show).
+    if len(steps) < 2 or parse_step(steps[-2].text).kind is not StepKind.FINAL_CODE:
+        return None, "malformed: the answer step does not follow a final code step"
     return steps, None
 
 
 class SolutionJudge:
     """Runs and grades completions in batches: one sandbox call and one grader call per batch.
+
+    A completion is written in one go, its `<output>` included, so the output it shows is the
+    policy's guess; evaluation instead runs the code and shows the real output before the answer.
+    A completion is correct only when both the real output and its answer equal the reference: the
+    program is right, and the answer does not rest on a guessed output.
 
     The verdicts of the latest batch are kept, so rewards that read the same batch (outcome and
     reflection) run each program once.
@@ -200,16 +208,22 @@ class SolutionJudge:
         results = dict(zip([index for index, _ in programs],
                            self.executor.run_many([program for _, program in programs]) if programs else [],
                            strict=True))
-        to_grade = []
+        to_grade: list[tuple[int, str, str]] = []  # index, answer text, the program's last printed line
         for index, _, answer_text in runnable:
-            result = results.get(index)
-            if result is not None and not result.ok:
+            result = results[index]  # well-formed solutions end in a final code step, so they have a program
+            if not result.ok:
                 verdicts[index] = Verdict(True, False, reason=f"program failed: {result.error}")
             else:
-                to_grade.append((index, answer_text))
-        grades = self.checker.grade_many([(text, key[index][2]) for index, text in to_grade]) if to_grade else []
-        for (index, _), grade in zip(to_grade, grades, strict=True):
-            verdicts[index] = Verdict(True, bool(grade.equal), grade.pred_answer, None if grade.equal else "wrong answer")
+                printed = (result.stdout.strip().splitlines() or [""])[-1]
+                to_grade.append((index, answer_text, f"\\boxed{{{printed}}}"))
+        pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade for text in (answer_text, printed)]
+        grades = self.checker.grade_many(pairs) if pairs else []
+        for position, (index, _, _) in enumerate(to_grade):
+            answer_grade, output_grade = grades[2 * position], grades[2 * position + 1]
+            reason = None if answer_grade.equal else "wrong answer"
+            if answer_grade.equal and not output_grade.equal:
+                reason = "the answer does not match what the program printed"
+            verdicts[index] = Verdict(True, reason is None, answer_grade.pred_answer, reason)
         self._latest = (key, verdicts)  # type: ignore[assignment]  # every slot is filled by now
         return verdicts  # type: ignore[return-value]
 
@@ -257,7 +271,8 @@ class ReflectionBonus:
 
 
 class ProcessReward:
-    """The PPM's values of a completion's step prefixes, combined by min, mean or last; -1 when malformed."""
+    """The PPM's values of a completion's step prefixes (the prompt's own steps excluded), combined by
+    min, mean or last; -1 when malformed or empty."""
 
     __name__ = "ppm"
 
@@ -270,7 +285,10 @@ class ProcessReward:
         prefixes: list[list[str]] = []
         for prompt, completion in zip(prompts, completions):
             try:
-                prefixes.append(step_prefixes(prompt + completion, self.step_format))
+                # Only the completion's own steps: a restart prompt's steps are the same for the whole
+                # group, and under `min` they would often decide every completion's reward alike.
+                given = len(step_prefixes(prompt, self.step_format))
+                prefixes.append(step_prefixes(prompt + completion, self.step_format)[given:])
             except ValueError:
                 prefixes.append([])
         values = iter(self.scorer.score([text for texts in prefixes for text in texts]))

@@ -331,6 +331,20 @@ def test_astro_trace_names_the_wrong_answer_and_can_start_over(tmp_path: Path) -
     )
 
 
+def test_astro_trace_never_shows_a_malformed_step_as_the_branch_tried(tmp_path: Path) -> None:
+    from search.mcts import MALFORMED_STEP_ERROR
+
+    rows = tree(
+        root(),
+        step(1, 0, 0.5),
+        step(2, 1, -1.0, kind="error", step="total = a +", error=MALFORMED_STEP_ERROR),
+        leaf(3, 1, True),
+    )
+    _, astro = mined(tmp_path, rows, sft_format="astro")
+    _, plain = mined(tmp_path / "plain", rows)
+    assert astro[0]["completion"] == plain[0]["completion"]
+
+
 def test_astro_trace_without_any_failure_is_the_plain_solution(tmp_path: Path) -> None:
     rows = tree(root(), step(1, 0, 0.5), leaf(2, 1, True))
     _, astro = mined(tmp_path, rows, sft_format="astro")

@@ -13,7 +13,7 @@ from test_coat import ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRON
 from test_training import FAST_SFT, tiny_model, write_table  # noqa: F401 - module fixtures shared with SFT tests
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
-from models.rl import FormatReward, OutcomeReward, ReflectionBonus, SolutionJudge
+from models.rl import FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge
 from models.tiny import build_tiny_model, default_corpus
 from models.training import PROVENANCE_FILE, TrainingInputError, train_rl, train_sft
 from search.coat import COAT_TOKENS
@@ -85,6 +85,20 @@ def test_outcome_reward_is_plus_one_only_for_a_correct_program_run(judge: Soluti
     assert OutcomeReward(judge)([PROMPT] * 4, completions, answer=["6"] * 4) == [1.0, -1.0, -1.0, -1.0]
 
 
+def test_an_answer_resting_on_a_guessed_output_is_wrong(judge: SolutionJudge) -> None:
+    # The program prints 12; the completion claims it printed 6 and answers 6, as a policy writing
+    # its own <output> can. Evaluation would show 12 before the answer.
+    guessed = render_solution([APPLES, SolutionStep(WRONG_PRINT.text, output="6"), ANSWER])
+    [verdict] = judge.judge([PROMPT], [guessed], ["6"])
+    assert not verdict.correct and "printed" in verdict.reason
+
+
+def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:
+    assert OutcomeReward(judge)([PROMPT] * 2, [render_solution([ANSWER]), render_solution([APPLES, ANSWER])],
+                                answer=["6", "6"]) == [-1.0, -1.0]
+    assert FormatReward()([PROMPT], [render_solution([ANSWER])]) == [0.0]
+
+
 def test_outcome_reward_values_are_configurable(judge: SolutionJudge) -> None:
     reward = OutcomeReward(judge, correct=1.0, wrong=0.0)
     assert reward([PROMPT] * 2, [SOLVED, render_solution([APPLES, WRONG_PRINT, WRONG_ANSWER])], answer=["6", "6"]) == [1.0, 0.0]
@@ -98,6 +112,25 @@ def test_restart_completion_runs_with_the_prompts_prefix(judge: SolutionJudge) -
 def test_reflection_bonus_rewards_only_recoveries_from_wrong_prefixes(judge: SolutionJudge) -> None:
     bonus = ReflectionBonus(judge, bonus=0.5)
     assert bonus([PROMPT] * 3, [SOLVED] * 3, answer=["6"] * 3, prefix_kind=["wrong", "correct", "none"]) == [0.5, 0, 0]
+
+
+class LengthScorer:
+    """A stand-in PPM: the value of a prefix falls with its length; records what it scored."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def score(self, texts: list[str]) -> list[float]:
+        self.texts += texts
+        return [-len(text) / 1000 for text in texts]
+
+
+def test_process_reward_scores_only_the_completions_own_steps() -> None:
+    scorer = LengthScorer()
+    prompt = PROMPT + render_solution([APPLES])  # a restart prompt: its first step is given
+    [reward] = ProcessReward(scorer, aggregate="min")([prompt], [render_solution([SHARE, PRINT, ANSWER])])
+    assert len(scorer.texts) == 3 and all(text.startswith(prompt) and len(text) > len(prompt) for text in scorer.texts)
+    assert reward == -len(scorer.texts[-1]) / 1000
 
 
 def test_format_reward_needs_closed_steps_ending_in_an_answer() -> None:
