@@ -380,8 +380,10 @@ def cli_evaluate(argv: list[str]) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from data_store.parquet import check_output_directory
+    from models.evaluation import check_eval_settings
 
-    _evaluation_inputs(args.benchmarks, args.modes, args.limit, args.backend, args.seed, args.step_format)
+    # Names and modes only: the flow loads the benchmark files once, and reports a bad one in one line.
+    check_eval_settings(args.benchmarks, args.modes or ["greedy"], {})
     if args.out:
         check_output_directory(args.out)
     _quiet_prefect()

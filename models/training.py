@@ -479,10 +479,10 @@ def _check_coat_tokens(kind: str, config: Mapping[str, Any], start_model: str) -
 def _check_lora_placement(kind: str, config: dict[str, Any]) -> None:
     """LoRA adapters are merged into the saved model on rank 0, which needs every weight on that rank:
     under FSDP the other ranks would wait at a collective rank 0 never joins, until NCCL times out."""
-    import yaml
-
     if not (config.get("lora_r") and config.get("accelerate_config")):
         return
+    import yaml
+
     accelerate = yaml.safe_load(_resolve_file(config["accelerate_config"]).read_text()) or {}
     if str(accelerate.get("distributed_type", "")).upper() == "FSDP":
         raise TrainingInputError(

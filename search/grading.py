@@ -237,15 +237,23 @@ def _are_unit_words(words: str) -> bool:
     return not any(word.lower() in _NOT_UNIT_WORDS for word in words.replace(".", " ").split())
 
 
-def _drop_trailing_unit(text: str) -> str:
+def _drop_trailing_unit(text: str) -> tuple[str, bool]:
+    """`text` without a trailing `\\text{unit}`, and whether the words there qualify the number instead
+    ("6 \\text{ or more}"), which math-verify would drop like a unit; then nothing is dropped."""
     match = _TRAILING_UNIT_RE.search(text)
-    return text[: match.start()] if match and _are_unit_words(match["words"]) else text
+    if match is None:
+        return text, False
+    return (text[: match.start()], False) if _are_unit_words(match["words"]) else (text, True)
 
 
-def _is_qualified(text: str) -> bool:
-    """A number followed by words that qualify it, which math-verify would drop like a unit."""
-    match = _TRAILING_UNIT_RE.search(text) or _NUMBER_WITH_WORDS_RE.fullmatch(text.strip())
-    return bool(match) and not _are_unit_words(match["words"])
+def _drop_unit_words(text: str) -> tuple[str, bool]:
+    """The same for plain words after a number: "36 dollars" is 36, "6 or more" stays as it is."""
+    match = _NUMBER_WITH_WORDS_RE.fullmatch(text.strip())
+    if match is None:
+        return text, False
+    return (match.group(1), False) if _are_unit_words(match["words"]) else (text, True)
+
+
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 _CHOICE_RE = re.compile(r"\(([A-Ea-e])\)(?:\s.*)?|([A-E])")
 _THOUSANDS_SEPARATOR_RE = re.compile(r"(?<=\d)(?:\{,\}|,\\!)\s*(?=\d)")
@@ -269,15 +277,12 @@ _SCIENTIFIC_RE = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?)[eE]([-+]?\d+)(?![\w.])
 def _plain_to_latex(text: str) -> str:
     """Translates plain-text notation (`2pi`, `exp(16)`, `x**2`, `1e-5`) to LaTeX.
 
-    math-verify reads `exp(16)` as E*x*p(16) and `2pi` as 2*i*p; words left after a number are
-    then units ("36 dollars"), which are dropped.
+    math-verify reads `exp(16)` as E*x*p(16) and `2pi` as 2*i*p. Words left after a number are
+    handled by `_drop_unit_words`, afterwards.
     """
     text = text.replace("**", "^")
     text = _SCIENTIFIC_RE.sub(r"\1\\times10^{\2}", text)
-    text = _BARE_FUNCTION_RE.sub(r"\\\1", text)
-    if (match := _NUMBER_WITH_WORDS_RE.fullmatch(text.strip())) and _are_unit_words(match["words"]):
-        text = match.group(1)
-    return text
+    return _BARE_FUNCTION_RE.sub(r"\\\1", text)
 
 
 @dataclass(frozen=True)
@@ -333,8 +338,9 @@ def _canonical(answer: str, top_level: bool = True) -> _Canonical:
     text = _DEGREES_RE.sub("", text)
     text = text.replace("\\$", "").replace("$", "")
     text = re.sub(r"(?<!\\)%", r"\\%", text).strip().rstrip(".,").strip()
-    qualified = _is_qualified(text)
-    text = _plain_to_latex(_drop_trailing_unit(text))
+    text, qualified_by_text = _drop_trailing_unit(text)
+    text, qualified_by_words = _drop_unit_words(_plain_to_latex(text))
+    qualified = qualified_by_text or qualified_by_words
     if match := _TEXT_WRAPPER_RE.fullmatch(text):
         text = match.group(1).strip()
     choice = None
@@ -462,7 +468,7 @@ _MAX_FLOAT_BITS = 1e15  # mpmath floats carry binary exponents far beyond this
 
 def _latex_for_checker(answer: str) -> str:
     """The answer as math-verify reads it best: boxed LaTeX."""
-    return "\\boxed{" + _plain_to_latex(_strip_delimiters(answer)) + "}"
+    return "\\boxed{" + _drop_unit_words(_plain_to_latex(_strip_delimiters(answer)))[0] + "}"
 
 
 @lru_cache(maxsize=8192)
