@@ -230,6 +230,22 @@ class VLLMServerConfig:
             raise ValueError("tensor_parallel_size and data_parallel_size must be >= 1")
 
 
+def _server_environment(scratch: Path) -> dict[str, str]:
+    """The server's environment, with its temporary files in `scratch` (removed when it stops).
+
+    vLLM leaves an IPC socket per engine connection and a `vllm_dist_*` rendezvous file in the
+    temporary directory on every start, and never removes them: a run starting several servers a
+    round would otherwise fill /tmp night after night. The inductor cache stays where it was, so
+    compiled kernels still carry over from one server to the next.
+    """
+    import getpass
+
+    environment = dict(os.environ)
+    environment.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
+    environment["TMPDIR"] = environment["VLLM_RPC_BASE_PATH"] = str(scratch)
+    return environment
+
+
 class VLLMServer:
     """A vLLM OpenAI-compatible server on one checkpoint, as a context manager.
 
@@ -254,6 +270,7 @@ class VLLMServer:
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else None
         self._process: subprocess.Popen[bytes] | None = None
+        self._scratch: Path | None = None
 
     @property
     def base_url(self) -> str:
@@ -307,10 +324,11 @@ class VLLMServer:
             os.close(handle)
             self.log_path = Path(name)
         for attempt in range(1, PORT_ATTEMPTS + 1):
+            self._scratch = Path(tempfile.mkdtemp(prefix="kaizen-vllm-tmp-"))
             with self.log_path.open("wb") as log:
                 self._process = subprocess.Popen(
                     self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_tie_to_this_thread(),
+                    start_new_session=True, preexec_fn=_tie_to_this_thread(), env=_server_environment(self._scratch),
                 )
             atexit.register(self.stop)
             try:
@@ -389,6 +407,9 @@ class VLLMServer:
             # A killed engine takes a moment to exit and release its (GPU) memory; a server started
             # right after must not race it.
             _wait_for_group_exit(process.pid, timeout_s=self.config.stop_timeout_s)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
         if self._own_log and not keep_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 

@@ -219,7 +219,7 @@ def test_server_does_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         "from models.vllm_server import VLLMServer, VLLMServerConfig\n"
         f"VLLMServer({str(tmp_path)!r}, python={str(fake_python)!r}, "
         "config=VLLMServerConfig(startup_timeout_s=60)).start()\n"
-    )], cwd=Path(__file__).resolve().parents[1])
+    )], cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TMPDIR": str(tmp_path)})  # a killed starter cannot clean up
     try:
         deadline = time.monotonic() + 30
         while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
@@ -278,3 +278,21 @@ def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path, mon
         monkeypatch.setattr("models.vllm_server.free_port", lambda host="127.0.0.1": next(ports))
         with VLLMServer(tmp_path, python=fake_python, config=VLLMServerConfig(startup_timeout_s=30)) as server:
             assert server.port != taken_port and server.running
+
+
+def test_temporary_files_the_server_leaves_are_removed_when_it_stops(tmp_path: Path) -> None:
+    """vLLM never removes its IPC sockets and rendezvous files; nightly runs must not pile them up in /tmp."""
+    script = tmp_path / "fake_server.py"
+    # Like vLLM: a rendezvous file in the temporary directory and a socket under VLLM_RPC_BASE_PATH.
+    script.write_text(
+        "import os, tempfile\n"
+        "open(os.path.join(tempfile.gettempdir(), 'vllm_dist_test'), 'w').close()\n"
+        "open(os.path.join(os.environ['VLLM_RPC_BASE_PATH'], 'engine.sock'), 'w').close()\n" + FAKE_SERVER
+    )
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    fake_python.chmod(0o755)
+    with VLLMServer(tmp_path, python=fake_python, config=VLLMServerConfig(startup_timeout_s=30)) as server:
+        scratch = server._scratch
+        assert scratch is not None and {path.name for path in scratch.iterdir()} == {"vllm_dist_test", "engine.sock"}
+    assert not scratch.exists()
