@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +50,7 @@ from models.rl import (
 )
 
 KINDS = ("sft", "ppm", "rl")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"), "ppm": ("prompt", "chosen", "rejected"), "rl": ("prompt", "answer")
 }
@@ -137,6 +138,12 @@ class RunFields:
         default=None,
         metadata={"help": "recompute activations in backward; None: on when a CUDA device is present, off on CPU"},
     )
+    save_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the saved weights: float32, bfloat16 or float16; None: the mixed-precision dtype "
+                  "(bfloat16 with bf16, float16 with fp16), else float32. Training precision is unchanged; a 7B "
+                  "checkpoint takes 15 GB in bfloat16 against 30 in float32"},
+    )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "loss-curve loggers"})
     save_strategy: str = field(default="no", metadata={"help": "intermediate checkpoints ('no': final model only)"})
     include_num_input_tokens_seen: str | bool = field(
@@ -161,6 +168,10 @@ def _resolve_run_fields(config: Any) -> None:
         config.bf16 = on_gpu and not config.fp16
     if config.gradient_checkpointing is None:
         config.gradient_checkpointing = on_gpu
+    if config.save_dtype is None:
+        config.save_dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32"
+    if config.save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {config.save_dtype!r}")
     if config.global_batch_size is not None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = config.per_device_train_batch_size * world_size
@@ -853,11 +864,48 @@ def _build_trainer(kind: str, config: Any, tokenizer: Any, model: Any, new_token
 def _save(trainer: Any, config: Any, tokenizer: Any, staging: Path) -> None:
     if not config.lora_r:
         trainer.save_model(str(staging))
-        return
-    if trainer.is_world_process_zero():
+    elif trainer.is_world_process_zero():
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+    if trainer.is_world_process_zero() and config.save_dtype != "float32":
+        cast_saved_weights(staging, config.save_dtype)
+
+
+def cast_saved_weights(checkpoint: Path, dtype_name: str) -> None:
+    """Rewrite a saved checkpoint's floating-point weights in `dtype_name`, one safetensors file at a time.
+
+    The trainers keep float32 master weights and save them as they are; cast afterwards, so the same
+    code serves plain, FSDP-gathered and LoRA-merged saves. Each file is replaced atomically, and
+    the whole checkpoint is still in its staging directory, invisible to readers, while this runs.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dtype = getattr(torch, dtype_name)
+    total = 0
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(path).items()}
+        total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        temporary = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    _rewrite_json(checkpoint / "config.json", lambda config: {**config, "dtype": dtype_name})
+    # A sharded checkpoint's index records the weights' total size in bytes.
+    _rewrite_json(
+        checkpoint / "model.safetensors.index.json",
+        lambda index: {**index, "metadata": {**index.get("metadata", {}), "total_size": total}},
+    )
+
+
+def _rewrite_json(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    if path.is_file():
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8"))), indent=2) + "\n")
+        os.replace(temporary, path)
 
 
 def _versions() -> dict[str, str]:

@@ -18,8 +18,10 @@ from models.ppm import PPMScorer, cli_score, encode_texts
 from models.tiny import build_tiny_model, default_corpus
 from models.training import (
     PROVENANCE_FILE,
+    SFTTrainingConfig,
     TrainingInputError,
     TrainingRunError,
+    cast_saved_weights,
     file_sha256,
     load_training_config,
     prepare_run,
@@ -393,3 +395,40 @@ def test_lora_training_saves_a_plain_merged_model(tmp_path: Path, tiny_model: Pa
                     overrides={**FAST_SFT, "max_steps": 3, "lora_r": 4})
     assert not (out / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+# --- saved precision ---------------------------------------------------------------------------
+
+
+def test_saved_weights_follow_the_mixed_precision_dtype(tmp_path: Path) -> None:
+    assert SFTTrainingConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).save_dtype == "bfloat16"
+    assert SFTTrainingConfig(output_dir=str(tmp_path)).save_dtype == "float32"  # CPU: no mixed precision
+
+
+def test_an_unknown_save_dtype_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="save_dtype must be one of float32, bfloat16, float16"):
+        SFTTrainingConfig(output_dir=str(tmp_path), save_dtype="int8")
+
+
+@pytest.mark.parametrize("shard_size", [None, "200KB"], ids=["one_file", "sharded"])
+def test_a_cast_checkpoint_loads_with_the_rounded_weights(tmp_path: Path, tiny_model: Path, shard_size: str | None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    original.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    cast_saved_weights(tmp_path, "bfloat16")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in original.state_dict().items()}
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+
+
+@pytest.mark.slow
+def test_training_saves_in_the_asked_dtype(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    from safetensors import safe_open
+
+    out = train_sft([sft_table], tmp_path / "bf16", base_model=str(tiny_model),
+                    overrides={**FAST_SFT, "max_steps": 2, "save_dtype": "bfloat16"})
+    with safe_open(str(out / "model.safetensors"), framework="pt") as weights:
+        assert {str(weights.get_slice(name).get_dtype()) for name in weights.keys()} == {"BF16"}
