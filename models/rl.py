@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from search.coat import CoatFormatError, final_answer, live_path, missing_coat_tokens, parse_coat_trajectory
 from search.coat import render_coat_solution, solution_program
+from search.rollout import last_printed_line
 from search.steps import END_OF_ANSWER, SolutionStep, StepFormat, StepKind, parse_step, parse_trajectory, render_prompt
 from search.steps import render_solution
 
@@ -214,8 +215,9 @@ class SolutionJudge:
             if not result.ok:
                 verdicts[index] = Verdict(True, False, reason=f"program failed: {result.error}")
             else:
-                printed = (result.stdout.strip().splitlines() or [""])[-1]
-                to_grade.append((index, answer_text, f"\\boxed{{{printed}}}"))
+                # Stricter than the search (search.rollout.printed_answer): any printed result must be
+                # the reference, or a policy could print words to escape the check and guess.
+                to_grade.append((index, answer_text, f"\\boxed{{{last_printed_line(result.stdout)}}}"))
         pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade for text in (answer_text, printed)]
         grades = self.checker.grade_many(pairs) if pairs else []
         for position, (index, _, _) in enumerate(to_grade):

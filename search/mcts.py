@@ -11,8 +11,9 @@ reached is expanded with up to `width` distinct candidates; the rollout then con
 best new child and ends when an expansion yields only terminal children. The tree is done after
 `rollouts` rollouts or when nothing is left to expand.
 
-Rewards. An answer node gets +1 when it matches the reference and -1 otherwise (in test-time mode
-its PPM score instead), back-propagated to the root when the node is created: `q += reward`,
+Rewards. An answer node gets +1 when it is verified (its answer matches the reference and, when
+its program printed a number, so does that number: `search.rollout.verified`) and -1 otherwise
+(in test-time mode its PPM score instead), back-propagated to the root when the node is created: `q += reward`,
 `N += 1` along the path, `Q = q / N`. Nodes that cannot continue are dropped, as the official rStar
 code does with its structural failures: an `error` node (its program failed in the sandbox, or the
 step is malformed) and a `depth_limit` node (a non-final step at the maximum depth) get `Q = -1`

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,38 @@ class AnswerChecker(Protocol):
     """Grades (predicted answer text, reference) pairs (search.grading.Grader implements it)."""
 
     def grade_many(self, pairs: Sequence[tuple[str, str]]) -> Sequence[AnswerGrade]: ...
+
+
+# A plain number as Python prints it: an int, a float (also in e-notation), a Fraction.
+_PRINTED_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?")
+
+
+def printed_answer(stdout: str | None) -> str | None:
+    """The last line a program printed, boxed to grade like a written answer, when it is a plain number.
+
+    A solution's answer step should restate what its program printed; a tiny or weak policy often
+    writes some other number, and when that guess happens to be the reference the solution looks
+    verified though its code computed something else. Only numbers are held to this: a symbolic
+    result prints in Python's notation (`sqrt(2)/2`), which need not read as the same LaTeX.
+    """
+    last = last_printed_line(stdout)
+    return f"\\boxed{{{last}}}" if _PRINTED_NUMBER_RE.fullmatch(last) else None
+
+
+def last_printed_line(stdout: str | None) -> str:
+    """A program's result as solutions use it: the last line it printed, stripped."""
+    lines = (stdout or "").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def verified(answer: AnswerGrade, printed: AnswerGrade | None) -> bool | None:
+    """Whether a solution is verified correct: its answer equals the reference and so does the number its
+    program printed (`printed` is None when it printed no plain number). None: the grader could not tell."""
+    if answer.status not in JUDGED_STATUSES:
+        return None
+    if not answer.equal or printed is None:
+        return bool(answer.equal)
+    return bool(printed.equal) if printed.status in JUDGED_STATUSES else None
 
 
 @dataclass(frozen=True)
@@ -291,11 +324,16 @@ class _Driver:
         answers = [(e, c) for e in expansions for c in e.candidates if c.parsed.kind is StepKind.ANSWER]
         if not answers:
             return
-        grades = self.checker.grade_many([(c.parsed.answer_text or "", e.reference) for e, c in answers])
-        for (_, candidate), grade in zip(answers, grades, strict=True):
+        # An answer follows the final code step being expanded, whose real output the policy was shown.
+        printed = [printed_answer(e.node.output) for e, _ in answers]
+        pairs = [(c.parsed.answer_text or "", e.reference) for e, c in answers]
+        pairs += [(text, e.reference) for (e, _), text in zip(answers, printed, strict=True) if text is not None]
+        grades = iter(self.checker.grade_many(pairs))
+        answer_grades = [next(grades) for _ in answers]
+        for (_, candidate), grade, text in zip(answers, answer_grades, printed, strict=True):
             # A timeout or checker failure says nothing about the answer: no reward rather than -1.
-            judged = grade.status in JUDGED_STATUSES
-            candidate.correct, candidate.answer = (bool(grade.equal) if judged else None), grade.pred_answer
+            candidate.correct = verified(grade, next(grades) if text is not None else None)
+            candidate.answer = grade.pred_answer
 
     def _apply(self, batch: _PendingBatch) -> None:
         for evaluation in batch.evaluations:

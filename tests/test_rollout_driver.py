@@ -18,7 +18,15 @@ import pytest
 
 from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
 from search.policy import Completion, StepScorer
-from search.rollout import AnswerChecker, Executor, Problem, RolloutProgress, RolloutResult, run_rollouts
+from search.rollout import (
+    AnswerChecker,
+    Executor,
+    Problem,
+    RolloutProgress,
+    RolloutResult,
+    printed_answer,
+    run_rollouts,
+)
 from search.steps import END_OF_STEP
 
 QUESTION = "What is 2 + 3?"
@@ -297,7 +305,8 @@ def test_each_pass_grades_all_answers_in_one_checker_call() -> None:
     result = search(toy_problems(5), MCTSConfig(width=3, rollouts=3), policy, checker=checker, pipeline_groups=1)
     answer_passes = sum(any(p.endswith("<end_of_output>\n") for p in prompts) for prompts in policy.calls)
     assert len(checker.calls) == answer_passes
-    assert sum(map(len, checker.calls)) == result.stats.answers_graded
+    # Each answer once, and the number its program printed (the scripted programs all print one).
+    assert sum(map(len, checker.calls)) == 2 * result.stats.answers_graded
 
 
 def test_trees_left_over_from_two_groups_share_one_call() -> None:
@@ -379,3 +388,44 @@ def test_error_nodes_record_why_they_failed() -> None:
     result = search(toy_problems(1), MCTSConfig(width=3, rollouts=16))
     errors = [row for row in result.node_rows("run", 1) if row["kind"] == "error"]
     assert errors and all(row["error"] for row in errors)
+
+
+# --- verification: the answer must restate what the program printed ----------------------------
+
+
+class GuessingPolicy(ScriptedPolicy):
+    """Answers the reference whatever its program printed, as a tiny policy that learnt the answers' look does."""
+
+    def _continue(self, prompt: str, n: int) -> list[str]:
+        if prompt.endswith("<end_of_output>\n"):
+            return ["<answer>The result is \\boxed{5}.<end_of_answer>"] * n
+        return super()._continue(prompt, n)
+
+
+def answers_with_printed(result: RolloutResult) -> list[tuple[bool | None, str]]:
+    return [(node.correct, tree.nodes[node.parent_id].output or "")
+            for tree in result.trees for node in tree.nodes if node.kind is NodeKind.ANSWER]
+
+
+def test_a_right_answer_after_a_program_that_printed_another_number_is_not_verified() -> None:
+    result = search(toy_problems(3), MCTSConfig(width=3, rollouts=6), GuessingPolicy())
+    answers = answers_with_printed(result)
+    assert any(printed.strip() != "5" for _, printed in answers)  # the search did reach wrong programs
+    assert all(correct == (printed.strip() == "5") for correct, printed in answers)
+
+
+def test_a_program_that_printed_no_number_leaves_the_answer_to_decide() -> None:
+    """Symbolic results print in Python's notation, which need not read as the reference's LaTeX."""
+    menus = (["# Step 1: name it\nb = 'sqrt(25)'\n<end_of_step>"], [FINAL_STEP])
+    result = search(toy_problems(1), MCTSConfig(width=1, rollouts=1), GuessingPolicy(menus))
+    assert answers_with_printed(result) == [(True, "sqrt(25)\n")]
+
+
+@pytest.mark.parametrize("printed", ["5", "-3", "2.50", ".5", "1e-06", "7/2", "  12  \n"])
+def test_printed_numbers_are_held_to_the_reference(printed: str) -> None:
+    assert printed_answer(f"some line\n{printed}") == f"\\boxed{{{printed.strip()}}}"
+
+
+@pytest.mark.parametrize("printed", ["", "sqrt(2)/2", "x = 5", "(1, 2)", "5 apples", "[5]"])
+def test_printed_non_numbers_are_not(printed: str) -> None:
+    assert printed_answer(printed) is None
