@@ -39,6 +39,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
+from data_store.parquet import atomic_path
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -890,9 +891,8 @@ def cast_saved_weights(checkpoint: Path, dtype_name: str) -> None:
             metadata = handle.metadata()
         tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(path).items()}
         total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
     _rewrite_json(checkpoint / "config.json", lambda config: {**config, "dtype": dtype_name})
     # A sharded checkpoint's index records the weights' total size in bytes.
     _rewrite_json(
@@ -903,9 +903,9 @@ def cast_saved_weights(checkpoint: Path, dtype_name: str) -> None:
 
 def _rewrite_json(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     if path.is_file():
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8"))), indent=2) + "\n")
-        os.replace(temporary, path)
+        changed = change(json.loads(path.read_text(encoding="utf-8")))
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(changed, indent=2) + "\n", encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:

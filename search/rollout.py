@@ -328,11 +328,11 @@ class _Driver:
         printed = [printed_answer(e.node.output) for e, _ in answers]
         pairs = [(c.parsed.answer_text or "", e.reference) for e, c in answers]
         pairs += [(text, e.reference) for (e, _), text in zip(answers, printed, strict=True) if text is not None]
-        grades = iter(self.checker.grade_many(pairs))
-        answer_grades = [next(grades) for _ in answers]
-        for (_, candidate), grade, text in zip(answers, answer_grades, printed, strict=True):
+        grades = self.checker.grade_many(pairs)
+        printed_grades = iter(grades[len(answers) :])
+        for (_, candidate), grade, text in zip(answers, grades[: len(answers)], printed, strict=True):
             # A timeout or checker failure says nothing about the answer: no reward rather than -1.
-            candidate.correct = verified(grade, next(grades) if text is not None else None)
+            candidate.correct = verified(grade, next(printed_grades) if text is not None else None)
             candidate.answer = grade.pred_answer
 
     def _apply(self, batch: _PendingBatch) -> None:
