@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def server(model_dir: Path):
 
 
 @pytest.fixture
+def failure_logs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A server that fails to start keeps its log in the temporary directory; tests keep theirs out of /tmp."""
+    logs = tmp_path / "tmp"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+    return logs
+
+
+@pytest.fixture
 def generator(server: VLLMServer):
     with server.generator(seed=0) as client:
         yield client
@@ -138,6 +148,7 @@ class TestServerLifecycle:
         assert live_processes_in_group(group) == []
         assert port_is_closed(port)
 
+    @pytest.mark.usefixtures("failure_logs_in_tmp_path")
     def test_a_model_that_does_not_load_fails_with_one_clear_line(self, tmp_path: Path) -> None:
         (tmp_path / "config.json").write_text("{}")
         server = VLLMServer(tmp_path, config=VLLMServerConfig(startup_timeout_s=240))
@@ -146,6 +157,7 @@ class TestServerLifecycle:
         assert "\n" not in str(error.value) and str(tmp_path) in str(error.value)
         assert not server.running
 
+    @pytest.mark.usefixtures("failure_logs_in_tmp_path")
     def test_startup_timeout_stops_the_server(self, model_dir: Path) -> None:
         server = VLLMServer(model_dir, config=VLLMServerConfig(startup_timeout_s=3))
         started = time.monotonic()
@@ -154,6 +166,7 @@ class TestServerLifecycle:
         assert time.monotonic() - started < 60
         assert not server.running
 
+    @pytest.mark.usefixtures("failure_logs_in_tmp_path")
     def test_cli_serve_on_a_broken_model_exits_non_zero_with_one_line(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -162,6 +175,17 @@ class TestServerLifecycle:
         err = capsys.readouterr().err
         assert err.startswith("kaizen vllm: error: vLLM server for") and err.count("\n") == 1
         assert "model_type" in err  # the root cause from the server log, not a generic failure
+
+
+def test_a_failed_start_keeps_its_log_and_names_it(tmp_path: Path, failure_logs_in_tmp_path: Path) -> None:
+    fake_python = tmp_path / "python"  # a server that dies during startup, as vLLM does on a bad model
+    fake_python.write_text("#!/bin/sh\necho 'ValueError: no model_type in config.json'\nexit 1\n")
+    fake_python.chmod(0o755)
+    server = VLLMServer(tmp_path, python=fake_python, config=VLLMServerConfig(startup_timeout_s=30))
+    with pytest.raises(VLLMServerError) as error:
+        server.start()
+    [log] = failure_logs_in_tmp_path.glob("kaizen-vllm-*.log")
+    assert f"(log: {log})" in str(error.value) and "no model_type" in log.read_text()
 
 
 def test_missing_environment_is_a_clear_error(tmp_path: Path) -> None:
