@@ -1,4 +1,4 @@
-"""Atomic Parquet writes: a reader sees a whole file or none, even if the writer is killed mid-file.
+"""Atomic Parquet and JSON writes: a reader sees a whole file or none, even if the writer is killed mid-file.
 
 Every writer here writes to a hidden temporary name in the destination directory
 (`.{name}.{pid}.{random}.tmp`), fsyncs it, and renames it over the final name with `os.replace`
@@ -9,6 +9,7 @@ leaves at most a hidden `.tmp` file behind; `remove_stale_temporaries` sweeps th
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +57,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync(final.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike[str], document: Any, **dumps_options: Any) -> Path:
+    """Write `document` as JSON (one trailing newline) to `path` atomically; options go to `json.dumps`."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, **dumps_options) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 def write_table(data: pa.Table, path: str | os.PathLike[str], *, table: str | None = None) -> Path:

@@ -14,13 +14,12 @@ Running it again resumes: finished stages come from Prefect's cache.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from data_store.home import Layout, get_home
-from data_store.parquet import atomic_path
+from data_store.parquet import write_json
 
 DEFAULT_RECIPE = "demo"
 SUMMARY_COLUMNS = (
@@ -72,8 +71,7 @@ def cli_demo(argv: list[str]) -> int:
     layout = Layout(home)
     rows = summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
     summary_path = home / "summary.json"
-    with atomic_path(summary_path) as temporary:
-        temporary.write_text(json.dumps({"rounds": rows, "total_wall_s": total_wall_s}, indent=2) + "\n")
+    write_json(summary_path, {"rounds": rows, "total_wall_s": total_wall_s}, indent=2)
     report = write_run_report(layout, recipe.run, out=home / "report.html")
     print(summary_table(rows))
     print(f"total {total_wall_s / 60:.1f} min; summary -> {summary_path}; report -> {report}")

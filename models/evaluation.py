@@ -17,7 +17,6 @@ reference in GSM8K's `solution #### answer` form is cut to the answer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -332,15 +331,14 @@ def write_eval(report: EvalReport, out_dir: str | Path) -> Path:
     a directory with a summary holds a complete evaluation, and an interrupted write never pairs
     a new table with an old summary.
     """
-    from data_store.parquet import atomic_path, write_table
+    from data_store.parquet import write_json, write_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).unlink(missing_ok=True)
     table_path = write_table(report.rows, out / EVAL_FILE, table="eval")
     document = {"metrics": report.metrics(), "summary": [asdict(line) for line in report.summary]}
-    with atomic_path(out / SUMMARY_FILE) as temporary:
-        temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out / SUMMARY_FILE, document, indent=2, sort_keys=True)
     return table_path
 
 

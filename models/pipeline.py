@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from data_store.home import Layout
-from data_store.parquet import atomic_path, write_table
+from data_store.parquet import write_json, write_table
 from data_store.schema import conform
 from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 
@@ -460,8 +460,7 @@ class Pipeline:
 
     def mark_stale(self, round_number: int, rerun: str, stale: Sequence[str]) -> None:
         """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run again."""
-        with atomic_path(self.layout.round_dir(self.run, round_number) / STALE_FILE) as temporary:
-            temporary.write_text(json.dumps({"rerun": rerun, "stale": list(stale)}) + "\n", encoding="utf-8")
+        write_json(self.layout.round_dir(self.run, round_number) / STALE_FILE, {"rerun": rerun, "stale": list(stale)})
 
     def stale_since(self, round_number: int) -> str | None:
         """The stage re-run in a round since its gate, or None when the round's promotion is up to date."""
@@ -520,9 +519,7 @@ class Pipeline:
             "ppm": asdict(record.ppm) if record.ppm else None, "metrics": record.metrics,
             "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        with atomic_path(path) as temporary:
-            temporary.write_text(json.dumps(promoted, indent=2), encoding="utf-8")
-        return Artifact.of(path)
+        return Artifact.of(write_json(path, promoted, indent=2))
 
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
-from data_store.parquet import atomic_path
+from data_store.parquet import atomic_path, write_json
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -882,14 +882,15 @@ def cast_saved_weights(checkpoint: Path, dtype_name: str) -> None:
     """
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     dtype = getattr(torch, dtype_name)
     total = 0
     for path in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(path).items()}
+            tensors = {name: (t.to(dtype) if (t := handle.get_tensor(name)).is_floating_point() else t)
+                       for name in handle.keys()}
         total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
         with atomic_path(path) as temporary:
             save_file(tensors, str(temporary), metadata=metadata)
@@ -903,9 +904,7 @@ def cast_saved_weights(checkpoint: Path, dtype_name: str) -> None:
 
 def _rewrite_json(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     if path.is_file():
-        changed = change(json.loads(path.read_text(encoding="utf-8")))
-        with atomic_path(path) as temporary:
-            temporary.write_text(json.dumps(changed, indent=2) + "\n", encoding="utf-8")
+        write_json(path, change(json.loads(path.read_text(encoding="utf-8"))), indent=2)
 
 
 def _versions() -> dict[str, str]:
@@ -958,9 +957,7 @@ def _write_provenance(request: RunRequest, config: Any, trainer: Any, train_metr
     if request.kind == "ppm":
         record["value"] = ScoringContract.load(staging).value
     # Written last and atomically: its presence marks the checkpoint complete.
-    temporary = staging / f".{PROVENANCE_FILE}.tmp"
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, staging / PROVENANCE_FILE)
+    write_json(staging / PROVENANCE_FILE, record, indent=2, default=str)
 
 
 def run_training(request: RunRequest, staging: Path) -> None:
