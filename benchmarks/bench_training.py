@@ -5,14 +5,18 @@ checkpoint, provenance) on synthetic step-format data and reads the steady-state
 run records in its provenance (non-padding tokens, from the end of optimizer step 2 to the end).
 
 - GPU: randomly initialised Qwen2.5-0.5B- and 1.5B-shaped models built from a `Qwen2Config` (no
-  download), bf16 autocast over fp32 master weights, length-grouped right-padded batches with the
-  product's SDPA attention (causal flash kernel, padding mask dropped), 4 micro-batches per
-  optimizer step as in the GPU recipes; plus "wrapped" packing (no padding) for comparison.
+  download), bf16 autocast over fp32 master weights, 4 micro-batches per optimizer step as in the
+  GPU recipes. Batches are either length-grouped and right-padded (the recipes' default) or packed
+  padding-free (`packing: true`, flash varlen attention per document, `models.attention`), with
+  and without Liger's layer kernels (needs `liger-kernel`, the `gpu` extra); "wrapped" packing,
+  where documents see each other, for comparison. `bench_training_step.py` times the same step
+  without the Trainer.
 - CPU: the tiny model (`models.tiny`); tokens/s only.
 
 MFU = 6 * N * tokens/s / peak, where N counts the weights each token is multiplied by: all
-non-embedding weights plus the LM head for SFT (the embedding lookup is not a matmul), plus the
-one-output head for the PPM (which has no LM head). Attention-score FLOPs are not counted, as usual
+non-embedding weights (the embedding lookup is not a matmul), plus for SFT the LM head weighted by
+the share of tokens that reach it (TRL's fused LM head on GPU projects only the completion tokens,
+~95% here), plus the one-output head for the PPM. Attention-score FLOPs are not counted, as usual
 for MFU. Peak: H100 SXM bf16 dense, 989 TFLOP/s (`--peak-tflops` for other GPUs).
 
 Usage (from the repository root):
@@ -71,25 +75,33 @@ class BenchResult:
     last_log: dict[str, Any]
 
 
+# Padding-free packing (TRL's best-fit-decreasing `bfd`): documents are packed into 4096-token rows,
+# each micro-batch is flattened into one row with no padding, and every document attends to itself
+# only (flash varlen, `models.attention`). The micro-batch counts packed rows, not documents.
+_PACKED = {"packing": True, "packing_strategy": "bfd", "train_sampling_strategy": "random"}
+# Liger's fused RMSNorm, SwiGLU and RoPE kernels (TRL keeps its own fused LM head and loss).
+_LIGER = {"use_liger_kernel": True}
 # Packing by concatenation ("wrapped") gives fixed 4096-token rows with no padding; documents in a
-# row then see each other, which the product's padded batches avoid. Measured for comparison.
+# row then see each other, which the product avoids. Measured for comparison.
 _WRAPPED = {"packing": True, "packing_strategy": "wrapped", "train_sampling_strategy": "random"}
 GPU_RUNS = [
-    BenchRun("ppm-0.5b", "qwen2.5-0.5b", "ppm", 8),
-    BenchRun("sft-0.5b", "qwen2.5-0.5b", "sft", 16),
+    BenchRun("sft-1.5b-packed-liger", "qwen2.5-1.5b", "sft", 2, {**_PACKED, **_LIGER}),
+    BenchRun("sft-1.5b-packed", "qwen2.5-1.5b", "sft", 2, _PACKED),
+    BenchRun("sft-1.5b-packed-liger-b3", "qwen2.5-1.5b", "sft", 3, {**_PACKED, **_LIGER}),
+    BenchRun("sft-1.5b-packed-liger-b4", "qwen2.5-1.5b", "sft", 4, {**_PACKED, **_LIGER}),
     BenchRun("sft-1.5b", "qwen2.5-1.5b", "sft", 6),
+    BenchRun("ppm-1.5b-liger", "qwen2.5-1.5b", "ppm", 4, _LIGER),
     BenchRun("ppm-1.5b", "qwen2.5-1.5b", "ppm", 4),
     # The 1.5B recipe's setting: recomputing activations costs ~1/3 more compute, which MFU does not count.
-    BenchRun("sft-1.5b-ckpt", "qwen2.5-1.5b", "sft", 16, {"gradient_checkpointing": True}),
+    BenchRun("sft-1.5b-packed-liger-ckpt", "qwen2.5-1.5b", "sft", 6,
+             {**_PACKED, **_LIGER, "gradient_checkpointing": True}),
+    BenchRun("sft-1.5b-packed-liger-compile", "qwen2.5-1.5b", "sft", 2, {**_PACKED, **_LIGER, "torch_compile": True}),
+    BenchRun("sft-0.5b-packed-liger", "qwen2.5-0.5b", "sft", 4, {**_PACKED, **_LIGER}),
+    BenchRun("ppm-0.5b-liger", "qwen2.5-0.5b", "ppm", 8, _LIGER),
     BenchRun("sft-1.5b-wrapped", "qwen2.5-1.5b", "sft", 2, _WRAPPED),
-    BenchRun("sft-0.5b-wrapped", "qwen2.5-0.5b", "sft", 4, _WRAPPED),
-    # Candidates for the MFU target, not yet measured (no GPU since session 1): a compiled model,
-    # and Liger's fused linear + cross-entropy (needs the liger-kernel package), which never holds
-    # the 152k-vocabulary logits and so leaves room for larger micro-batches.
-    BenchRun("sft-1.5b-compile", "qwen2.5-1.5b", "sft", 6, {"torch_compile": True}),
-    BenchRun("sft-1.5b-liger", "qwen2.5-1.5b", "sft", 12, {"use_liger_kernel": True}),
 ]
-CPU_RUNS = [BenchRun("sft-tiny", "tiny", "sft", 8), BenchRun("ppm-tiny", "tiny", "ppm", 8)]
+CPU_RUNS = [BenchRun("sft-tiny", "tiny", "sft", 8), BenchRun("sft-tiny-packed", "tiny", "sft", 4, _PACKED),
+            BenchRun("ppm-tiny", "tiny", "ppm", 8)]
 
 
 # --- synthetic data ----------------------------------------------------------------------------
@@ -113,8 +125,9 @@ def _text_of_tokens(tokenizer: Any, rng: random.Random, tokens: int, start: int 
     return "".join(parts)
 
 
-def write_tables(tokenizer: Any, out_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
-    """An `sft` table (prompt + completion 600-2000 tokens) and a `pairs` table (prefix + step 400-1600 tokens)."""
+def write_tables(tokenizer: Any, out_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path, float]:
+    """An `sft` table (prompt + completion 600-2000 tokens), a `pairs` table (prefix + step 400-1600 tokens),
+    and the share of the SFT tokens that are completion tokens."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,7 +143,9 @@ def write_tables(tokenizer: Any, out_dir: Path, rows: int, seed: int = 0) -> tup
     sft_path, pairs_path = out_dir / "sft.parquet", out_dir / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(sft), sft_path)
     pq.write_table(pa.Table.from_pylist(pairs), pairs_path)
-    return sft_path, pairs_path
+    prompt_tokens = sum(len(tokenizer(row["prompt"])["input_ids"]) for row in sft)
+    completion_tokens = sum(len(tokenizer(row["completion"])["input_ids"]) for row in sft)
+    return sft_path, pairs_path, completion_tokens / (prompt_tokens + completion_tokens)
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -158,8 +173,9 @@ def build_qwen_shaped(out_dir: Path, shape: str, tokenizer: Any) -> Path:
     return out_dir
 
 
-def matmul_params(model_dir: Path, kind: str) -> int:
-    """Weights each token is multiplied by: non-embedding weights, plus the LM head (SFT) or the score head (PPM)."""
+def matmul_params(model_dir: Path, kind: str, head_token_share: float = 1.0) -> int:
+    """Weights the average token is multiplied by: non-embedding weights, plus the LM head (SFT) times the share
+    of tokens projected through it, or the score head (PPM)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,8 +185,8 @@ def matmul_params(model_dir: Path, kind: str) -> int:
     embedding = model.get_input_embeddings().weight.numel()
     total = sum(parameter.numel() for parameter in model.parameters())  # tied head counted once
     non_embedding = total - embedding
-    head = config.vocab_size * config.hidden_size if kind == "sft" else config.hidden_size
-    return non_embedding + head
+    head = config.vocab_size * config.hidden_size * head_token_share if kind == "sft" else config.hidden_size
+    return int(non_embedding + head)
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -191,7 +207,7 @@ def common_settings(on_gpu: bool, steps: int) -> dict[str, Any]:
 
 
 def measure(run: BenchRun, model_dir: Path, table: Path, work_dir: Path, settings: dict[str, Any],
-            device: str, peak_tflops: float | None, timeout_s: float) -> BenchResult:
+            device: str, peak_tflops: float | None, timeout_s: float, head_token_share: float) -> BenchResult:
     from models.training import train_ppm, train_sft
 
     train = train_sft if run.kind == "sft" else train_ppm
@@ -204,7 +220,7 @@ def measure(run: BenchRun, model_dir: Path, table: Path, work_dir: Path, setting
     # The last logged training step: loss, and for the PPM whether values still spread (not all +-1).
     last_log = next((entry for entry in reversed(provenance["log_history"]) if "loss" in entry), {})
     shutil.rmtree(checkpoint, ignore_errors=True)
-    params = matmul_params(model_dir, run.kind)
+    params = matmul_params(model_dir, run.kind, head_token_share)
     tokens_per_second = metrics["tokens_per_second"]
     mfu = 6 * params * tokens_per_second / (peak_tflops * 1e12) if peak_tflops else None
     return BenchResult(run.name, run.model, run.kind, device, run.per_device_batch, params, tokens_per_second, mfu,
@@ -255,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = common_settings(on_gpu, args.steps)
     micro_batches = args.steps * settings.get("gradient_accumulation_steps", 1)
     rows = int(micro_batches * max(run.per_device_batch for run in runs) * 1.25) + 8
-    sft_table, pairs_table = write_tables(tokenizer, work_dir, rows=rows)
+    sft_table, pairs_table, completion_share = write_tables(tokenizer, work_dir, rows=rows)
+    # TRL's fused LM head projects only completion tokens where Triton runs (CUDA); every token on CPU.
+    head_token_share = completion_share if on_gpu else 1.0
     model_dirs: dict[str, Path] = {}
     results: list[BenchResult] = []
     report: dict[str, Any] = {"device": device, "peak_tflops": args.peak_tflops if on_gpu else None,
-                              "torch": torch.__version__, "steps": args.steps, "results": []}
+                              "torch": torch.__version__, "steps": args.steps,
+                              "head_token_share": head_token_share, "results": []}
     for run in runs:
         remaining_s = args.budget_s - (time.perf_counter() - started)
         if remaining_s <= 0:
@@ -274,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         table = sft_table if run.kind == "sft" else pairs_table
         try:
             result = measure(run, model_dirs[run.model], table, work_dir, settings, device,
-                             args.peak_tflops if on_gpu else None, timeout_s=remaining_s + 90)
+                             args.peak_tflops if on_gpu else None, timeout_s=remaining_s + 90,
+                             head_token_share=head_token_share)
         except Exception as err:  # noqa: BLE001 - one failed run must not lose the others' figures
             print(f"{run.name} failed: {err}", file=sys.stderr)
             report["results"].append({"name": run.name, "error": str(err)})

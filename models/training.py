@@ -40,6 +40,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.parquet import atomic_path, write_json
+from models.attention import register_training_attention
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -60,7 +61,6 @@ LOG_DIR = "logs"
 REQUEST_FILE = "request.json"
 FAILURE_FILE = "failure.txt"
 INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
-RIGHT_PADDED_SDPA = "sdpa_right_padded"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -722,33 +722,6 @@ def _load_dataset(kind: str, table_paths: Sequence[str]) -> Any:
     return Dataset.from_dict(pa.concat_tables(parts).to_pydict())
 
 
-def register_right_padded_attention() -> str:
-    """Register (once per process) the `sdpa_right_padded` attention and return its name.
-
-    It is SDPA without the padding mask, so PyTorch runs its causal flash kernel instead of the
-    masked one (on an H200 this took padded SFT of a 0.5B model from 35k to 59k tokens/s). It is
-    exact for right-padded rows: under causal attention a token sees only earlier positions, so
-    padding at the end of a row never reaches a real token. Padded positions get values nobody
-    reads (their labels are -100; the PPM head reads the last real token). TRL's SFT and preference
-    collators pad on the right; packed padding-free batches need their block mask and keep `sdpa`.
-    """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
-    AttentionInterface.register(RIGHT_PADDED_SDPA, attention)
-    AttentionMaskInterface.register(RIGHT_PADDED_SDPA, lambda *args, **kwargs: None)
-    return RIGHT_PADDED_SDPA
-
-
-def _packs_without_padding(config: Any) -> bool:
-    """Whether TRL will flatten batches into one row (mirrors SFTTrainer's own rule)."""
-    packing = getattr(config, "packing", False)
-    return getattr(config, "padding_free", False) or (packing and config.packing_strategy in {"bfd", "bfd_split"})
-
-
 def _load_model(kind: str, config: Any, start_model: str) -> tuple[Any, Any, int]:
     """Tokenizer and model (causal LM for SFT and RL, one-label classifier for the PPM) with the step tokens
     added, and how many of those tokens were new to the model."""
@@ -759,9 +732,8 @@ def _load_model(kind: str, config: Any, start_model: str) -> tuple[Any, Any, int
     from search.coat import COAT_TOKENS
     from search.steps import STEP_SPECIAL_TOKENS
 
-    # GRPO left-pads its prompts, so RL needs the padding mask that the right-padded variant drops.
-    masked = _packs_without_padding(config) or kind == "rl"
-    attention = "sdpa" if masked else register_right_padded_attention()
+    # GRPO left-pads its prompts, so RL needs the padding mask that Kaizen's training attention drops.
+    attention = "sdpa" if kind == "rl" else register_training_attention()
     model_kwargs = {"attn_implementation": attention, "dtype": torch.float32, **(config.model_init_kwargs or {})}
     # Kaizen loads the model itself (the step tokens must go in first); TRL would only warn about these.
     config.model_init_kwargs = None
@@ -838,6 +810,10 @@ def _build_trainer(kind: str, config: Any, tokenizer: Any, model: Any, new_token
         return build_grpo_trainer(config, tokenizer, model, dataset, callbacks)
     # After any LoRA wrapping, so the squash sits on the head that is actually called.
     attach_value_squash(model)
+    if config.use_liger_kernel:
+        # Liger's fused linear cross-entropy replaces the forward with one that projects through an LM
+        # head, which the one-output PPM does not have; its layer kernels apply as they are.
+        config.liger_kernel_config = {**(config.liger_kernel_config or {}), "fused_linear_cross_entropy": False}
     group_by_length = config.train_sampling_strategy == "group_by_length"
     if group_by_length:
         # RewardTrainer keeps only its signature columns, which would drop the lengths the sampler
