@@ -449,6 +449,7 @@ def prepare_run(
     if config.get("accelerate_config"):
         config["accelerate_config"] = str(_resolve_file(config["accelerate_config"]))
     _check_lora_placement(kind, config)
+    _check_liger_installed(config)
     table_infos = check_tables(kind, config.get("train_tables", []))
     base_record = describe_model_source(config["base_model"])
     start = config["base_model"]
@@ -459,6 +460,14 @@ def prepare_run(
         _check_rl_run(config, table_infos)
     _check_coat_tokens(kind, config, start)
     return RunRequest(kind, config, start, base_record, start_record, table_infos, str(output), overwrite)
+
+
+def _check_liger_installed(config: Mapping[str, Any]) -> None:
+    """`use_liger_kernel` needs the optional liger-kernel package; the Trainer would only say so after loading the model."""
+    import importlib.util
+
+    if config.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingInputError("use_liger_kernel: true needs the liger-kernel package: pip install -e '.[gpu]'")
 
 
 def _check_rl_run(config: Mapping[str, Any], tables: Sequence[TableInfo]) -> None:

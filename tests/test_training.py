@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -202,6 +203,14 @@ def test_a_file_that_is_not_parquet_is_rejected(tmp_path: Path, tiny_model: Path
 def test_missing_base_model_is_rejected(tmp_path: Path, sft_table: Path) -> None:
     with pytest.raises(TrainingInputError, match="model not found"):
         prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "out", base_model=str(tmp_path / "no-model"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
+def test_liger_without_its_package_fails_before_anything_is_written(tmp_path: Path, tiny_model: Path,
+                                                                    sft_table: Path) -> None:
+    with pytest.raises(TrainingInputError, match=r"liger-kernel package: pip install -e '\.\[gpu\]'"):
+        train_sft([sft_table], tmp_path / "out", base_model=str(tiny_model), overrides={"use_liger_kernel": True})
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_not_overwritten_by_default(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
