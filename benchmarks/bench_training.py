@@ -151,20 +151,22 @@ def write_tables(tokenizer: Any, out_dir: Path, rows: int, seed: int = 0) -> tup
 # --- models ------------------------------------------------------------------------------------
 
 
+def qwen_shaped_config(shape: str, **fields: Any) -> Any:
+    """A `Qwen2Config` of a released shape with Qwen's full 151,936-row vocabulary, so that the LM
+    head costs what it costs in the real model whatever tokenizer is used."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=QWEN_VOCAB, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, **QWEN_SHAPES[shape], **fields)
+
+
 def build_qwen_shaped(out_dir: Path, shape: str, tokenizer: Any) -> Path:
-    """A randomly initialised Qwen2 model of a released shape, saved with the benchmark tokenizer.
-
-    The tokenizer is small; the embedding keeps Qwen's 151,936 rows so the LM head costs what it
-    costs in the real model.
-    """
+    """A randomly initialised Qwen2 model of a released shape, saved with the (small) benchmark tokenizer."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=QWEN_VOCAB, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **QWEN_SHAPES[shape],
-    )
+    config = qwen_shaped_config(shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = Qwen2ForCausalLM(config)
@@ -173,13 +175,12 @@ def build_qwen_shaped(out_dir: Path, shape: str, tokenizer: Any) -> Path:
     return out_dir
 
 
-def matmul_params(model_dir: Path, kind: str, head_token_share: float = 1.0) -> int:
+def matmul_params(config: Any, kind: str, head_token_share: float = 1.0) -> int:
     """Weights the average token is multiplied by: non-embedding weights, plus the LM head (SFT) times the share
     of tokens projected through it, or the score head (PPM)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     embedding = model.get_input_embeddings().weight.numel()
@@ -220,7 +221,9 @@ def measure(run: BenchRun, model_dir: Path, table: Path, work_dir: Path, setting
     # The last logged training step: loss, and for the PPM whether values still spread (not all +-1).
     last_log = next((entry for entry in reversed(provenance["log_history"]) if "loss" in entry), {})
     shutil.rmtree(checkpoint, ignore_errors=True)
-    params = matmul_params(model_dir, run.kind, head_token_share)
+    from transformers import AutoConfig
+
+    params = matmul_params(AutoConfig.from_pretrained(model_dir), run.kind, head_token_share)
     tokens_per_second = metrics["tokens_per_second"]
     mfu = 6 * params * tokens_per_second / (peak_tflops * 1e12) if peak_tflops else None
     return BenchResult(run.name, run.model, run.kind, device, run.per_device_batch, params, tokens_per_second, mfu,

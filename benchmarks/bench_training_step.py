@@ -26,24 +26,29 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_training import H100_SXM_BF16_DENSE_TFLOPS, QWEN_SHAPES, QWEN_VOCAB  # noqa: E402
+from bench_training import (
+    H100_SXM_BF16_DENSE_TFLOPS,
+    QWEN_SHAPES,
+    QWEN_VOCAB,
+    matmul_params,
+    qwen_shaped_config,
+)
 
-from models.attention import register_training_attention  # noqa: E402
+from models.attention import register_training_attention
 
 ROW_TOKENS = 4096
 
 
 def build_model(kind: str, shape: str, liger: bool, weights: str) -> Any:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-    config = Qwen2Config(vocab_size=QWEN_VOCAB, max_position_embeddings=ROW_TOKENS, rope_theta=10000.0,
-                         tie_word_embeddings=True, num_labels=1, pad_token_id=0, **QWEN_SHAPES[shape])
+    config = qwen_shaped_config(shape, num_labels=1, pad_token_id=0)
     config._attn_implementation = register_training_attention()
     with torch.device("cuda"):
         model = (Qwen2ForCausalLM if kind == "sft" else Qwen2ForSequenceClassification)(config)
@@ -67,8 +72,9 @@ def sft_batch(rows: int, rng: random.Random) -> tuple[dict[str, Any], int]:
     position_ids = torch.cat([torch.arange(length) for length in lengths])[None].cuda()
     labels = input_ids.masked_fill(position_ids == 0, -100)
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    batch = dict(input_ids=input_ids, position_ids=position_ids, labels=labels, fused_lm_head=True,
-                 cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "fused_lm_head": True,
+             "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+             "max_length_k": max(lengths)}
     return batch, total
 
 
@@ -81,7 +87,7 @@ def ppm_batch(pairs: int, rng: random.Random) -> tuple[dict[str, Any], int]:
     for row, length in enumerate(lengths):
         attention_mask[row, :length] = 1
     input_ids = torch.randint(1, QWEN_VOCAB - 1000, attention_mask.shape, device="cuda") * attention_mask
-    return dict(input_ids=input_ids, attention_mask=attention_mask), sum(lengths)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, sum(lengths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - started) / 3
     tokens_per_second = accumulation * tokens / step_s
-    params = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
-    params += QWEN_VOCAB * model.config.hidden_size if args.kind == "sft" else 0
-    mfu = 6 * params * tokens_per_second / (args.peak_tflops * 1e12)
+    mfu = 6 * matmul_params(model.config, args.kind) * tokens_per_second / (args.peak_tflops * 1e12)
     print(f"{args.kind} {args.shape} rows={args.rows} liger={args.liger} weights={args.weights}: "
           f"{step_s * 1000:.0f} ms/step, {tokens_per_second:.0f} tokens/s, MFU {100 * mfu:.1f}%, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)

@@ -22,7 +22,9 @@ so dropout falls back to the per-document loop), sliding windows. RL keeps trans
 from __future__ import annotations
 
 import inspect
+import math
 from functools import cache
+from itertools import pairwise
 from typing import Any
 
 TRAINING_ATTENTION = "kaizen_sdpa"
@@ -60,11 +62,10 @@ def _varlen_on_cuda(query: Any, key: Any, value: Any, cu_seq_lens: Any, max_leng
         options["is_causal"] = True
     else:
         return None
-    default_scale = query.shape[-1] ** -0.5
     if "scale" in parameters:
         options["scale"] = scaling
-    elif scaling is not None and abs(scaling - default_scale) > 1e-12 * default_scale:
-        return None
+    elif scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-12):
+        return None  # torch 2.10 scales by 1/sqrt(dim) only
     if key.shape[1] != query.shape[1]:
         if "enable_gqa" in parameters:
             options["enable_gqa"] = True
@@ -86,7 +87,7 @@ def _per_document(query: Any, key: Any, value: Any, cu_seq_lens: Any, scaling: f
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
             is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
         )
-        for start, end in zip(bounds, bounds[1:], strict=False) if end > start
+        for start, end in pairwise(bounds) if end > start
     ]
     return torch.cat(outputs, dim=2)
 

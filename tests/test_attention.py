@@ -9,13 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import packed_attention, register_training_attention
-from models.tiny import build_tiny_model, default_corpus
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    corpus = default_corpus(seed=0, synthetic_examples=300, include_shared=False)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2, vocab_size=1024)
 
 
 def _block_diagonal_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -14,7 +14,7 @@ import pytest
 from test_coat import problems, tree_file  # noqa: F401 - the stored rstar tree of the format-tuning tests
 from test_evaluation import FractionChecker
 from test_rollout_driver import BoxedChecker, InProcessExecutor
-from test_training import FAST_SFT, sft_rows, tiny_model, write_table  # noqa: F401 - the tiny model without COAT tokens
+from test_training import FAST_SFT, sft_rows, write_table
 
 from data_store.curriculum import EASIEST_LEVEL, bootstrap_sft_rows, make_curriculum, solve
 from data_store.mining import MiningConfig, mine
@@ -246,21 +246,21 @@ def test_the_coat_bootstrap_writes_the_teachers_steps_all_continuing() -> None:
         assert live_path(steps) == solve(problem)
 
 
-def test_coat_sft_that_would_not_add_the_tokens_fails_before_training(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+def test_coat_sft_that_would_not_add_the_tokens_fails_before_training(tmp_path: Path, tiny_model: Path) -> None:
     table = write_table(tmp_path / "sft.parquet", [{"prompt": render_prompt(QUESTION), "completion": COUNT}])
     with pytest.raises(TrainingInputError, match=r"lacks the chain-of-action-thought token.*add_step_tokens"):
         train_sft([table], tmp_path / "sft", base_model=str(tiny_model),
                   overrides={"step_format": "coat", "add_step_tokens": False})
 
 
-def test_coat_evaluation_of_a_policy_without_the_tokens_fails_before_generating(tiny_model: Path) -> None:  # noqa: F811
+def test_coat_evaluation_of_a_policy_without_the_tokens_fails_before_generating(tiny_model: Path) -> None:
     benchmark = Benchmark("apples", [Problem("apples", QUESTION, "6")])
     with pytest.raises(EvalInputError, match="lacks the chain-of-action-thought token"):
         evaluate(tiny_model, [benchmark], EvalConfig(step_format="coat"))
 
 
 @pytest.mark.slow
-def test_a_format_tuned_policy_gets_the_tokens_and_answers_in_coat_greedily(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+def test_a_format_tuned_policy_gets_the_tokens_and_answers_in_coat_greedily(tmp_path: Path, tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
     rows = [{**row, "completion": render_coat_solution(continue_steps(parse_solution(row["completion"])))}

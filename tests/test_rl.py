@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_coat import ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, problems, tree_file  # noqa: F401
-from test_training import FAST_SFT, tiny_model, write_table  # noqa: F401 - module fixtures shared with SFT tests
+from test_training import FAST_SFT, write_table
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
 from models.rl import FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge
@@ -141,32 +141,32 @@ def test_format_reward_needs_closed_steps_ending_in_an_answer() -> None:
 
 
 def test_rl_without_a_reward_function_fails_before_training(
-    tmp_path: Path, tiny_model: Path, prompts_table: Path  # noqa: F811
+    tmp_path: Path, tiny_model: Path, prompts_table: Path
 ) -> None:
     with pytest.raises(TrainingInputError, match="needs at least one reward function"):
         train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), rewards=[])
     assert not any(tmp_path.iterdir())
 
 
-def test_rl_with_an_empty_prompt_set_fails_before_training(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+def test_rl_with_an_empty_prompt_set_fails_before_training(tmp_path: Path, tiny_model: Path) -> None:
     empty = write_table(tmp_path / "prompts.parquet", [], schema=pa.schema([("prompt", pa.string()), ("answer", pa.string())]))
     with pytest.raises(TrainingInputError, match="the rl tables are empty"):
         train_rl([empty], tmp_path / "rl", base_model=str(tiny_model))
 
 
-def test_rl_with_an_unknown_reward_names_it(tmp_path: Path, tiny_model: Path, prompts_table: Path) -> None:  # noqa: F811
+def test_rl_with_an_unknown_reward_names_it(tmp_path: Path, tiny_model: Path, prompts_table: Path) -> None:
     with pytest.raises(TrainingInputError, match="unknown reward 'corect'"):
         train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), rewards=["corect"])
 
 
-def test_reflection_reward_needs_prefix_kinds(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+def test_reflection_reward_needs_prefix_kinds(tmp_path: Path, tiny_model: Path) -> None:
     table = write_table(tmp_path / "prompts.parquet", [{"prompt": PROMPT, "answer": "6"}])
     with pytest.raises(TrainingInputError, match="needs a prefix_kind column"):
         train_rl([table], tmp_path / "rl", base_model=str(tiny_model), rewards=["outcome", "reflection"])
 
 
 def test_coat_rl_on_a_tokenizer_without_the_tokens_fails_before_training(
-    tmp_path: Path, tiny_model: Path, prompts_table: Path  # noqa: F811
+    tmp_path: Path, tiny_model: Path, prompts_table: Path
 ) -> None:
     with pytest.raises(TrainingInputError, match="lacks the chain-of-action-thought token"):
         train_rl([prompts_table], tmp_path / "rl", base_model=str(tiny_model), overrides={"step_format": "coat"})
@@ -195,7 +195,7 @@ def guess(digit: int) -> str:
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_outcome_reward(tmp_path: Path, tiny_model: Path) -> None:  # noqa: F811
+def test_grpo_raises_the_outcome_reward(tmp_path: Path, tiny_model: Path) -> None:
     # SFT makes every digit equally likely for every question; the reference is always 7, so the
     # outcome reward (0/1, graded after running the program) starts near 0.1 and GRPO must raise it.
     sft_rows = [{"prompt": render_prompt(f"Pick a number, {name}."), "completion": guess(digit)}

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.ppm import PPMScorer, cli_score, encode_texts
-from models.tiny import build_tiny_model, default_corpus
 from models.training import (
     PROVENANCE_FILE,
     SFTTrainingConfig,
@@ -77,12 +76,6 @@ def pair_rows(seed: int, count: int) -> list[dict]:
             "problem_id": f"q{index}", "round": 1, "q_chosen": 1.0, "q_rejected": -1.0, "margin": 2.0,
         })
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    corpus = default_corpus(seed=0, synthetic_examples=300, include_shared=False)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2, vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
