@@ -31,8 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_store.mining import MiningConfig, MiningInputError, _connect, _validate, find_node_files, load_trees
-from data_store.mining import render_node_step
+from data_store.mining import MiningConfig, MiningInputError, _connect, _validate, find_node_files, load_trees, render_node_step
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
 from search.coat import CoatStep, MetaAction, live_path, meta_step, render_coat_solution, split_action

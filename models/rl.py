@@ -27,11 +27,26 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from search.coat import CoatFormatError, final_answer, live_path, missing_coat_tokens, parse_coat_trajectory
-from search.coat import render_coat_solution, solution_program
+from search.coat import (
+    CoatFormatError,
+    final_answer,
+    live_path,
+    missing_coat_tokens,
+    parse_coat_trajectory,
+    render_coat_solution,
+    solution_program,
+)
 from search.rollout import last_printed_line
-from search.steps import END_OF_ANSWER, SolutionStep, StepFormat, StepKind, parse_step, parse_trajectory, render_prompt
-from search.steps import render_solution
+from search.steps import (
+    END_OF_ANSWER,
+    SolutionStep,
+    StepFormat,
+    StepKind,
+    parse_step,
+    parse_trajectory,
+    render_prompt,
+    render_solution,
+)
 
 if TYPE_CHECKING:
     from search.rollout import AnswerChecker, Executor

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from search.grading import GradeResult, Grader, answers_equal, cli_grade, extract_answer
+from search.grading import Grader, GradeResult, answers_equal, cli_grade, extract_answer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
