@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_store.mining import (
+    Q_DECIMALS,
     MiningConfig,
     astro_completion,
     astro_reflection,
@@ -33,6 +33,7 @@ from data_store.mining import (
     find_node_files,
     mine,
     render_node_step,
+    trajectory_mean_q,
     write_mined,
 )
 from search.mcts import MALFORMED_STEP_ERROR
@@ -89,7 +90,7 @@ def _trajectory_stats(tree: _Tree) -> list[tuple[Node, float, float]]:
     for node in tree.nodes.values():
         if node["kind"] == "answer" and node["correct"] is not None:
             q_values = [step["q_value"] for step in tree.path(node)]
-            stats.append((node, math.fsum(q_values) / len(q_values), min(q_values)))
+            stats.append((node, trajectory_mean_q(q_values), min(q_values)))
     return stats
 
 
@@ -114,22 +115,21 @@ def mine_by_tree_walk(nodes: pa.Table, problems: pa.Table, config: MiningConfig)
         worst = sorted((s for s in stats if not s[0]["correct"]), key=lambda s: (s[1], s[2], s[0]["node_id"]))
         for chosen in best[: config.per_side]:
             for rejected in worst[: config.per_side]:
-                if chosen[1] - rejected[1] >= config.margin:
-                    pairs.append(
-                        {
-                            **base,
-                            "prompt": prompt,
-                            "pair_kind": "trajectory",
-                            "node_id": tree.root["node_id"],
-                            "chosen": tree.text(tree.path(chosen[0])),
-                            "rejected": tree.text(tree.path(rejected[0])),
-                            "chosen_id": chosen[0]["node_id"],
-                            "rejected_id": rejected[0]["node_id"],
-                            "q_chosen": chosen[1],
-                            "q_rejected": rejected[1],
-                            "margin": chosen[1] - rejected[1],
-                        }
-                    )
+                pairs.append(
+                    {
+                        **base,
+                        "prompt": prompt,
+                        "pair_kind": "trajectory",
+                        "node_id": tree.root["node_id"],
+                        "chosen": tree.text(tree.path(chosen[0])),
+                        "rejected": tree.text(tree.path(rejected[0])),
+                        "chosen_id": chosen[0]["node_id"],
+                        "rejected_id": rejected[0]["node_id"],
+                        "q_chosen": chosen[1],
+                        "q_rejected": rejected[1],
+                        "margin": chosen[1] - rejected[1],
+                    }
+                )
         for rank, (leaf, mean_q, min_q) in enumerate(best[: config.sft_per_problem], start=1):
             completion = _astro_text(tree, leaf) if config.sft_format == "astro" else tree.text(tree.path(leaf))
             sft.append(
@@ -168,7 +168,7 @@ def _step_pairs(tree: _Tree, prompt: str, base: dict, config: MiningConfig) -> l
         for chosen in good[: config.per_side]:
             for rejected in bad[: config.per_side]:
                 margin = chosen["q_value"] - rejected["q_value"]
-                if chosen is rejected or margin < config.margin:
+                if chosen is rejected or round(margin, Q_DECIMALS) < config.margin:
                     continue
                 if (
                     capped_edit_distance(chosen["step"], rejected["step"], config.min_edit_distance)

@@ -8,13 +8,16 @@ From the nodes of one or more rounds (any number of Parquet files) this builds, 
   different children is kept when `q_chosen - q_rejected >= margin` and the two step texts are at
   least `min_edit_distance` characters apart. `prompt` = question + the path to the node.
 - Trajectory pairs (the paper's final-answer relaxation): per tree, the 2 correct trajectories with
-  the highest mean step Q against the 2 wrong ones with the lowest, kept at the same margin.
+  the highest mean step Q against the 2 wrong ones with the lowest, every combination, without the
+  margin: a verified answer against a wrong one needs no Q estimate to say which is better.
 - SFT rows: per tree, the top-k correct trajectories by mean step Q (ties: higher min Q), either as
   plain solutions (`rstar`), as ASTRO traces that first walk a failed branch, say why it failed,
   and go back to the last good step (`astro`), or as Satori's chain-of-action-thought format-tuning
   rows, with `<|reflect|>` / `<|explore|>` rollbacks (`coat`, built by `data_store.rl_prompts`).
 
-Ties everywhere fall to the lower node id, so results are deterministic. Tree logic is SQL (window
+Q values are compared rounded to Q_DECIMALS places, so a margin of 0.7 - 0.2 (0.49999999999999994 in
+floating point) counts as 0.5 and means that differ only by summation order tie. Ties everywhere
+fall to the lower node id, so results are deterministic. Tree logic is SQL (window
 functions, recursive CTEs over parent ids); Python only renders text, through `render_node_step`
 and `search.steps`, the one place the step format lives, and measures edit distance (rapidfuzz).
 """
@@ -22,6 +25,7 @@ and `search.steps`, the one place the step format lives, and measures edit dista
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 
 SFT_FORMATS = ("rstar", "astro", "coat")
 NODE_KINDS = ("root", "step", "answer", "error", "depth_limit")
+Q_DECIMALS = 9
+"""Places Q values and their differences are rounded to before any comparison (see the docstring)."""
 _NODES_FILE = re.compile(r"nodes(-\d+)?\.parquet")
 
 
@@ -59,7 +65,7 @@ class MiningConfig:
     """What to mine and how strictly."""
 
     margin: float = field(
-        default=0.5, metadata={"help": "minimum q_chosen - q_rejected of a pair (official rStar code: 0.5)"}
+        default=0.5, metadata={"help": "minimum q_chosen - q_rejected of a step pair (official rStar code: 0.5)"}
     )
     min_edit_distance: int = field(
         default=20, metadata={"help": "minimum Levenshtein distance between the two steps of a step pair"}
@@ -67,7 +73,9 @@ class MiningConfig:
     per_side: int = field(
         default=2, metadata={"help": "children (or trajectories) taken on each side of a pair: top-2 vs bottom-2"}
     )
-    sft_per_problem: int = field(default=2, metadata={"help": "correct trajectories kept per tree for SFT"})
+    sft_per_problem: int = field(
+        default=2, metadata={"help": "correct trajectories kept for SFT per problem and round (one search tree)"}
+    )
     sft_format: str = field(
         default="rstar",
         metadata={"help": "rstar (plain solutions), astro (traces with a failed branch and backtracking) or coat "
@@ -120,13 +128,19 @@ def render_node_step(step: str, output: str | None, kind: str) -> str:
     return render_solution([SolutionStep(step, output if final_code else None)])
 
 
+def trajectory_mean_q(q_values: Sequence[float]) -> float:
+    """A trajectory's mean step Q as the SQL ranks it: an exact sum, rounded to Q_DECIMALS places."""
+    return round(math.fsum(q_values) / len(q_values), Q_DECIMALS)
+
+
 def astro_reflection(failure_kind: str, error: str | None, answer: str | None, back_to_step: int) -> str:
     """The step that admits a failed branch and goes back, written as a comment-only code step."""
     if failure_kind == "error":
         lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
         reason = f"running this code fails with {lines[-1][:200]}" if lines else "running this code fails"
     else:
-        reason = f"the result {answer} does not check out, so this approach is wrong"
+        result = f"the result {answer}" if answer is not None else "this ends without a final result, which"
+        reason = f"{result} does not check out, so this approach is wrong"
     target = f"go back to step {back_to_step}" if back_to_step > 0 else "start over"
     return render_node_step(
         f"# But wait, {reason}. Let me {target} and try a different way.\n{END_OF_STEP}", None, "step"
@@ -180,7 +194,11 @@ def find_node_files(paths: Sequence[str | Path]) -> list[Path]:
             found.append(path)
         else:
             raise MiningInputError(f"nodes path {path} does not exist")
-    return list(dict.fromkeys(found))
+    # The same file named twice (by its directory and by its path) would double every node.
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _connect(files: Sequence[Path], config: MiningConfig) -> duckdb.DuckDBPyConnection:
@@ -275,13 +293,13 @@ rejected AS (
 SELECT c.tree, c.parent_id AS node_id, c.node_id AS chosen_id, r.node_id AS rejected_id,
        c.q_value AS q_chosen, r.q_value AS q_rejected
 FROM chosen c JOIN rejected r ON r.tree = c.tree AND r.parent_id = c.parent_id
-WHERE c.node_id <> r.node_id AND c.q_value - r.q_value >= $margin
+WHERE c.node_id <> r.node_id AND round(c.q_value - r.q_value, $q_decimals) >= $margin
 """
 
 TRAJECTORY_SQL = """
 CREATE TEMP TABLE trajectory AS
 SELECT tree, start_id AS leaf_id, any_value(leaf_correct) AS correct,
-       fsum(q_value) / count(*) AS mean_q, min(q_value) AS min_q
+       round(fsum(q_value) / count(*), $q_decimals) AS mean_q, min(q_value) AS min_q
 FROM leaf_path WHERE depth >= 1 AND leaf_correct IS NOT NULL GROUP BY tree, start_id;
 CREATE TEMP TABLE sft_leaf AS
 SELECT tree, leaf_id, mean_q, min_q,
@@ -297,7 +315,7 @@ worst AS (
     QUALIFY row_number() OVER (PARTITION BY tree ORDER BY mean_q ASC, min_q ASC, leaf_id) <= $per_side
 )
 SELECT b.tree, b.leaf_id AS chosen_id, w.leaf_id AS rejected_id, b.mean_q AS q_chosen, w.mean_q AS q_rejected
-FROM best b JOIN worst w USING (tree) WHERE b.mean_q - w.mean_q >= $margin
+FROM best b JOIN worst w USING (tree)
 """
 
 # ASTRO: for each SFT trajectory, the deepest node on its path with another child that leads to a
@@ -452,15 +470,16 @@ def _first(con: duckdb.DuckDBPyConnection, sql: str, parameters: list | None = N
 
 
 def _describe_node(con: duckdb.DuckDBPyConnection, files: Sequence[Path], tree: int, node_id: int) -> str:
-    """`run=.. round=.. problem_id=.. node_id=.. in FILE` for an error message (error path only)."""
+    """`run=.. round=.. problem_id=.. node_id=.. in FILE[, FILE]` for an error message (error path only)."""
     run, round_number, problem_id = _first(con, "SELECT run, round, problem_id FROM tree WHERE tree = ?", [tree])
     located = _first(
         con,
-        "SELECT filename FROM read_parquet(?, union_by_name=true, filename=true) "
-        "WHERE run = ? AND round = ? AND problem_id = ? AND node_id = ? LIMIT 1",
+        "SELECT string_agg(DISTINCT filename, ', ' ORDER BY filename) "
+        "FROM read_parquet(?, union_by_name=true, filename=true) "
+        "WHERE run = ? AND round = ? AND problem_id = ? AND node_id = ?",
         [[str(path) for path in files], run, round_number, problem_id, node_id],
     )
-    where = f" in {located[0]}" if located else ""
+    where = f" in {located[0]}" if located and located[0] else ""
     return f"run={run} round={round_number} problem_id={problem_id} node_id={node_id}{where}"
 
 
@@ -470,7 +489,15 @@ def _validate(con: duckdb.DuckDBPyConnection, files: Sequence[Path], problem_ids
     nulls = _first(con, "SELECT " + ", ".join(f"count(*) - count({column})" for column in required) + " FROM node")
     for column, count in zip(required, nulls, strict=True):
         if count:
-            raise MiningInputError(f"nodes: {count} row(s) have no {column}")
+            example = _first(con, f"SELECT tree, node_id FROM node WHERE {column} IS NULL AND node_id IS NOT NULL LIMIT 1")
+            where = f", e.g. {_describe_node(con, files, *example)}" if example else ""
+            raise MiningInputError(f"nodes: {count} row(s) have no {column}{where}")
+    # DuckDB orders NaN above every number, so a NaN Q would be the best child and trajectory.
+    not_a_number = _first(con, "SELECT count(*), arg_min((tree, node_id), (tree, node_id)) FROM node WHERE isnan(q_value)")
+    if not_a_number[0]:
+        raise MiningInputError(
+            f"nodes: {not_a_number[0]} row(s) have a NaN q_value, e.g. {_describe_node(con, files, *not_a_number[1])}"
+        )
     if _first(con, "SELECT count(*) FILTER (WHERE run IS NULL OR round IS NULL OR problem_id IS NULL) FROM tree")[0]:
         raise MiningInputError("nodes: some rows have no run, round or problem_id")
     kinds = [
@@ -565,6 +592,12 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
     for column in ("problem_id", "problem"):
         if column not in problems.column_names:
             raise SchemaError(f"problems table has no {column} column")
+    counts = problems["problem_id"].value_counts()
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise MiningInputError(
+            f"problems: problem id {repeated[0]['values']} appears {repeated[0]['counts']} times; ids must be unique"
+        )
     files = find_node_files(node_files)
     if not files:
         raise MiningInputError("no nodes files given")
@@ -575,6 +608,7 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
             "per_side": config.per_side,
             "sft_per_problem": config.sft_per_problem,
             "min_edit_distance": config.min_edit_distance,
+            "q_decimals": Q_DECIMALS,
         }
         with _timed(timings, "load"):
             load_trees(con)

@@ -31,7 +31,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_store.mining import MiningConfig, MiningInputError, _connect, _validate, find_node_files, load_trees, render_node_step
+from data_store.mining import (
+    MiningConfig,
+    MiningInputError,
+    _connect,
+    _validate,
+    find_node_files,
+    load_trees,
+    render_node_step,
+    trajectory_mean_q,
+)
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
 from search.coat import CoatStep, MetaAction, live_path, meta_step, render_coat_solution, split_action
@@ -111,7 +120,7 @@ class _Tree:
         def rank(item: tuple[dict[str, Any], list[dict[str, Any]]]) -> tuple[float, float, int]:
             leaf, path = item
             values = [node["q_value"] for node in path]
-            return sign * sum(values) / len(values), sign * min(values), leaf["node_id"]
+            return sign * trajectory_mean_q(values), sign * min(values), leaf["node_id"]
 
         return sorted(found, key=rank)
 
@@ -280,7 +289,7 @@ def coat_sft_rows(node_files: Sequence[str | Path], problems: pa.Table, per_prob
             rows.append({
                 "prompt": render_prompt(questions[tree.problem_id]), "completion": coat_completion(tree, path),
                 "run": tree.run, "round": tree.round, "problem_id": tree.problem_id, "sft_format": "coat",
-                "rank": rank, "leaf_id": leaf["node_id"], "mean_q": sum(values) / len(values), "min_q": min(values),
+                "rank": rank, "leaf_id": leaf["node_id"], "mean_q": trajectory_mean_q(values), "min_q": min(values),
             })
     return conform(pa.Table.from_pylist(rows, schema=SFT), "sft")
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_store.mining import MiningConfig, MiningInputError, cli_mine, mine, render_node_step
+from data_store.mining import MiningConfig, MiningInputError, astro_reflection, cli_mine, mine, render_node_step
 from data_store.schema import SchemaError
 from search.steps import SolutionStep, render_prompt, render_solution, render_trajectory
 
@@ -155,6 +155,12 @@ def test_margin_is_configurable(tmp_path: Path) -> None:
     assert step_pairs(pairs) == [(1, 2, 4), (1, 3, 4)]
 
 
+def test_a_margin_equal_to_the_threshold_up_to_float_rounding_is_kept(tmp_path: Path) -> None:
+    # Q values are visit averages: 0.7 - 0.2 is 0.49999999999999994 in floating point
+    pairs, _ = mined(tmp_path, fan_out([(2, 0.7, True), (3, 0.2, False)]))
+    assert step_pairs(pairs) == [(1, 2, 3)]
+
+
 def test_steps_closer_than_the_edit_distance_are_not_paired(tmp_path: Path) -> None:
     rows = fan_out([(2, 0.9, True), (3, 0.8, True), (4, -0.9, False)])
     base = "# Step 2: same idea\n"
@@ -242,6 +248,18 @@ def test_sft_keeps_the_top_k_correct_trajectories_by_mean_q_then_min_q(tmp_path:
     ]
 
 
+def test_means_equal_up_to_float_rounding_fall_to_the_higher_min_q(tmp_path: Path) -> None:
+    rows = tree(
+        root(),
+        step(1, 0, 0.1),
+        leaf(2, 1, True, q=0.2),  # mean (0.1 + 0.2) / 2 = 0.15000000000000002 in floating point, min 0.1
+        step(3, 0, 0.15),
+        leaf(4, 3, True, q=0.15),  # mean 0.15, min 0.15
+    )
+    _, sft = mined(tmp_path, rows, sft_per_problem=1)
+    assert [row["leaf_id"] for row in sft] == [4]
+
+
 def test_sft_row_is_prompt_and_rendered_solution(tmp_path: Path) -> None:
     rows = tree(
         root(),
@@ -271,6 +289,13 @@ def test_trajectory_pairs_best_correct_against_worst_wrong_by_mean_q(tmp_path: P
     ]
     assert {p["prompt"] for p in trajectory} == {render_prompt(QUESTION)}
     assert trajectory[0]["chosen"] == next(row["completion"] for row in sft if row["leaf_id"] == 2)
+
+
+def test_trajectory_pairs_need_no_margin(tmp_path: Path) -> None:
+    # a verified answer against a wrong one: the outcome, not a Q estimate, says which is better
+    rows = tree(root(), step(1, 0, 0.2), leaf(2, 1, True, q=0.2), step(3, 0, 0.1), leaf(4, 3, False, q=0.1))
+    pairs, _ = mined(tmp_path, rows)
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs if p["pair_kind"] == "trajectory"] == [(2, 4)]
 
 
 def test_unsolved_tree_gives_no_sft_rows_and_counts_as_unsolved(tmp_path: Path) -> None:
@@ -329,6 +354,11 @@ def test_astro_trace_names_the_wrong_answer_and_can_start_over(tmp_path: Path) -
         "# Step 1: add\nx = 2 + 2\n<end_of_step>\n"
         "<answer>\\boxed{4}<end_of_answer>\n"
     )
+
+
+def test_astro_trace_of_a_wrong_answer_without_a_result_says_so() -> None:
+    reflection = astro_reflection("answer", None, None, back_to_step=1)
+    assert "None" not in reflection and "without a final result" in reflection
 
 
 def test_astro_trace_never_shows_a_malformed_step_as_the_branch_tried(tmp_path: Path) -> None:
@@ -428,6 +458,40 @@ def test_duplicate_node_ids_are_rejected(tmp_path: Path) -> None:
         MiningInputError, match="node id appears 2 times in one tree: run=run round=1 problem_id=p1 node_id=102"
     ):
         mine([write_nodes(tmp_path, rows)], problems_table(), MiningConfig())
+
+
+def test_a_node_id_in_two_files_names_both(tmp_path: Path) -> None:
+    rows = fan_out([(2, 0.9, True)])
+    first = write_nodes(tmp_path / "a", rows)
+    second = write_nodes(tmp_path / "b", rows)
+    with pytest.raises(MiningInputError, match=rf"in {re.escape(str(first))}, {re.escape(str(second))}"):
+        mine([first, second], problems_table(), MiningConfig())
+
+
+def test_the_same_file_named_twice_is_read_once(tmp_path: Path) -> None:
+    path = write_nodes(tmp_path / "nodes", fan_out([(2, 0.9, True), (3, -0.9, False)]))
+    same_file = path.parent / ".." / "nodes" / path.name
+    result = mine([path.parent, same_file], problems_table(), MiningConfig())
+    assert result.sft.num_rows == 1
+
+
+def test_a_nan_q_value_is_rejected(tmp_path: Path) -> None:
+    rows = fan_out([(2, 0.9, True), (3, -0.9, False)])
+    next(row for row in rows if row["node_id"] == 3)["q_value"] = float("nan")
+    with pytest.raises(MiningInputError, match="1 row\\(s\\) have a NaN q_value, e.g. .*node_id=3"):
+        mine([write_nodes(tmp_path, rows)], problems_table(), MiningConfig())
+
+
+def test_a_missing_q_value_names_a_node(tmp_path: Path) -> None:
+    rows = fan_out([(2, 0.9, True)])
+    next(row for row in rows if row["node_id"] == 2)["q_value"] = None
+    with pytest.raises(MiningInputError, match="1 row\\(s\\) have no q_value, e.g. .*node_id=2 in"):
+        mine([write_nodes(tmp_path, rows)], problems_table(), MiningConfig())
+
+
+def test_a_problem_id_repeated_in_the_problems_table_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(MiningInputError, match="problem id p1 appears 2 times"):
+        mine([write_nodes(tmp_path, fan_out([(2, 0.9, True)]))], problems_table("p1", "p1"), MiningConfig())
 
 
 def test_a_depth_inconsistent_with_the_parent_is_rejected(tmp_path: Path) -> None:
