@@ -36,6 +36,7 @@ from search.coat import (
     render_coat_solution,
     solution_program,
 )
+from search.grading import is_single_value
 from search.rollout import last_printed_line
 from search.steps import (
     END_OF_ANSWER,
@@ -231,14 +232,15 @@ class SolutionJudge:
                 verdicts[index] = Verdict(True, False, reason=f"program failed: {result.error}")
             else:
                 # Stricter than the search (search.rollout.printed_answer): any printed result must be
-                # the reference, or a policy could print words to escape the check and guess.
+                # the reference, or a policy could print words to escape the check and guess. Only a
+                # reference of several values or a choice letter is not held to one printed line.
                 to_grade.append((index, answer_text, f"\\boxed{{{last_printed_line(result.stdout)}}}"))
         pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade for text in (answer_text, printed)]
         grades = self.checker.grade_many(pairs) if pairs else []
         for position, (index, _, _) in enumerate(to_grade):
             answer_grade, output_grade = grades[2 * position], grades[2 * position + 1]
             reason = None if answer_grade.equal else "wrong answer"
-            if answer_grade.equal and not output_grade.equal:
+            if answer_grade.equal and not output_grade.equal and is_single_value(key[index][2]):
                 reason = "the answer does not match what the program printed"
             verdicts[index] = Verdict(True, reason is None, answer_grade.pred_answer, reason)
         self._latest = (key, verdicts)  # type: ignore[assignment]  # every slot is filled by now

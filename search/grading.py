@@ -613,6 +613,13 @@ def answers_equal(pred_answer: str, gold: str) -> bool:
     return verdict if verdict is not None else _checker_equal(pred_answer, gold)
 
 
+def is_single_value(answer: str) -> bool:
+    """Whether an answer is one value (a number or an expression), not a multiple-choice letter nor a
+    tuple, interval, set or list: what one printed number can be held to."""
+    canonical = _canonical(answer)
+    return canonical.choice is None and canonical.brackets is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker processes
 

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from search.grading import JUDGED_STATUSES
+from search.grading import JUDGED_STATUSES, is_single_value
 from search.mcts import Candidate, MCTSConfig, Node, Tree
 from search.policy import Generator, StepScorer
 from search.steps import STOP_STRINGS, StepKind
@@ -73,10 +73,15 @@ class AnswerChecker(Protocol):
 
 # A plain number as Python prints it: an int, a float (also in e-notation), a Fraction.
 _PRINTED_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?")
+_PRINTED_FLOAT_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][-+]?\d+)")
+PRINTED_FLOAT_DIGITS = 12
+"""Significant digits a printed float is held to: binary rounding shows in the last of Python's 17
+(3 * 0.7 prints 2.0999999999999996), and no written answer carries it."""
 
 
-def printed_answer(stdout: str | None) -> str | None:
-    """The last line a program printed, boxed to grade like a written answer, when it is a plain number.
+def printed_answer(stdout: str | None, reference: str) -> str | None:
+    """The last line a program printed, boxed to grade like a written answer, when it is a plain number
+    and the reference is one value (a list printed line by line, or a choice letter, is not held to it).
 
     A solution's answer step should restate what its program printed; a tiny or weak policy often
     writes some other number, and when that guess happens to be the reference the solution looks
@@ -84,13 +89,19 @@ def printed_answer(stdout: str | None) -> str | None:
     result prints in Python's notation (`sqrt(2)/2`), which need not read as the same LaTeX.
     """
     last = last_printed_line(stdout)
-    return f"\\boxed{{{last}}}" if _PRINTED_NUMBER_RE.fullmatch(last) else None
+    if not _PRINTED_NUMBER_RE.fullmatch(last) or not is_single_value(reference):
+        return None
+    return f"\\boxed{{{last}}}"
 
 
 def last_printed_line(stdout: str | None) -> str:
-    """A program's result as solutions use it: the last line it printed, stripped."""
+    """A program's result as solutions use it: the last line it printed, stripped, a float rounded to
+    PRINTED_FLOAT_DIGITS significant digits."""
     lines = (stdout or "").strip().splitlines()
-    return lines[-1].strip() if lines else ""
+    last = lines[-1].strip() if lines else ""
+    if _PRINTED_FLOAT_RE.fullmatch(last) and math.isfinite(value := float(last)):
+        return f"{value:.{PRINTED_FLOAT_DIGITS}g}"
+    return last
 
 
 def verified(answer: AnswerGrade, printed: AnswerGrade | None) -> bool | None:
@@ -325,7 +336,7 @@ class _Driver:
         if not answers:
             return
         # An answer follows the final code step being expanded, whose real output the policy was shown.
-        printed = [printed_answer(e.node.output) for e, _ in answers]
+        printed = [printed_answer(e.node.output, e.reference) for e, _ in answers]
         pairs = [(c.parsed.answer_text or "", e.reference) for e, c in answers]
         pairs += [(text, e.reference) for (e, _), text in zip(answers, printed, strict=True) if text is not None]
         grades = self.checker.grade_many(pairs)

@@ -93,6 +93,20 @@ def test_an_answer_resting_on_a_guessed_output_is_wrong(judge: SolutionJudge) ->
     assert not verdict.correct and "printed" in verdict.reason
 
 
+def test_a_float_printed_with_binary_rounding_backs_the_rounded_answer(judge: SolutionJudge) -> None:
+    price = SolutionStep("# Step 1: three pens at 0.70\ncost = 3 * 0.7\n<end_of_step>")
+    completion = render_solution([price, SolutionStep("print(cost)\n<end_of_code>"),
+                                  SolutionStep("<answer>\\boxed{2.1}<end_of_answer>")])
+    [verdict] = judge.judge([PROMPT], [completion], ["2.1"])
+    assert verdict.correct
+
+
+def test_a_choice_reference_is_not_held_to_the_printed_line(judge: SolutionJudge) -> None:
+    completion = render_solution([APPLES, SHARE, PRINT, SolutionStep("<answer>\\boxed{\\text{(C)}}<end_of_answer>")])
+    [verdict] = judge.judge([PROMPT], [completion], ["\\text{(C)}"])
+    assert verdict.correct
+
+
 def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:
     assert OutcomeReward(judge)([PROMPT] * 2, [render_solution([ANSWER]), render_solution([APPLES, ANSWER])],
                                 answer=["6", "6"]) == [-1.0, -1.0]

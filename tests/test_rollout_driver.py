@@ -421,11 +421,35 @@ def test_a_program_that_printed_no_number_leaves_the_answer_to_decide() -> None:
     assert answers_with_printed(result) == [(True, "sqrt(25)\n")]
 
 
-@pytest.mark.parametrize("printed", ["5", "-3", "2.50", ".5", "1e-06", "7/2", "  12  \n"])
+@pytest.mark.parametrize("printed", ["5", "-3", "2.5", "0.5", "1e-06", "7/2", "  12  \n"])
 def test_printed_numbers_are_held_to_the_reference(printed: str) -> None:
-    assert printed_answer(f"some line\n{printed}") == f"\\boxed{{{printed.strip()}}}"
+    assert printed_answer(f"some line\n{printed}", "5") == f"\\boxed{{{printed.strip()}}}"
 
 
 @pytest.mark.parametrize("printed", ["", "sqrt(2)/2", "x = 5", "(1, 2)", "5 apples", "[5]"])
 def test_printed_non_numbers_are_not(printed: str) -> None:
-    assert printed_answer(printed) is None
+    assert printed_answer(printed, "5") is None
+
+
+@pytest.mark.parametrize("printed, shown", [("2.0999999999999996", "2.1"), ("56.99999999999999", "57"),
+                                            ("0.30000000000000004", "0.3"), ("2.50", "2.5")])
+def test_a_printed_float_is_held_to_twelve_significant_digits(printed: str, shown: str) -> None:
+    assert printed_answer(printed, "5") == f"\\boxed{{{shown}}}"
+
+
+@pytest.mark.parametrize("reference", ["2, 3", "\\text{(C)}", "(1, 2)", "\\{1, 2\\}"])
+def test_a_reference_of_several_values_or_a_choice_is_not_held_to_one_printed_number(reference: str) -> None:
+    assert printed_answer("2\n3", reference) is None
+
+
+def test_a_right_answer_after_a_float_printed_with_binary_rounding_is_verified() -> None:
+    class WritesTwoPointOne(ScriptedPolicy):
+        def _continue(self, prompt: str, n: int) -> list[str]:
+            if prompt.endswith("<end_of_output>\n"):
+                return ["<answer>The pens cost \\boxed{2.1}.<end_of_answer>"] * n
+            return super()._continue(prompt, n)
+
+    menus = (["# Step 1: price\nb = 3 * 0.7\n<end_of_step>"], [FINAL_STEP])
+    result = search([Problem("p0", "3 pens at 0.70 each?", "2.1")], MCTSConfig(width=1, rollouts=1),
+                    WritesTwoPointOne(menus))
+    assert answers_with_printed(result) == [(True, "2.0999999999999996\n")]
