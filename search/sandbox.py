@@ -156,7 +156,8 @@ class SandboxConfig:
     max_program_bytes: int = field(default=1_000_000, metadata={
         "help": "largest accepted program source (UTF-8 bytes)"})
     max_processes: int = field(default=16, metadata={
-        "help": "processes plus threads a program may have at once, itself included"})
+        "help": "processes plus threads a program may have at once, itself included (each thread's "
+                "stack also counts against memory_mb: at 512 MiB about 7 threads start)"})
     max_file_bytes: int = field(default=16_000_000, metadata={
         "help": "largest file a program may write (bytes)"})
     tmp_mb: int = field(default=64, metadata={
@@ -1047,10 +1048,11 @@ class _ProgramRunner:
             text += _TRUNCATION_MARKER.format(limit=self._output_limit)
         if timed_out:
             outcome = {"error": "timeout", "timed_out": True}
-        elif status and os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+        elif os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
             # Only a child that wrote its report exits 0; a program that wrote into the pipe and
-            # then stopped the report going out (closed the pipe, crashed) is not believed.
-            outcome = _parse_status(status)
+            # then stopped the report going out (closed the pipe, crashed) is not believed, nor is
+            # one that ended with os._exit(0) or pointed the pipe elsewhere, leaving no report.
+            outcome = _parse_status(status) if status else {"error": _NO_REPORT_ERROR}
         else:
             outcome = self._describe_exit(wait_status, stderr_tail)
         reply = {"ok": False, "error": None, "timed_out": False, "memory_exceeded": False,
@@ -1151,10 +1153,9 @@ class _ProgramRunner:
         return healthy
 
     def _describe_exit(self, wait_status: int, stderr_tail: bytes) -> dict:
-        """Outcome of a child that ended without reporting (os._exit, or killed by a signal)."""
+        """Outcome of a child that failed without reporting (a non-zero os._exit, or a signal)."""
         if os.WIFEXITED(wait_status):
-            code = os.WEXITSTATUS(wait_status)
-            return {"ok": True} if code == 0 else {"error": f"exited with status {code}"}
+            return {"error": f"exited with status {os.WEXITSTATUS(wait_status)}"}
         number = os.WTERMSIG(wait_status)
         if number == signal.SIGXCPU:
             return {"error": f"timeout (CPU time limit of {self._cpu_seconds} s)",
@@ -1171,6 +1172,7 @@ class _ProgramRunner:
         return {"error": ": ".join([f"killed by signal {name}", *last_line])[:_ERROR_TEXT_LIMIT]}
 
 
+_NO_REPORT_ERROR = "ended without reporting its outcome (os._exit, or the report pipe redirected)"
 _OUT_OF_MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"out of memory",
                           b"bad_alloc")
 

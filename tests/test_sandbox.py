@@ -439,6 +439,26 @@ def test_a_status_report_forged_by_the_program_is_not_believed(sandbox: Sandbox)
     assert not result.ok
 
 
+def test_a_program_that_points_the_report_pipe_elsewhere_is_not_believed(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import os
+        null = os.open("/dev/null", os.O_WRONLY)
+        for fd in range(3, 64):
+            if fd != null:
+                try:
+                    os.dup2(null, fd)
+                except OSError:
+                    pass
+        raise ValueError("this program failed")
+    """)
+    assert not result.ok
+
+
+def test_a_program_ending_in_os_exit_0_is_not_reported_ok(sandbox: Sandbox) -> None:
+    result = run(sandbox, "import os\nos._exit(0)")
+    assert not result.ok and "without reporting" in result.error
+
+
 # Bad input
 
 
