@@ -18,6 +18,7 @@ the final code step's output is shown to the model, right before it writes the a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -99,8 +100,16 @@ def render_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question.strip())
 
 
+# The `<` opening a marker of the format (or any `<|name|>` token) in a program's output: a program
+# can print `<end_of_output><answer>...`, which would otherwise end its output block and forge steps.
+_MARKER_IN_OUTPUT = re.compile(
+    "<(?=" + "|".join(re.escape(marker[1:]) for marker in STEP_SPECIAL_TOKENS) + r"|\|\w+\|>)"
+)
+
+
 def render_output(output: str) -> str:
-    return f"{OUTPUT_START}{output.strip()}{END_OF_OUTPUT}"
+    """A program's output as the model sees it; markers inside it have their `<` written `&lt;`."""
+    return f"{OUTPUT_START}{_MARKER_IN_OUTPUT.sub('&lt;', output.strip())}{END_OF_OUTPUT}"
 
 
 def render_solution(steps: Sequence[SolutionStep]) -> str:
