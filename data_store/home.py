@@ -58,6 +58,8 @@ def get_home(explicit: str | Path | None = None) -> Path:
             raise HomeError(f"data home {home} is inside the code tree ({code_dir}); choose a directory outside it")
     if home == CODE_ROOT:
         raise HomeError(f"data home {home} is the code tree itself; choose a directory outside it")
+    if home.exists() and not home.is_dir():
+        raise HomeError(f"data home {home} exists and is not a directory")
     return home
 
 

@@ -39,7 +39,7 @@ def summary_table(rows: list[dict]) -> str:
             return "pass" if value else "FAIL"
         return form.format(value)
 
-    widths = [max(len(title), *(len(cell(row, key, form)) for row in rows)) for title, key, form in SUMMARY_COLUMNS]
+    widths = [max([len(title), *(len(cell(row, key, form)) for row in rows)]) for title, key, form in SUMMARY_COLUMNS]
     lines = ["  ".join(title.rjust(width) for (title, _, _), width in zip(SUMMARY_COLUMNS, widths))]
     for row in rows:
         lines.append("  ".join(cell(row, key, form).rjust(width) for (_, key, form), width in zip(SUMMARY_COLUMNS, widths)))
@@ -56,7 +56,7 @@ def cli_demo(argv: list[str]) -> int:
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
 
-    from flows.evolve import _quiet_prefect, evolve_flow
+    from flows.evolve import _quiet_prefect, evolve_flow, failure_message
     from models.recipe import load_recipe
     from models.report import summary_rows, write_run_report
 
@@ -70,15 +70,16 @@ def cli_demo(argv: list[str]) -> int:
 
     layout = Layout(home)
     rows = summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
+    if not rows:  # not even round 0 finished: no summary or report of a run that did not happen
+        print(f"kaizen demo: error: {failure_message(state)}", file=sys.stderr)
+        return 1
     summary_path = home / "summary.json"
     write_json(summary_path, {"rounds": rows, "total_wall_s": total_wall_s}, indent=2)
     report = write_run_report(layout, recipe.run, out=home / "report.html")
     print(summary_table(rows))
     print(f"total {total_wall_s / 60:.1f} min; summary -> {summary_path}; report -> {report}")
     if not state.is_completed():
-        try:
-            state.result()
-        except BaseException as err:  # noqa: BLE001 - reported in one line, whatever the flow raised
-            print(f"kaizen demo: evolution stopped: {str(err).splitlines()[0]}", file=sys.stderr)
+        print(f"kaizen demo: evolution stopped: {failure_message(state)}", file=sys.stderr)
         return 1
     return 0
+

@@ -395,13 +395,18 @@ def cli_evaluate(argv: list[str]) -> int:
     return _report_state(state, parser.prog)
 
 
+def failure_message(state: Any) -> str:
+    """The first line of what a flow run that did not complete raised."""
+    try:
+        state.result()
+    except BaseException as err:  # noqa: BLE001 - the flow's own exception, reported in one line
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"the flow run ended {state.type.value.lower()}"
+
+
 def _report_state(state: Any, prog: str) -> int:
     """0 for a completed flow run; otherwise one line with the failure's message."""
     if state.is_completed():
         return 0
-    try:
-        state.result()
-    except BaseException as err:  # noqa: BLE001 - the flow's own exception, reported in one line
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {failure_message(state)}", file=sys.stderr)
     return 1

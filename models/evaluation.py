@@ -221,6 +221,10 @@ def check_eval_settings(
     unknown = sorted(set(config) - known)
     if unknown:
         raise EvalInputError(f"unknown eval setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:  # the values' own rules (a temperature below 0, a limit of 0), before any work starts
+        EvalConfig(**{**config, "modes": list(modes)})
+    except (TypeError, ValueError) as err:
+        raise EvalInputError(str(err)) from None
 
 
 # --- evaluation --------------------------------------------------------------------------------

@@ -262,7 +262,27 @@ def check_config_keys(kind: str, values: Mapping[str, Any], where: str | None = 
         raise TrainingInputError(_unknown_keys_message(where, unknown, list(fields_by_name)))
     for key in sorted(set(values) & set(UNSUPPORTED_KEYS.get(kind, {}))):
         raise TrainingInputError(f"{where}.{key} is not supported: {UNSUPPORTED_KEYS[kind][key]}")
-    return {key: _coerce(f"{where}.{key}", fields_by_name[key], value) for key, value in values.items()}
+    checked = {key: _coerce(f"{where}.{key}", fields_by_name[key], value) for key, value in values.items()}
+    _check_ranges(where, checked)
+    return checked
+
+
+# Values that type-check but cannot train: (lowest allowed, whether the bound itself is allowed).
+_RANGES: dict[str, tuple[float, bool]] = {
+    "learning_rate": (0.0, False), "num_train_epochs": (0.0, False), "per_device_train_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True), "global_batch_size": (1, True), "max_length": (1, True),
+    "timeout_s": (0.0, False), "warmup_steps": (0.0, True), "weight_decay": (0.0, True),
+}
+
+
+def _check_ranges(where: str, values: Mapping[str, Any]) -> None:
+    """TrainingInputError for a value out of its range (a negative learning rate, a batch of 0, no epochs)."""
+    for key, (lowest, inclusive) in _RANGES.items():
+        value = values.get(key)
+        if value is None or (key == "num_train_epochs" and (values.get("max_steps") or -1) > 0):
+            continue  # unset, or max_steps decides the length
+        if value < lowest or (value == lowest and not inclusive):
+            raise TrainingInputError(f"{where}.{key} must be {'>=' if inclusive else '>'} {lowest}, got {value}")
 
 
 def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettings | None) -> TrainingSettings:
@@ -610,6 +630,8 @@ def start_run(request: RunRequest) -> TrainingRun:
 
 def _train(kind: str, tables: Sequence[str | Path] | None, output_dir: str | Path, **options: Any) -> Path:
     timeout_s = options.pop("timeout_s", None)
+    if timeout_s is not None and timeout_s <= 0:
+        raise TrainingInputError(f"the timeout must be > 0 seconds, got {timeout_s:g}")
     return start_run(prepare_run(kind, tables=tables, output_dir=output_dir, **options)).wait(timeout_s)
 
 

@@ -22,7 +22,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
-from models.pipeline import LOGGER_NAME, Artifact, Current, Evaluation, Mined, Pipeline, ProblemPools
+from models.pipeline import LOGGER_NAME, Artifact, Current, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools
+from models.tiny import ModelLoadError
+from models.training import TrainingInputError
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -97,7 +99,25 @@ def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, ref
 
 
 _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
-_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_jitter_factor": 0.5}
+# Bad input fails the same way every time: retrying it only delays the one line that says what is wrong.
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    MissingInputError, ModelLoadError, TrainingInputError,
+)
+
+
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry what may pass next time (a lost device, a killed subprocess,
+    a network error), not bad input (NOT_RETRIED)."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - no exception to judge by: keep the retry policy
+        return True
+    return not isinstance(error, NOT_RETRIED)
+
+
+_RETRY = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_jitter_factor": 0.5,
+          "retry_condition_fn": worth_retrying}
 
 
 @task(name="problems", **_STAGE_OPTIONS)

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prefect.states import Failed
 
 from flows.cli import main
+from flows.demo import SUMMARY_COLUMNS, summary_table
+from models.tiny import ModelLoadError
+from models.training import TrainingInputError, TrainingRunError
+from tasks.stages import worth_retrying
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -41,3 +46,26 @@ def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Ca
 def test_an_unknown_evaluation_mode_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "bogus"], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")
+
+
+def test_a_home_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    home = tmp_path / "afile"
+    home.write_text("")
+    code, err = run(["run", "--recipe", "demo", "--home", str(home)], capsys)
+    assert code == 1 and err == [f"kaizen run: error: data home {home} exists and is not a directory"]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad recipe value"), ModelLoadError("no model at ./nomodel"),
+                                   TrainingInputError("no rows"), FileNotFoundError("nodes.parquet")])
+def test_bad_input_is_not_retried(error: Exception) -> None:
+    assert not worth_retrying(None, None, Failed(data=error))
+
+
+@pytest.mark.parametrize("error", [TrainingRunError("the trainer was killed"), RuntimeError("CUDA error"),
+                                   ConnectionError("vLLM server went away")])
+def test_failures_that_may_pass_next_time_are_retried(error: Exception) -> None:
+    assert worth_retrying(None, None, Failed(data=error))
+
+
+def test_the_demo_table_of_no_rounds_is_its_header() -> None:
+    assert summary_table([]).split() == [title for title, _, _ in SUMMARY_COLUMNS]

@@ -28,6 +28,7 @@ from models.evaluation import (
     EvalConfig,
     EvalInputError,
     EvalReport,
+    check_eval_settings,
     cli_eval,
     evaluate,
     load_benchmark,
@@ -497,3 +498,8 @@ def test_kaizen_eval_ppm_modes_with_a_real_ppm(model_dir: Path, untrained_ppm: P
     assert code == 0
     rows = pq.read_table(tmp_path / EVAL_FILE).to_pylist()
     assert Counter(row["mode"] for row in rows) == {"ppm@2": 2, "mcts": 2}
+
+
+def test_a_negative_temperature_is_refused_by_the_settings_check() -> None:
+    with pytest.raises(EvalInputError, match="temperature must be >= 0, got -0.3"):
+        check_eval_settings(["gsm8k"], ["greedy"], {"temperature": -0.3})

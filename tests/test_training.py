@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -143,6 +144,20 @@ def test_yaml_exponent_strings_become_floats() -> None:
 def test_config_values_outside_their_choices_are_rejected() -> None:
     with pytest.raises(TrainingInputError, match="init_from: 'last' is not one of base, previous"):
         load_training_config({"sft": {"init_from": "last"}})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"learning_rate": -1.0}, "training.sft.learning_rate must be > 0.0, got -1.0"),
+    ({"per_device_train_batch_size": 0}, "training.sft.per_device_train_batch_size must be >= 1, got 0"),
+    ({"num_train_epochs": 0}, "training.sft.num_train_epochs must be > 0.0, got 0"),
+])
+def test_values_that_cannot_train_are_rejected(values: dict, message: str) -> None:
+    with pytest.raises(TrainingInputError, match=re.escape(message)):
+        load_training_config({"sft": values})
+
+
+def test_no_epochs_is_fine_when_max_steps_sets_the_length() -> None:
+    assert load_training_config({"sft": {"num_train_epochs": 0, "max_steps": 10}}).sft["max_steps"] == 10
 
 
 def test_a_recipe_can_be_named_like_everywhere_else() -> None:
