@@ -86,6 +86,8 @@ class MiningConfig:
     def __post_init__(self) -> None:
         if self.sft_format not in SFT_FORMATS:
             raise ValueError(f"sft_format must be one of {', '.join(SFT_FORMATS)}, got {self.sft_format!r}")
+        if not self.margin >= 0 or self.margin == math.inf:  # also refuses NaN
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
         if self.per_side < 1 or self.sft_per_problem < 0 or self.min_edit_distance < 0:
             raise ValueError("per_side must be >= 1; sft_per_problem and min_edit_distance must be >= 0")
 

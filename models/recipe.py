@@ -600,15 +600,25 @@ def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return result
 
 
-def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Read and check a recipe file (a path or the name of a bundled recipe), with dotted overrides."""
+def read_recipe_yaml(path: Path) -> Any:
+    """A recipe file's YAML; RecipeError in one line, with the line and column of a syntax error."""
     import yaml
 
-    path = resolve_recipe_path(name)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise RecipeError(f"cannot read recipe {path}: {str(err).splitlines()[0]}") from None
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"cannot read recipe {path}: {problem}{where}") from None
+
+
+def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Read and check a recipe file (a path or the name of a bundled recipe), with dotted overrides."""
+    path = resolve_recipe_path(name)
+    data = read_recipe_yaml(path)
     if overrides:
         if not isinstance(data, Mapping):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections")

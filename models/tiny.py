@@ -226,7 +226,7 @@ def build_tiny_model(
     config = replace(config or TinyModelConfig(), **shape)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{out_dir} already exists (pass --overwrite, or overwrite=True, to replace it)")
     tokenizer = train_tokenizer(
         default_corpus(seed=config.seed) if corpus is None else corpus,
         vocab_size=config.vocab_size,

@@ -295,18 +295,12 @@ def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettin
     if isinstance(source, TrainingSettings):
         return source
     if isinstance(source, (str, Path)):
-        import yaml
+        from models.recipe import RecipeError, read_recipe_yaml, resolve_recipe_path  # it builds on this module
 
-        from models.recipe import RecipeError, resolve_recipe_path  # models.recipe builds on this module
-
-        try:
-            path = resolve_recipe_path(source)  # a YAML path, or a bundled recipe's name
+        try:  # a YAML path, or a bundled recipe's name
+            source = read_recipe_yaml(resolve_recipe_path(source)) or {}
         except RecipeError as err:
             raise TrainingInputError(str(err)) from None
-        try:
-            source = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise TrainingInputError(f"cannot read recipe {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(source, Mapping):
         raise TrainingInputError("a training recipe must be a mapping")
     section = source.get("training", source)
@@ -377,7 +371,8 @@ def check_tables(kind: str, paths: Sequence[str | Path]) -> list[TableInfo]:
             column = table.column(name)
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                 raise TrainingInputError(f"{path}: column {name} holds {column.type}, not text")
-            blank = column.null_count + pc.sum(pc.equal(pc.utf8_length(column), 0)).as_py() if len(column) else 0
+            empty = pc.sum(pc.equal(pc.utf8_length(column), 0)).as_py() or 0  # None when every value is null
+            blank = column.null_count + empty
             if blank:
                 raise TrainingInputError(f"{path}: {blank} row(s) with a null or empty {name}")
         infos.append(TableInfo(str(path.resolve()), table.num_rows, file_sha256(path)))

@@ -161,6 +161,12 @@ def test_a_margin_equal_to_the_threshold_up_to_float_rounding_is_kept(tmp_path: 
     assert step_pairs(pairs) == [(1, 2, 3)]
 
 
+@pytest.mark.parametrize("margin", [-1.0, float("nan")])
+def test_a_negative_or_nan_margin_is_refused(margin: float) -> None:
+    with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+        MiningConfig(margin=margin)
+
+
 def test_steps_closer_than_the_edit_distance_are_not_paired(tmp_path: Path) -> None:
     rows = fan_out([(2, 0.9, True), (3, 0.8, True), (4, -0.9, False)])
     base = "# Step 2: same idea\n"

@@ -54,6 +54,13 @@ def test_minimal_recipe_gets_defaults() -> None:
     assert (recipe.search.mcts.c_puct, recipe.mining.margin) == (2.0, 0.5)
 
 
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("run: x\nsearch:\n  shards: 1\n    rollouts: 2\n")
+    with pytest.raises(RecipeError, match=r"mapping values are not allowed here \(line 4, column 13\)"):
+        load_recipe(path)
+
+
 def test_yaml_exponent_strings_become_numbers() -> None:
     recipe = parse_recipe(recipe_with(**{"search.mcts.temperature": "7e-1"}))
     assert recipe.search.mcts.temperature == pytest.approx(0.7)

@@ -202,6 +202,13 @@ def test_null_or_empty_completions_are_rejected(tmp_path: Path, tiny_model: Path
         prepare_run("sft", tables=[table], output_dir=tmp_path / "out", base_model=str(tiny_model))
 
 
+def test_a_column_of_nulls_only_is_rejected(tmp_path: Path, tiny_model: Path) -> None:
+    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string())])
+    table = write_table(tmp_path / "sft.parquet", [{"prompt": "p", "completion": None}] * 2, schema)
+    with pytest.raises(TrainingInputError, match="2 row\\(s\\) with a null or empty completion"):
+        prepare_run("sft", tables=[table], output_dir=tmp_path / "out", base_model=str(tiny_model))
+
+
 def test_a_file_that_is_not_parquet_is_rejected(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "sft.parquet").write_text("prompt,completion\n")
     with pytest.raises(TrainingInputError, match="is not a Parquet file"):
