@@ -24,7 +24,6 @@ and `search.steps`, the one place the step format lives, and measures edit dista
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -33,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +42,7 @@ from rapidfuzz.distance import Levenshtein
 from data_store.parquet import COMPRESSION, atomic_path
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
+from search.arguments import OneLineParser
 from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import END_OF_CODE, END_OF_STEP, SolutionStep, StepKind, parse_step, render_prompt, render_solution
 
@@ -701,13 +701,6 @@ def write_mined(result: MiningResult, out_dir: str | Path) -> tuple[Path, Path]:
 # --- kaizen mine ----------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's one-line usage errors."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _help(name: str) -> str:
     return MiningConfig.__dataclass_fields__[name].metadata["help"]
 
@@ -715,7 +708,7 @@ def _help(name: str) -> str:
 def cli_mine(argv: list[str]) -> int:
     """`kaizen mine`: mine pairs and SFT rows from nodes files into DIR/pairs.parquet and DIR/sft.parquet."""
     defaults = MiningConfig()
-    parser = _Parser(
+    parser = OneLineParser(
         prog="kaizen mine", description="Mine PPM preference pairs and SFT trajectories from nodes tables."
     )
     parser.add_argument(

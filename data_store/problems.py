@@ -54,7 +54,10 @@ def load_problems(
     `require_answer`, a problem without a reference answer is an error naming it.
     """
     path = Path(source)
-    if path.is_file() or path.suffix in FILE_SUFFIXES:
+    # A path whose folder exists here ("data/problems" next to ./data) is meant as a file: looking it
+    # up on the hub instead only fails slowly, naming the hub. (A directory is a `datasets` source.)
+    meant_as_file = not path.exists() and len(path.parts) > 1 and path.parent.is_dir()
+    if path.is_file() or path.suffix in FILE_SUFFIXES or meant_as_file:
         if not path.is_file():
             raise ProblemsError(f"problems file {path} does not exist")
         rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)

@@ -13,13 +13,13 @@ Running it again resumes: finished stages come from Prefect's cache.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from data_store.home import Layout, get_home
 from data_store.parquet import write_json
+from search.arguments import OneLineParser
 
 DEFAULT_RECIPE = "demo"
 SUMMARY_COLUMNS = (
@@ -47,7 +47,7 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def cli_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen demo", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kaizen demo", description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=None, help="data home (default: $KAIZEN_HOME or ./kaizen_home)")
     parser.add_argument("--rounds", type=int, default=4, help="search rounds after the bootstrap round 0 (default 4)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the curriculum, model and search (default: the recipe's)")

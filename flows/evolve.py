@@ -32,6 +32,7 @@ from models.gate import decide_gate
 from models.pipeline import Artifact, Current, Pipeline, RoundRecord
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown, write_run_report
+from search.arguments import OneLineParser
 from search.steps import StepFormat
 from tasks.stages import (
     STAGES,
@@ -319,7 +320,7 @@ def _parse_rounds(text: str) -> tuple[int | None, int]:
 
 
 def cli_run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen run", description="Run the evolve flow: gated rounds of a recipe.")
+    parser = OneLineParser(prog="kaizen run", description="Run the evolve flow: gated rounds of a recipe.")
     _common(parser)
     parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
                         help="START:END (default: from the round after the promoted one to 4)")
@@ -336,7 +337,7 @@ def cli_run(argv: list[str]) -> int:
 
 
 def cli_round(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen round", description="Run the round flow once.")
+    parser = OneLineParser(prog="kaizen round", description="Run the round flow once.")
     _common(parser)
     parser.add_argument("--round", dest="round_number", type=int, default=None,
                         help="round number (default: the one after the promoted round)")
@@ -348,7 +349,7 @@ def cli_round(argv: list[str]) -> int:
 
 
 def cli_stage(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen stage", description="Re-run one stage of a round.")
+    parser = OneLineParser(prog="kaizen stage", description="Re-run one stage of a round.")
     parser.add_argument("stage", choices=STAGES, help="the stage to re-run")
     _common(parser)
     parser.add_argument("--round", dest="round_number", type=int, required=True)
@@ -367,17 +368,19 @@ def cli_stage(argv: list[str]) -> int:
 
 
 def cli_evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--ppm", default=None)
-    parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks")
-    parser.add_argument("--mode", action="append", dest="modes")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
+    parser.add_argument("--model", required=True, help="policy checkpoint (directory or org/model hub name)")
+    parser.add_argument("--ppm", default=None, help="PPM checkpoint, for ppm@K and mcts modes")
+    parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks", metavar="NAME[=PATH]",
+                        help="math500, gsm8k, aime24, amc23, or NAME=PATH of a JSONL/Parquet file (repeatable)")
+    parser.add_argument("--mode", action="append", dest="modes", metavar="MODE",
+                        help="greedy, maj@K, ppm@K or mcts (repeatable; default greedy)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation engine (default hf)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--step-format", default=StepFormat.RSTAR.value, choices=list(StepFormat),
                         help="the policy's step format (coat: chain-of-action-thought)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="also write eval.parquet and summary.json here")
     args = parser.parse_args(argv)
     from data_store.parquet import check_output_directory
     from models.evaluation import check_eval_settings

@@ -53,6 +53,10 @@ class BackendConfig:
 def open_generator(model: str | Path, config: BackendConfig | None = None, *, seed: int = 0) -> Iterator[Generator]:
     """Yield a Generator on `model`; a vLLM server started here is stopped on exit, whatever happens."""
     config = config or BackendConfig()
+    if not config.vllm_url:  # a running server names its own models
+        from models.tiny import check_policy_source
+
+        check_policy_source(model)
     if config.backend == "hf":
         from models.generation import HFGenerator
 

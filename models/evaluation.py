@@ -16,7 +16,6 @@ reference in GSM8K's `solution #### answer` form is cut to the answer.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
+from search.arguments import OneLineParser
 from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, evaluate_modes, parse_mode
 from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
@@ -399,7 +399,7 @@ class ProgressBars:
 def cli_eval(argv: list[str]) -> int:
     """`kaizen eval --model DIR --benchmark NAME[=SOURCE] ... --mode MODE ... --out DIR`."""
     defaults = EvalConfig()
-    parser = argparse.ArgumentParser(prog=PROG, description="Evaluate a checkpoint on benchmarks; writes the eval table.")
+    parser = OneLineParser(prog=PROG, description="Evaluate a checkpoint on benchmarks; writes the eval table.")
     parser.add_argument("--model", required=True, help="policy checkpoint (directory or model name)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint; needed by ppm@K and mcts")
     parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks", metavar="NAME[=SOURCE]",

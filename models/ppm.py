@@ -15,7 +15,6 @@ EOS the head reads survive. The checkpoint's `ppm_scoring.json` records that con
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.tiny import PPM_SCORING_FILE
+from search.arguments import OneLineParser
 from search.jsonl import iter_jsonl
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-SCORING_FILE = "ppm_scoring.json"
+SCORING_FILE = PPM_SCORING_FILE
 PAD_TOKEN = "<|pad|>"
 
 
@@ -187,7 +188,7 @@ def _read_jsonl_texts(path: Path, text_field: str) -> tuple[list[Any], list[str]
 
 def cli_score(argv: list[str]) -> int:
     """`kaizen score --ppm DIR --jsonl FILE`: print each row with its PPM value as JSON lines."""
-    parser = argparse.ArgumentParser(prog="kaizen score", description="Score texts with a PPM checkpoint.")
+    parser = OneLineParser(prog="kaizen score", description="Score texts with a PPM checkpoint.")
     parser.add_argument("--ppm", required=True, type=Path, help="PPM checkpoint directory (from `kaizen train ppm`)")
     parser.add_argument("--jsonl", required=True, type=Path, help="input: one JSON string or object per line")
     parser.add_argument("--field", default="text", help="object field holding the text (default: text)")

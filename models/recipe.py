@@ -40,6 +40,7 @@ from models.gate import GateRule
 from models.rl import RLSettingsError, check_rl_settings
 from models.tiny import TinyModelConfig
 from models.training import KINDS, TrainingError, TrainingSettings, load_training_config
+from search.arguments import OneLineParser
 from search.evaluation import parse_mode
 from search.mcts import MCTSConfig, SearchMode
 from search.sandbox import SandboxConfig
@@ -627,9 +628,8 @@ def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def cli_check_recipe(argv: list[str]) -> int:
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="kaizen check-recipe", description="Check recipes; exit 1 naming the first bad field.")
+    parser = OneLineParser(prog="kaizen check-recipe", description="Check recipes; exit 1 naming the first bad field.")
     parser.add_argument("recipes", nargs="+", help="recipe names (deployments/recipes) or YAML paths")
     parser.add_argument("--print-cron", action="store_true",
                         help="print the (single) recipe's schedule.cron, for deployments/prefect.yaml")

@@ -7,7 +7,6 @@ PPM. Prefect tasks and `kaizen rollout` both call `rollout_stage`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
+from search.arguments import OneLineParser
 from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
 from search.sandbox import SandboxConfig
@@ -118,7 +118,7 @@ def tqdm_progress(description: str) -> tuple[Callable[[RolloutProgress], None], 
 
 
 def cli_rollout(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kaizen rollout", description="Run MCTS rollouts and write the nodes table.")
+    parser = OneLineParser(prog="kaizen rollout", description="Run MCTS rollouts and write the nodes table.")
     parser.add_argument("--model", required=True, help="policy checkpoint (directory or model name)")
     parser.add_argument("--problems", required=True, help="JSONL/Parquet file with id, problem, answer, or a datasets name")
     parser.add_argument("--out", required=True, help="output directory; nodes.parquet is written there")
@@ -136,6 +136,8 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
 
     from data_store.parquet import check_output_directory
     from data_store.problems import load_problems
@@ -145,6 +147,8 @@ def cli_rollout(argv: list[str]) -> int:
     except ValueError as err:
         parser.error(str(err))
     problems = search_problems(load_problems(args.problems, limit=args.limit, require_answer=True))
+    if not problems:
+        raise ValueError(f"{args.problems} has no problems")
     mcts = MCTSConfig(
         rollouts=args.rollouts,
         width=args.width,

@@ -8,10 +8,10 @@ real checkpoints (`load_causal_lm`) and give them the step-format tokens (`add_s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_store.home import shared_data_dir
+from search.arguments import OneLineParser
 from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_trajectory
 
 if TYPE_CHECKING:
@@ -280,12 +281,33 @@ def add_step_tokens(
     return added
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+PPM_SCORING_FILE = "ppm_scoring.json"
+"""What marks a PPM checkpoint (models.ppm writes it)."""
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `name` has the `org/model` form of a hub name; anything else is taken as a local path."""
+    return not name.startswith((".", "/", "~")) and bool(_HUB_NAME.fullmatch(name))
+
+
 def is_missing_local_model(name_or_dir: str | Path) -> bool:
     """True when `name_or_dir` is meant as a local path (not an `org/model` hub name) and nothing is there."""
     name = str(name_or_dir)
-    if Path(name).expanduser().exists():
-        return False
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+    return not Path(name).expanduser().exists() and not is_hub_name(name)
+
+
+def check_policy_source(name_or_dir: str | Path) -> None:
+    """ModelLoadError, before anything loads, for what cannot be a policy: a path with nothing there, a
+    directory without config.json, or a PPM checkpoint (a swapped --model / --ppm)."""
+    name = str(name_or_dir)
+    path = Path(name).expanduser()
+    if is_missing_local_model(name):
+        raise ModelLoadError(f"cannot load model {name!r}: no such directory (and not an org/model hub name)")
+    if path.is_dir() and (path / PPM_SCORING_FILE).is_file():
+        raise ModelLoadError(f"{name} is a PPM checkpoint ({PPM_SCORING_FILE}); the policy is an SFT checkpoint")
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"cannot load model {name!r}: not a Hugging Face model directory (no config.json)")
 
 
 def load_causal_lm(
@@ -302,8 +324,7 @@ def load_causal_lm(
     name = str(name_or_dir)
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if is_missing_local_model(name):
-        raise ModelLoadError(f"cannot load model {name!r}: no such directory")
+    check_policy_source(name)
     name = str(Path(name).expanduser()) if name.startswith("~") else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -327,7 +348,7 @@ def parameter_count(model: PreTrainedModel) -> int:
 def cli_tiny_model(argv: list[str]) -> int:
     """`kaizen tiny-model --out DIR`: build the tiny tokenizer and model."""
     defaults = TinyModelConfig()
-    parser = argparse.ArgumentParser(prog="kaizen tiny-model", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kaizen tiny-model", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="directory to create (Hugging Face format)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     for option in fields(TinyModelConfig):

@@ -50,6 +50,7 @@ from models.rl import (
     check_rl_settings,
     require_coat_tokens,
 )
+from models.tiny import is_hub_name
 
 KINDS = ("sft", "ppm", "rl")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -62,7 +63,6 @@ REQUEST_FILE = "request.json"
 FAILURE_FILE = "failure.txt"
 INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class TrainingError(Exception):
@@ -394,7 +394,7 @@ def describe_model_source(name: str) -> dict[str, Any]:
             # Checkpoints chain: a PPM names the SFT run it came from, which names its data and base.
             record["provenance_sha256"] = file_sha256(path / PROVENANCE_FILE)
         return record
-    if name and not name.startswith((".", "/", "~")) and _HUB_ID.fullmatch(name):
+    if is_hub_name(name):
         return {"name": name, "hub": True}
     raise TrainingInputError(f"model not found: {name!r} (no such directory, and not a hub name)")
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from search.arguments import OneLineParser
+
 PROG = "kaizen train"
 
 
@@ -28,7 +30,7 @@ def _parse_setting(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="Train the policy (sft), the process preference model (ppm), or the policy with GRPO (rl).")
     parser.add_argument("kind", choices=["sft", "ppm", "rl"],
                         help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables; rl: GRPO on `rl_prompts` tables")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.tiny import is_missing_local_model
+from search.arguments import OneLineParser
 from search.policy import Completion
 
 VLLM_VERSION = "0.32.0"
@@ -540,7 +541,7 @@ def _error_message(response: Any) -> str:
 
 def cli_vllm(argv: list[str]) -> int:
     """`kaizen vllm install | serve | check`."""
-    parser = argparse.ArgumentParser(prog="kaizen vllm", description="manage the vLLM server used for rollouts")
+    parser = OneLineParser(prog="kaizen vllm", description="manage the vLLM server used for rollouts")
     commands = parser.add_subparsers(dest="command", required=True)
 
     install = commands.add_parser("install", help=f"create the vLLM environment (default {DEFAULT_VENV.name} at the repo root)")

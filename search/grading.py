@@ -24,7 +24,6 @@ item whose check raises, never a silent "not equal".
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -47,6 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+from search.arguments import OneLineParser
 from search.jsonl import JSONLError, iter_jsonl
 
 GradeStatus = Literal["ok", "no_answer", "checker_error", "timeout"]
@@ -952,11 +952,6 @@ class _InputError(Exception):
     """A problem with the user's input file, reported as one error line."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _read_pairs(path: str) -> Iterator[tuple[str, str]]:
     """(pred, gold) pairs from a JSONL file (`-` is stdin); blank lines are skipped."""
     try:
@@ -985,7 +980,7 @@ def _field(record: dict[str, Any], key: str, where: str) -> str:
 
 def cli_grade(argv: list[str]) -> int:
     """`kaizen grade PRED GOLD` or `kaizen grade --jsonl FILE`: one JSON verdict per pair."""
-    parser = _ArgumentParser(
+    parser = OneLineParser(
         prog="kaizen grade",
         description=(
             "Grade predictions against reference answers. Prints one JSON object per pair, in "

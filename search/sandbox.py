@@ -1305,13 +1305,9 @@ def _execute(code: bytes) -> bytes:
 
 def cli_exec(argv: list[str]) -> int:
     """`kaizen exec`: run a program from stdin (or JSON lines with --batch) and print JSON."""
-    import argparse
+    from search.arguments import OneLineParser
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, no usage dump
-            self.exit(2, f"kaizen exec: error: {message}\n")
-
-    parser = Parser(prog="kaizen exec", description=(
+    parser = OneLineParser(prog="kaizen exec", description=(
         "Run a Python program read from stdin in the code sandbox and print one JSON object "
         '{"ok", "stdout", "error", "timed_out", "memory_exceeded"}. Exit status is 0 whatever the '
         "program did."))

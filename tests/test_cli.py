@@ -69,3 +69,24 @@ def test_failures_that_may_pass_next_time_are_retried(error: Exception) -> None:
 
 def test_the_demo_table_of_no_rounds_is_its_header() -> None:
     assert summary_table([]).split() == [title for title, _, _ in SUMMARY_COLUMNS]
+
+
+def test_a_subcommand_usage_error_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rollout", "--model", "m"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("kaizen rollout: error: ")
+
+
+def test_rollout_refuses_a_limit_below_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["rollout", "--model", "m", "--problems", "p.jsonl", "--out", str(tmp_path / "o"), "--limit", "0"])
+    assert capsys.readouterr().err.strip() == "kaizen rollout: error: --limit must be >= 1, got 0"
+
+
+def test_rollout_refuses_a_problems_file_without_problems(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, err = run(["rollout", "--model", "m", "--problems", str(empty), "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and err == [f"kaizen rollout: error: {empty} has no problems"]
+    assert not (tmp_path / "o" / "nodes.parquet").exists()

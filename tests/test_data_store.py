@@ -336,6 +336,14 @@ def test_a_missing_problems_file_is_named(tmp_path: Path) -> None:
         load_problems(tmp_path / "nope.jsonl")
 
 
+def test_a_path_in_an_existing_folder_is_a_missing_file_not_a_hub_name(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProblemsError, match="problems file data/problems does not exist"):
+        load_problems("data/problems")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 @pytest.mark.parametrize("name", sorted(REAL_FILES))
 def test_real_problem_files_load_with_their_own_ids(name: str) -> None:

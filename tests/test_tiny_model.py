@@ -12,6 +12,7 @@ from models.tiny import (
     TinyModelConfig,
     add_step_tokens,
     build_tiny_model,
+    check_policy_source,
     cli_tiny_model,
     default_corpus,
     load_causal_lm,
@@ -173,6 +174,29 @@ def test_loading_a_broken_directory_raises_one_line_model_load_error(tmp_path: P
     with pytest.raises(ModelLoadError) as error:
         load_causal_lm(tmp_path)
     assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bare_name_with_nothing_there_is_a_missing_directory_not_a_hub_lookup(monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="'nomodel': no such directory"):
+        check_policy_source("nomodel")
+
+
+def test_an_org_slash_model_name_is_left_to_the_hub() -> None:
+    check_policy_source("Qwen/Qwen2.5-Math-7B")
+
+
+def test_a_directory_without_config_json_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        check_policy_source(tmp_path)
+
+
+def test_a_ppm_checkpoint_is_not_accepted_as_the_policy(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "ppm_scoring.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="is a PPM checkpoint"):
+        check_policy_source(tmp_path)
 
 
 def test_cli_builds_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
