@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rapidfuzz.distance import Levenshtein
 
-from data_store.parquet import COMPRESSION, atomic_path
+from data_store.parquet import COMPRESSION, atomic_path, check_output_directory
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
 from search.arguments import OneLineParser
@@ -742,6 +742,7 @@ def cli_mine(argv: list[str]) -> int:
     from data_store.problems import ProblemsError, load_problems  # noqa: PLC0415 - keep `--help` fast
 
     try:
+        check_output_directory(args.out)
         config = MiningConfig(
             margin=args.margin,
             min_edit_distance=args.min_edit_distance,

@@ -567,3 +567,11 @@ def test_cli_usage_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
         cli_mine(["--nodes", str(tmp_path), "--problems", "p.jsonl", "--out", str(tmp_path), "--sft-format", "plain"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().startswith("kaizen mine: error: argument --sft-format")
+
+
+def test_cli_refuses_an_output_path_that_is_a_file_before_mining(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    nodes = write_nodes(tmp_path / "nodes", fan_out([(2, 0.9, True)]))
+    (tmp_path / "afile").write_text("")
+    code = cli_mine(["--nodes", str(nodes), "--problems", str(_problems_file(tmp_path)), "--out", str(tmp_path / "afile")])
+    assert code == 1 and "cannot be created" in capsys.readouterr().err
