@@ -203,7 +203,9 @@ def find_node_files(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _connect(files: Sequence[Path], config: MiningConfig) -> duckdb.DuckDBPyConnection:
+def connect_nodes(files: Sequence[Path], config: MiningConfig) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the nodes files as the `source` view and the rendering UDFs registered
+    (MiningInputError for a file that is not Parquet, SchemaError for missing columns)."""
     import duckdb  # noqa: PLC0415 - keep `kaizen` start-up light
 
     for path in files:
@@ -485,7 +487,7 @@ def _describe_node(con: duckdb.DuckDBPyConnection, files: Sequence[Path], tree: 
     return f"run={run} round={round_number} problem_id={problem_id} node_id={node_id}{where}"
 
 
-def _validate(con: duckdb.DuckDBPyConnection, files: Sequence[Path], problem_ids: pa.Table) -> None:
+def validate_trees(con: duckdb.DuckDBPyConnection, files: Sequence[Path], problem_ids: pa.Table) -> None:
     """Raise MiningInputError for the first inconsistency found in the loaded trees."""
     required = ("node_id", "parent_id", "depth", "kind", "q_value")
     nulls = _first(con, "SELECT " + ", ".join(f"count(*) - count({column})" for column in required) + " FROM node")
@@ -604,7 +606,7 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
     if not files:
         raise MiningInputError("no nodes files given")
     timings: dict[str, float] = {}
-    with closing(_connect(files, config)) as con:
+    with closing(connect_nodes(files, config)) as con:
         params = {
             "margin": config.margin,
             "per_side": config.per_side,
@@ -615,7 +617,7 @@ def mine(node_files: Sequence[str | Path], problems: pa.Table, config: MiningCon
         with _timed(timings, "load"):
             load_trees(con)
         with _timed(timings, "validate"):
-            _validate(con, files, problems.select(["problem_id"]))
+            validate_trees(con, files, problems.select(["problem_id"]))
         astro = config.sft_format == "astro"
         with _timed(timings, "trees"):
             _execute(con, LEAF_SQL, {"with_errors": astro})

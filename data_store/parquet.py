@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,11 +123,17 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], *, older_than_s:
 
 def check_output_directory(path: str | os.PathLike[str]) -> Path:
     """Check, before any work, that a command can create or write into the directory `path` (nothing is
-    created: a failed run leaves no trace); ValueError in one line when a file is in the way."""
+    created: a failed run leaves no trace); ValueError in one line when a file is in the way or the
+    nearest existing directory is not writable."""
     directory = Path(path)
     for candidate in (directory, *directory.parents):
         if candidate.exists():
             if not candidate.is_dir():
                 raise ValueError(f"output directory {directory} cannot be created: {candidate} is a file")
+            try:  # a probe, not os.access: root passes access checks on read-only mounts such as /proc
+                os.rmdir(tempfile.mkdtemp(prefix=".kaizen-probe-", dir=candidate))
+            except OSError as err:
+                raise ValueError(f"output directory {directory} cannot be created in {candidate}: "
+                                 f"{err.strerror or err}") from None
             break
     return directory

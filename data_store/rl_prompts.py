@@ -34,12 +34,12 @@ import pyarrow as pa
 from data_store.mining import (
     MiningConfig,
     MiningInputError,
-    _connect,
-    _validate,
+    connect_nodes,
     find_node_files,
     load_trees,
     render_node_step,
     trajectory_mean_q,
+    validate_trees,
 )
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
@@ -155,9 +155,9 @@ def _load_trees(node_files: Sequence[str | Path], problems: pa.Table, threads: i
     files = find_node_files(node_files)
     if not files:
         raise MiningInputError("no nodes files given")
-    with closing(_connect(files, MiningConfig(threads=threads))) as con:
+    with closing(connect_nodes(files, MiningConfig(threads=threads))) as con:
         load_trees(con)
-        _validate(con, files, problems.select(["problem_id"]))
+        validate_trees(con, files, problems.select(["problem_id"]))
         rows = con.sql(f"SELECT {_NODE_COLUMNS} FROM source ORDER BY run, round, problem_id, node_id").fetchall()
     names = _NODE_COLUMNS.split(", ")
     grouped: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)

@@ -154,6 +154,17 @@ def test_a_writer_killed_mid_file_leaves_nothing_visible(tmp_path: Path) -> None
     assert connect(tmp_path).sql("SELECT count(*) FROM nodes").fetchall() == [(0,)]
 
 
+def test_an_output_directory_under_a_read_only_mount_is_refused_before_the_work() -> None:
+    # /proc refuses new directories even to root, for whom permission checks always pass
+    with pytest.raises(ValueError, match="cannot be created in /proc"):
+        check_output_directory("/proc/kaizen-out")
+
+
+def test_checking_an_output_directory_leaves_nothing_behind(tmp_path: Path) -> None:
+    check_output_directory(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_output_directory_with_a_file_in_the_way_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "out").touch()
     with pytest.raises(ValueError, match="out cannot be created: .*out is a file"):
