@@ -29,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_store.home import Layout, get_home
 from models.gate import decide_gate
-from models.pipeline import Artifact, Current, Pipeline, RoundRecord
+from models.pipeline import Artifact, Current, Pipeline, RoundRecord, artifacts_current
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown, write_run_report
 from search.arguments import OneLineParser
@@ -82,7 +82,11 @@ def rollouts_flow(
     with _shard_resources(pipeline):
         futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
                    for shard in range(pipeline.recipe.search.shards)]
-    return [future.result() for future in futures]
+        results = [future.result() for future in futures]
+        # A cache hit whose nodes file a later run rewrote or removed is searched again.
+        again = cached(rollout_task, pipeline, round_number, refresh=True)
+        return [result if artifacts_current(result) else again(pipeline, round_number, shard, problems, policy, ppm)
+                for shard, result in enumerate(results)]
 
 
 def _shard_resources(pipeline: Pipeline) -> AbstractContextManager[Any]:
@@ -102,7 +106,12 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     started_at = datetime.now(timezone.utc)
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
-        return cached(stage_task, pipeline, round_number if per_round else None, refresh=name in refresh)(*args)
+        where = round_number if per_round else None
+        result = cached(stage_task, pipeline, where, refresh=name in refresh)(*args)
+        if not artifacts_current(result):  # a cache hit whose files a later run rewrote or removed
+            logger.warning("round %d %s: the cached result's files changed since; running it again", round_number, name)
+            result = cached(stage_task, pipeline, where, refresh=True)(*args)
+        return result
 
     pools = stage("problems", problems_task, pipeline, per_round=False)
     if stop_after == "problems":
@@ -121,7 +130,8 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             return None
         runner = _task_runner(pipeline)
         nodes = rollouts_flow.with_options(task_runner=runner)(
-            pipeline, round_number, problems, previous.policy, previous.ppm, refresh="rollout" in refresh
+            pipeline, round_number, problems, previous.policy, pipeline.search_ppm(round_number, previous.ppm),
+            refresh="rollout" in refresh
         )
         if stop_after == "rollout":
             return None

@@ -22,7 +22,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,22 @@ class Artifact:
         if not path.exists():
             raise MissingInputError(f"{what} {path} is missing; re-run the stage that writes it (kaizen stage)")
         return path
+
+
+def artifacts_current(value: Any) -> bool:
+    """Whether every Artifact in a stage's result (nested in lists, dicts, dataclasses) still has the
+    content it was recorded with. A cached result is only as good as the files it points to, and
+    stages write to fixed paths: a later run with other settings may have rewritten them."""
+    if isinstance(value, Artifact):
+        path = Path(value.path)
+        return path.exists() and content_digest(path) == value.digest
+    if isinstance(value, (list, tuple)):
+        return all(artifacts_current(item) for item in value)
+    if isinstance(value, dict):
+        return all(artifacts_current(item) for item in value.values())
+    if is_dataclass(value) and not isinstance(value, type):
+        return all(artifacts_current(getattr(value, f.name)) for f in fields(value))
+    return True
 
 
 def content_digest(path: Path) -> str:
@@ -265,6 +281,11 @@ class Pipeline:
             grader_workers=self.recipe.search.grader_workers, pipeline_groups=self.recipe.search.pipeline_groups,
         )
 
+    def search_ppm(self, round_number: int, ppm: Artifact | None) -> Artifact | None:
+        """The PPM a round's search reads: none in terminal-guided rounds, so retraining an earlier
+        round's PPM does not invalidate searches that never used it."""
+        return ppm if self.recipe.search.mcts_for_round(round_number, self.recipe.seed).uses_ppm else None
+
     def rollout_shard(
         self, round_number: int, shard: int, problems: Artifact, policy: Artifact, ppm: Artifact | None,
         on_progress: Callable[[Any], None] | None = None,
@@ -357,10 +378,12 @@ class Pipeline:
         """The round's policy: SFT on the verified trajectories so far (`sft_set`), from the base model or continued."""
         from models.training import train_sft
 
+        # Under init_from: previous a missing previous policy is an error, not a silent start from the base.
+        continues = self.recipe.training.for_kind("sft").get("init_from", "base") == "previous"
         checkpoint = train_sft(
             self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, "policy"),
             recipe=self.recipe.training, base_model=self.base_model(),
-            previous_checkpoint=current.policy.require("previous policy") if Path(current.policy.path).exists() else None,
+            previous_checkpoint=current.policy.require("previous policy") if continues else None,
             overwrite=True,
         )
         _log_training("SFT", round_number, checkpoint)

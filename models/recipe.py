@@ -267,8 +267,15 @@ class Recipe:
     def digest(self, *sections: str) -> str:
         """SHA-256 of the named sections' values (all sections when none are named), for cache keys."""
         names = sections or tuple(f.name for f in dataclasses.fields(self) if f.name != "source")
-        payload = {name: _plain(getattr(self, name)) for name in names}
+        payload = {name: _plain(self._section(name)) for name in names}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _section(self, dotted: str) -> Any:
+        """A section (`training`) or a part of one (`training.sft`)."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = value[part] if isinstance(value, Mapping) else getattr(value, part)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "source"}

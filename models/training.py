@@ -41,6 +41,7 @@ from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.parquet import atomic_path, write_json
 from models.attention import register_training_attention
+from models.lifetime import tie_to_this_thread
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -562,12 +563,19 @@ class TrainingRun:
         self.request = request
         self.output_dir = Path(request.output_dir)
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging_dir = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.partial-", dir=self.output_dir.parent))
+        staging_prefix = f".{self.output_dir.name}.partial-"
+        # A run killed outright (its flow run SIGKILLed) never cleaned its staging directory: a 7B
+        # checkpoint's worth of disk. The run replacing it owns the output now.
+        for leftover in self.output_dir.parent.glob(f"{staging_prefix}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
         request_path = self.staging_dir / REQUEST_FILE
         request_path.write_text(request.to_json(), encoding="utf-8")
-        # A session of its own: killing the group also ends accelerate's worker processes.
+        # A session of its own: killing the group also ends accelerate's worker processes. Tied to
+        # this thread: if the flow run is killed, the kernel stops the run instead of orphaning it.
         self.process = subprocess.Popen(
-            _launch_command(request, request_path), env=_child_environment(), start_new_session=True
+            _launch_command(request, request_path), env=_child_environment(), start_new_session=True,
+            preexec_fn=tie_to_this_thread(),
         )
 
     def kill(self, grace_s: float = 10.0) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import os
 import random
 import re
@@ -23,12 +22,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.lifetime import tie_to_this_thread
 from models.tiny import is_missing_local_model
 from search.arguments import OneLineParser
 from search.policy import Completion
@@ -66,31 +66,8 @@ def _group_has_live_process(pgid: int) -> bool:
     return False
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PORT_ATTEMPTS = 3
 _PORT_TAKEN = re.compile(r"address already in use", re.IGNORECASE)
-
-
-def _tie_to_this_thread() -> Callable[[], None] | None:
-    """A `preexec_fn` that has the kernel SIGTERM the child when the thread starting it exits.
-
-    The server runs in its own session, so without this a flow run killed outright (SIGKILL from a
-    cancelled run or the OOM killer) leaves it holding its GPUs and every later server start fails.
-    The signal follows the starting thread, not the process: the server is always stopped by the
-    call that started it, in that thread. prctl is looked up here, before the fork, so the child
-    only makes one call.
-    """
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def tie() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before the prctl took effect
-            os._exit(1)
-
-    return tie
 
 
 class VLLMServerError(RuntimeError):
@@ -329,7 +306,7 @@ class VLLMServer:
             with self.log_path.open("wb") as log:
                 self._process = subprocess.Popen(
                     self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_tie_to_this_thread(), env=_server_environment(self._scratch),
+                    start_new_session=True, preexec_fn=tie_to_this_thread(), env=_server_environment(self._scratch),
                 )
             atexit.register(self.stop)
             try:

@@ -31,17 +31,19 @@ GPU_TAG = "kaizen-gpu"
 
 CACHE_DIR = ".cache"
 
-# The recipe sections each stage reads: its cache key changes when they do, and only then.
+# The recipe sections each stage reads (dotted: one part of a section): its cache key changes when
+# they do, and only then. A PPM setting must not retrain the policy, so training is split by kind.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems", "seed"),
     "select": ("problems",),
-    "bootstrap": ("model", "problems", "bootstrap", "training", "seed", "step_format"),
+    "bootstrap": ("model", "problems", "bootstrap", "training.sft", "seed", "step_format"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
-    "sft": ("model", "sft_data", "training", "seed"),
-    "rl": ("training", "rl", "sandbox"),
-    "ppm": ("training",),
-    "evaluate": ("eval", "backend", "sandbox", "seed"),
+    "sft": ("model", "sft_data", "training.sft", "seed"),
+    "rl": ("training.rl", "rl", "sandbox"),
+    "ppm": ("training.ppm",),
+    # problems: the held-out split of a curriculum is drawn from its settings
+    "evaluate": ("eval", "problems", "backend", "sandbox", "seed"),
 }
 STAGES = tuple(STAGE_SECTIONS)
 
@@ -67,7 +69,8 @@ class StageCache(CachePolicy):
                     **kwargs: Any) -> str | None:
         stage = task_ctx.task.name
         pipeline: Pipeline = inputs["pipeline"]
-        parts = [stage, pipeline.run, pipeline.recipe.digest(*STAGE_SECTIONS[stage])]
+        # The home: two homes running one recipe must not hand each other's files back as results.
+        parts = [stage, str(pipeline.layout.home), pipeline.run, pipeline.recipe.digest(*STAGE_SECTIONS[stage])]
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
         return f"{stage}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}"

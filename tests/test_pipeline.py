@@ -13,8 +13,9 @@ from data_store.home import Layout
 from data_store.parquet import write_table
 from data_store.problems import load_problems
 from data_store.views import connect
-from models.pipeline import Artifact, MissingInputError, Pipeline, RoundRecord
+from models.pipeline import Artifact, MissingInputError, Pipeline, RoundRecord, artifacts_current
 from models.recipe import load_recipe
+from tasks.stages import STAGE_SECTIONS
 
 
 def load_table_rows(path: Path, table: str) -> int:
@@ -183,3 +184,42 @@ def test_each_round_rehearses_its_own_teacher_sample(tmp_path: Path) -> None:
     pipeline = curriculum_pipeline(tmp_path, **{"sft_data.teacher_rows": 4})
     teacher = sft_table(pipeline.layout, 0, 50)
     assert mixed_prompts(pipeline, 1, [teacher]) != mixed_prompts(pipeline, 2, [teacher])
+
+
+# --- what cache keys and cache hits rest on ---------------------------------------------------------
+
+
+def test_a_ppm_setting_leaves_the_policy_stages_digest_alone(tmp_path: Path) -> None:
+    before = curriculum_pipeline(tmp_path).recipe
+    after = curriculum_pipeline(tmp_path, **{"training.ppm.learning_rate": 1e-4}).recipe
+    assert before.digest(*STAGE_SECTIONS["sft"]) == after.digest(*STAGE_SECTIONS["sft"])
+    assert before.digest(*STAGE_SECTIONS["ppm"]) != after.digest(*STAGE_SECTIONS["ppm"])
+
+
+def test_the_held_out_split_size_is_part_of_the_evaluation_digest(tmp_path: Path) -> None:
+    before = curriculum_pipeline(tmp_path).recipe
+    after = curriculum_pipeline(tmp_path, **{"problems.curriculum.test": 7}).recipe
+    assert before.digest(*STAGE_SECTIONS["evaluate"]) != after.digest(*STAGE_SECTIONS["evaluate"])
+
+
+def test_terminal_guided_rounds_search_without_the_ppm(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path)  # ppm_from_round: 3
+    ppm = Artifact("ppm", "digest")
+    assert (pipeline.search_ppm(2, ppm), pipeline.search_ppm(3, ppm)) == (None, ppm)
+
+
+def test_an_artifact_rewritten_after_it_was_recorded_is_not_current(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"seed 0")
+    recorded = Artifact.of(path)
+    assert artifacts_current({"pairs": [recorded]})
+    path.write_bytes(b"seed 1")
+    assert not artifacts_current({"pairs": [recorded]})
+
+
+def test_a_removed_artifact_is_not_current(tmp_path: Path) -> None:
+    path = tmp_path / "policy"
+    path.mkdir()
+    recorded = Artifact.of(path)
+    path.rmdir()
+    assert not artifacts_current(recorded)
