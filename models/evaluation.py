@@ -411,7 +411,8 @@ def cli_eval(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="for maj@K, ppm@K and mcts")
-    parser.add_argument("--max-step-tokens", type=int, default=256, help="token cap per step (default %(default)s)")
+    parser.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
+                        help="token cap per step (default %(default)s, as `kaizen evaluate` and recipes)")
     parser.add_argument("--max-depth", type=int, default=defaults.max_depth, help="deepest step (default %(default)s)")
     parser.add_argument("--mcts-width", type=int, default=defaults.mcts_width, help="mcts: candidates per expansion")
     parser.add_argument("--mcts-rollouts", type=int, default=defaults.mcts_rollouts, help="mcts: rollouts per problem")

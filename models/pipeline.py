@@ -447,7 +447,9 @@ class Pipeline:
         from models.evaluation import EvalConfig, evaluate, load_benchmark, write_eval
 
         settings = self.recipe.eval
-        modes = [mode for mode in settings.modes if ppm is not None or not _needs_ppm(mode)]
+        # Without a PPM yet (round 0) its modes wait; greedy stands in when nothing else is left, and the
+        # gate passes a round whose gate mode needs the PPM it does not have.
+        modes = [mode for mode in settings.modes if ppm is not None or not _needs_ppm(mode)] or ["greedy"]
         config = EvalConfig(
             **{**settings.config, "modes": modes, "seed": self.recipe.seed, "backend": self.recipe.backend,
                "sandbox": self.recipe.sandbox}

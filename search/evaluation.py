@@ -26,6 +26,7 @@ it is correct (only ever with status `ok`). Nothing here loads models or touches
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -215,27 +216,23 @@ ProgressCallback = Callable[[str, RolloutProgress], None]
 def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str], bool]) -> int | None:
     """The index of the sample whose answer wins the vote, or None when no sample has an answer.
 
-    Samples without an answer (None) do not vote. Answers are clustered in sample order: each joins
-    the first cluster whose first answer is `equivalent` to it, else starts a new one. The largest
-    cluster wins; on a tie, the cluster whose first vote came earliest. The winner is that cluster's
-    first sample, so the result depends only on the samples and their order.
+    Samples without an answer (None) do not vote. An answer's support is the number of samples whose
+    answer is `equivalent` to it, its own included; the first sample of the best-supported answer
+    wins, the earliest on ties. Unlike clustering around a first answer, support does not depend on
+    the order of the samples when equivalence is not transitive (a grader can take "10\\%" as equal
+    to both 0.1 and 10, which differ).
     """
-    clusters: list[list[int]] = []
-    for index, answer in enumerate(answers):
-        if answer is None:
-            continue
-        home = next((cluster for cluster in clusters if equivalent(answer, answers[cluster[0]])), None)
-        if home is None:
-            clusters.append([index])
-        else:
-            home.append(index)
-    if not clusters:
-        return None
-    return max(clusters, key=len)[0]  # max keeps the first of equal sizes: the earliest cluster
+    voted = [(index, answer) for index, answer in enumerate(answers) if answer is not None]
+    winner, most = None, 0
+    for index, answer in voted:
+        support = sum(1 for _, other in voted if equivalent(answer, other))
+        if support > most:  # strictly more: the earliest keeps a tie
+            winner, most = index, support
+    return winner
 
 
 def best_scored(scores: Sequence[float | None]) -> int | None:
-    """The index of the highest score (None entries skipped), the earliest on ties; None if all are None.
+    """The index of the highest score (None and NaN entries skipped), the earliest on ties; None if none is left.
 
     ppm@K follows rStar-Math's best-of-N: every chain that reaches an answer step is scored by the
     PPM as a whole, the text from the question through its answer step (what the PPM rates for an
@@ -243,7 +240,8 @@ def best_scored(scores: Sequence[float | None]) -> int | None:
     """
     best: int | None = None
     for index, score in enumerate(scores):
-        if score is not None and (best is None or score > scores[best]):  # type: ignore[operator]
+        # A NaN score ranks nowhere: compared with it every test is false, so it would win when first.
+        if score is not None and not math.isnan(score) and (best is None or score > scores[best]):  # type: ignore[operator]
             best = index
     return best
 
@@ -396,7 +394,7 @@ class _Evaluation:
         same = self._equivalences(answers)
         picks = []
         for chains, problem_answers in zip(searched.trees, answers, strict=True):
-            winner = majority_vote(problem_answers, lambda a, b: a == b or same[(a, b)])
+            winner = majority_vote(problem_answers, lambda a, b: a == b or same.get((a, b), same.get((b, a), False)))
             picks.append(self._chain_pick(chains, winner))
         return picks
 

@@ -503,3 +503,21 @@ def test_kaizen_eval_ppm_modes_with_a_real_ppm(model_dir: Path, untrained_ppm: P
 def test_a_negative_temperature_is_refused_by_the_settings_check() -> None:
     with pytest.raises(EvalInputError, match="temperature must be >= 0, got -0.3"):
         check_eval_settings(["gsm8k"], ["greedy"], {"temperature": -0.3})
+
+
+def test_majority_vote_does_not_depend_on_the_order_when_equivalence_is_not_transitive() -> None:
+    # a grader can take "10%" as 0.1 and as 10, though 0.1 is not 10
+    lenient = {frozenset({"0.1", "10%"}), frozenset({"10", "10%"})}
+
+    def same(a: str, b: str) -> bool:
+        return a == b or frozenset({a, b}) in lenient
+
+    answers = ["0.1", "10%", "10%", "10", "10"]
+    assert answers[majority_vote(answers, same)] == "10%"
+    reordered = ["10", "10%", "0.1", "10", "10%"]
+    assert reordered[majority_vote(reordered, same)] == "10%"
+
+
+def test_a_nan_ppm_score_never_wins() -> None:
+    assert best_scored([float("nan"), 0.9, 0.3]) == 1 and best_scored([0.1, float("nan"), 0.3]) == 2
+    assert best_scored([float("nan")]) is None
