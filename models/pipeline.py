@@ -484,21 +484,33 @@ class Pipeline:
         return self.promotion(int(promoted[-1].parent.name.removeprefix("round-"))) if promoted else None
 
     def mark_stale(self, round_number: int, rerun: str, stale: Sequence[str]) -> None:
-        """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run again."""
+        """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run
+        again, and so must every later round: each was built on this round's old outputs."""
         write_json(self.layout.round_dir(self.run, round_number) / STALE_FILE, {"rerun": rerun, "stale": list(stale)})
+        later = round_number + 1
+        while self.layout.round_dir(self.run, later).is_dir():
+            write_json(self.layout.round_dir(self.run, later) / STALE_FILE,
+                       {"rerun": rerun, "stale": ["all"], "in_round": round_number})
+            later += 1
 
     def stale_since(self, round_number: int) -> str | None:
-        """The stage re-run in a round since its gate, or None when the round's promotion is up to date."""
+        """Why a round's promotion is out of date (a stage re-run since its gate, in it or in a round it
+        builds on), or None when it is up to date."""
         path = self.layout.round_dir(self.run, round_number) / STALE_FILE
-        return json.loads(path.read_text(encoding="utf-8"))["rerun"] if path.exists() else None
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("in_round") is None:
+            return f"its {record['rerun']} stage was re-run after its gate"
+        return f"the {record['rerun']} stage of round {record['in_round']}, which it builds on, was re-run"
 
     def starting_point(self, round_number: int) -> Current:
         """What round `round_number` (>= 1) starts from: round `round_number - 1`, promoted and up to date."""
-        rerun = self.stale_since(round_number - 1)
-        if rerun is not None:
+        why = self.stale_since(round_number - 1)
+        if why is not None:
             raise MissingInputError(
-                f"round {round_number - 1} of run {self.run!r} had its {rerun} stage re-run after its gate; run "
-                f"round {round_number - 1} again so its later stages and gate see the new {rerun} output"
+                f"round {round_number - 1} of run {self.run!r} is stale: {why}; run round {round_number - 1} "
+                f"again (kaizen round) so its stages and gate see the new output"
             )
         start = self.promotion(round_number - 1)
         if start is None:
@@ -511,11 +523,15 @@ class Pipeline:
         return start
 
     def next_round(self) -> int:
-        """The round to run next: the one after the latest promoted round, or that round itself while it is stale."""
+        """The round to run next: the earliest round up to the latest promoted one that is stale or not
+        promoted (a re-run that failed its gate), else the one after the latest promoted round."""
         current = self.current()
         if current is None:
             return 0
-        return current.round if self.stale_since(current.round) else current.round + 1
+        for number in range(current.round + 1):
+            if self.stale_since(number) or self.promotion(number) is None:
+                return number
+        return current.round + 1
 
     def record_round(self, record: RoundRecord, started_at: datetime) -> Artifact:
         """Write the round's row of the `rounds` table."""

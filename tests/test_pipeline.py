@@ -118,7 +118,7 @@ def test_a_round_with_a_stage_rerun_after_its_gate_is_next_again(tmp_path: Path)
 def test_no_round_starts_from_a_stale_one(tmp_path: Path) -> None:
     pipeline = promoted_round_zero(tmp_path)
     pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
-    with pytest.raises(MissingInputError, match="had its bootstrap stage re-run after its gate"):
+    with pytest.raises(MissingInputError, match="round 0 of run 'demo' is stale: its bootstrap stage was re-run after its gate"):
         pipeline.starting_point(1)
 
 
@@ -126,6 +126,26 @@ def test_judging_a_round_again_clears_its_staleness(tmp_path: Path) -> None:
     pipeline = promoted_round_zero(tmp_path)
     pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
     pipeline.promote(RoundRecord(0, Artifact.of(tmp_path), None, {}, {}, True, []))
+    assert pipeline.next_round() == 1
+
+
+def promoted_rounds(home: Path, count: int) -> Pipeline:
+    pipeline = curriculum_pipeline(home)
+    for number in range(count):
+        pipeline.promote(RoundRecord(number, Artifact.of(home), None, {}, {}, True, []))
+    return pipeline
+
+
+def test_a_stage_rerun_in_an_earlier_round_makes_it_next_and_later_rounds_stale(tmp_path: Path) -> None:
+    pipeline = promoted_rounds(tmp_path, 4)
+    pipeline.mark_stale(1, "ppm", ["evaluate", "gate", "promote"])
+    assert pipeline.next_round() == 1
+    assert pipeline.stale_since(3) == "the ppm stage of round 1, which it builds on, was re-run"
+
+
+def test_a_round_whose_rerun_failed_its_gate_is_next_even_with_later_rounds_promoted(tmp_path: Path) -> None:
+    pipeline = promoted_rounds(tmp_path, 4)
+    pipeline.promote(RoundRecord(1, Artifact.of(tmp_path), None, {}, {}, False, ["worse"]))
     assert pipeline.next_round() == 1
 
 
