@@ -14,9 +14,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def tie_to_this_thread() -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel SIGTERM the child when the thread starting it exits.
 
-    Servers and training runs start in sessions of their own (so their whole process group can be
-    stopped), so without this a flow run killed outright (SIGKILL from a cancelled run or the OOM
-    killer) leaves them holding their GPUs, and the retry that follows runs out of memory. The
+    A server starts in a session of its own (so its whole process group can be stopped), so without
+    this a flow run killed outright (SIGKILL from a cancelled run or the OOM killer) leaves it
+    holding its GPUs, and every later server start fails. The
     signal follows the starting thread, not the process: a child is always waited for by the call
     that started it, in that thread. prctl is looked up here, before the fork, so the child only
     makes one call. None (no tie) off Linux.

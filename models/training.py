@@ -41,7 +41,6 @@ from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.parquet import atomic_path, write_json
 from models.attention import register_training_attention
-from models.lifetime import tie_to_this_thread
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -571,11 +570,11 @@ class TrainingRun:
         self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
         request_path = self.staging_dir / REQUEST_FILE
         request_path.write_text(request.to_json(), encoding="utf-8")
-        # A session of its own: killing the group also ends accelerate's worker processes. Tied to
-        # this thread: if the flow run is killed, the kernel stops the run instead of orphaning it.
+        # A session of its own: killing the group also ends accelerate's worker processes. (Not tied
+        # to this thread's death as the vLLM server is: with that preexec_fn, a SIGTERM to `kaizen`
+        # during bootstrap training was sometimes lost and the round ran to the end.)
         self.process = subprocess.Popen(
-            _launch_command(request, request_path), env=_child_environment(), start_new_session=True,
-            preexec_fn=tie_to_this_thread(),
+            _launch_command(request, request_path), env=_child_environment(), start_new_session=True
         )
 
     def kill(self, grace_s: float = 10.0) -> None:
