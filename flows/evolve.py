@@ -83,10 +83,15 @@ def rollouts_flow(
         futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
                    for shard in range(pipeline.recipe.search.shards)]
         results = [future.result() for future in futures]
-        # A cache hit whose nodes file a later run rewrote or removed is searched again.
         again = cached(rollout_task, pipeline, round_number, refresh=True)
-        return [result if artifacts_current(result) else again(pipeline, round_number, shard, problems, policy, ppm)
-                for shard, result in enumerate(results)]
+        return [again(pipeline, round_number, shard, problems, policy, ppm) if _stale_cache_hit(future.state) else result
+                for shard, (future, result) in enumerate(zip(futures, results, strict=True))]
+
+
+def _stale_cache_hit(state: Any) -> bool:
+    """A result taken from the cache whose files a later run rewrote or removed (stages write to fixed
+    paths); fresh results are not hashed a second time."""
+    return state.is_completed() and state.name == "Cached" and not artifacts_current(state.result())
 
 
 def _shard_resources(pipeline: Pipeline) -> AbstractContextManager[Any]:
@@ -107,11 +112,11 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
         where = round_number if per_round else None
-        result = cached(stage_task, pipeline, where, refresh=name in refresh)(*args)
-        if not artifacts_current(result):  # a cache hit whose files a later run rewrote or removed
+        state = cached(stage_task, pipeline, where, refresh=name in refresh)(*args, return_state=True)
+        if _stale_cache_hit(state):
             logger.warning("round %d %s: the cached result's files changed since; running it again", round_number, name)
-            result = cached(stage_task, pipeline, where, refresh=True)(*args)
-        return result
+            return cached(stage_task, pipeline, where, refresh=True)(*args)
+        return state.result()
 
     pools = stage("problems", problems_task, pipeline, per_round=False)
     if stop_after == "problems":

@@ -53,22 +53,20 @@ class BackendConfig:
 def open_generator(model: str | Path, config: BackendConfig | None = None, *, seed: int = 0) -> Iterator[Generator]:
     """Yield a Generator on `model`; a vLLM server started here is stopped on exit, whatever happens."""
     config = config or BackendConfig()
-    if not config.vllm_url:  # a running server names its own models
-        from models.tiny import check_policy_source
-
-        check_policy_source(model)
     if config.backend == "hf":
         from models.generation import HFGenerator
 
         yield HFGenerator(model, device=config.device or default_device(), batch_size=config.batch_size, seed=seed,
                           prefix_cache_mb=config.prefix_cache_mb)
         return
+    from models.tiny import check_policy_source
     from models.vllm_server import VLLMGenerator, VLLMServer
 
-    if config.vllm_url:
+    if config.vllm_url:  # a running server names its own models
         with VLLMGenerator(config.vllm_url, str(model), concurrency=config.concurrency, seed=seed) as generator:
             yield generator
         return
+    check_policy_source(model)  # before a server starts (the hf loader checks on its own)
     with VLLMServer(model, config=config.vllm) as server:
         with VLLMGenerator(server.base_url, server.model_name, concurrency=config.concurrency, seed=seed) as generator:
             yield generator
