@@ -33,7 +33,6 @@ from models.pipeline import Artifact, Current, Pipeline, RoundRecord, artifacts_
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown, write_run_report
 from search.arguments import OneLineParser
-from search.steps import StepFormat
 from tasks.stages import (
     STAGES,
     bootstrap_task,
@@ -239,8 +238,12 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
 def evaluate_flow(
     model: str, benchmarks: list[str], modes: list[str] | None = None, ppm: str | None = None,
     limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0, step_format: str = "rstar",
+    temperature: float | None = None, max_step_tokens: int | None = None, max_depth: int | None = None,
+    mcts_width: int | None = None, mcts_rollouts: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given.
+
+    The generation settings left None take `models.evaluation.EvalConfig`'s defaults.
 
     The accuracies also go to the run's logs and to a table artifact in the UI, so a run without `out`
     keeps its figures.
@@ -249,7 +252,9 @@ def evaluate_flow(
 
     from models.evaluation import write_eval
 
-    config, loaded = _evaluation_inputs(benchmarks, modes, limit, backend, seed, step_format)
+    search = {"temperature": temperature, "max_step_tokens": max_step_tokens, "max_depth": max_depth,
+              "mcts_width": mcts_width, "mcts_rollouts": mcts_rollouts}
+    config, loaded = _evaluation_inputs(benchmarks, modes, limit, backend, seed, step_format, search)
     report = evaluate_checkpoint_task(model, loaded, config, ppm)
     if out:
         write_eval(report, out)
@@ -262,14 +267,15 @@ def evaluate_flow(
 
 
 def _evaluation_inputs(
-    benchmarks: list[str], modes: list[str] | None, limit: int | None, backend: str, seed: int, step_format: str
+    benchmarks: list[str], modes: list[str] | None, limit: int | None, backend: str, seed: int, step_format: str,
+    search: dict[str, Any],
 ) -> tuple[Any, list[Any]]:
-    """The evaluation's config and loaded benchmarks; EvalInputError on a bad mode or benchmark."""
+    """The evaluation's config and loaded benchmarks; EvalInputError on a bad mode, value or benchmark."""
     from models.backends import BackendConfig
     from models.evaluation import EvalConfig, load_benchmark
 
     config = EvalConfig(modes=modes or ["greedy"], seed=seed, backend=BackendConfig(backend=backend),
-                        step_format=step_format)
+                        step_format=step_format, **{name: value for name, value in search.items() if value is not None})
     return config, [load_benchmark(spec, limit=limit) for spec in benchmarks]
 
 
@@ -383,30 +389,21 @@ def cli_stage(argv: list[str]) -> int:
 
 
 def cli_evaluate(argv: list[str]) -> int:
+    from models.evaluation import add_checkpoint_arguments, check_eval_settings, search_options
+
     parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
-    parser.add_argument("--model", required=True, help="policy checkpoint (directory or org/model hub name)")
-    parser.add_argument("--ppm", default=None, help="PPM checkpoint, for ppm@K and mcts modes")
-    parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks", metavar="NAME[=PATH]",
-                        help="math500, gsm8k, aime24, amc23, or NAME=PATH of a JSONL/Parquet file (repeatable)")
-    parser.add_argument("--mode", action="append", dest="modes", metavar="MODE",
-                        help="greedy, maj@K, ppm@K or mcts (repeatable; default greedy)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
-    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation engine (default hf)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--step-format", default=StepFormat.RSTAR.value, choices=list(StepFormat),
-                        help="the policy's step format (coat: chain-of-action-thought)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", default=None, help="also write eval.parquet and summary.json here")
     args = parser.parse_args(argv)
     from data_store.parquet import check_output_directory
-    from models.evaluation import check_eval_settings
 
-    # Names and modes only: the flow loads the benchmark files once, and reports a bad one in one line.
-    check_eval_settings(args.benchmarks, args.modes or ["greedy"], {})
+    # Names, modes and values only: the flow loads the benchmark files once, and reports a bad one in one line.
+    check_eval_settings(args.benchmarks, args.modes or ["greedy"], search_options(args))
     if args.out:
         check_output_directory(args.out)
     _quiet_prefect()
     state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
-                          args.seed, args.step_format, return_state=True)
+                          args.seed, args.step_format, **search_options(args), return_state=True)
     if state.is_completed():
         for row in state.result():
             print(json.dumps(row))

@@ -170,6 +170,16 @@ def _parse_spec(spec: str) -> _Source:
     return _Source(name, source, options)
 
 
+def benchmark_file(spec: str) -> Path | None:
+    """The local file a benchmark spec reads, or None for a `datasets` name (or a spec that will fail to load)."""
+    try:
+        source = _parse_spec(spec)
+    except EvalInputError:
+        return None
+    path = Path(source.source)
+    return path if path.is_file() else None
+
+
 def _reference(answer: str) -> str:
     """The reference answer, cut after GSM8K's `####` mark when it is a whole solution."""
     if GSM8K_ANSWER_MARK in answer:
@@ -396,28 +406,45 @@ class ProgressBars:
             self._close = None
 
 
-def cli_eval(argv: list[str]) -> int:
-    """`kaizen eval --model DIR --benchmark NAME[=SOURCE] ... --mode MODE ... --out DIR`."""
+# The generation settings a command line may set; both `kaizen eval` and `kaizen evaluate` (the flow) take them.
+SEARCH_OPTIONS = ("temperature", "max_step_tokens", "max_depth", "mcts_width", "mcts_rollouts")
+
+
+def add_checkpoint_arguments(parser: OneLineParser) -> None:
+    """The options of evaluating one checkpoint, shared by `kaizen eval` and `kaizen evaluate`."""
     defaults = EvalConfig()
-    parser = OneLineParser(prog=PROG, description="Evaluate a checkpoint on benchmarks; writes the eval table.")
-    parser.add_argument("--model", required=True, help="policy checkpoint (directory or model name)")
+    parser.add_argument("--model", required=True, help="policy checkpoint (directory or org/model hub name)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint; needed by ppm@K and mcts")
     parser.add_argument("--benchmark", action="append", required=True, dest="benchmarks", metavar="NAME[=SOURCE]",
                         help=f"repeatable; {SPEC_FORMS}")
     parser.add_argument("--mode", action="append", dest="modes", metavar="MODE",
                         help="repeatable: greedy (default), maj@K, ppm@K, mcts")
-    parser.add_argument("--out", required=True, type=Path, help=f"output directory; {EVAL_FILE} and {SUMMARY_FILE} go there")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="for maj@K, ppm@K and mcts")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="for maj@K, ppm@K and mcts (default %(default)s)")
     parser.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
-                        help="token cap per step (default %(default)s, as `kaizen evaluate` and recipes)")
+                        help="token cap per step (default %(default)s, as recipes)")
     parser.add_argument("--max-depth", type=int, default=defaults.max_depth, help="deepest step (default %(default)s)")
-    parser.add_argument("--mcts-width", type=int, default=defaults.mcts_width, help="mcts: candidates per expansion")
-    parser.add_argument("--mcts-rollouts", type=int, default=defaults.mcts_rollouts, help="mcts: rollouts per problem")
+    parser.add_argument("--mcts-width", type=int, default=defaults.mcts_width,
+                        help="mcts: candidates per expansion (default %(default)s)")
+    parser.add_argument("--mcts-rollouts", type=int, default=defaults.mcts_rollouts,
+                        help="mcts: rollouts per problem (default %(default)s)")
     parser.add_argument("--step-format", choices=list(StepFormat), default=defaults.step_format.value,
                         help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
+
+
+def search_options(args: Any) -> dict[str, Any]:
+    """The SEARCH_OPTIONS values of parsed `add_checkpoint_arguments` options."""
+    return {name: getattr(args, name) for name in SEARCH_OPTIONS}
+
+
+def cli_eval(argv: list[str]) -> int:
+    """`kaizen eval --model DIR --benchmark NAME[=SOURCE] ... --mode MODE ... --out DIR`."""
+    parser = OneLineParser(prog=PROG, description="Evaluate a checkpoint on benchmarks; writes the eval table.")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help=f"output directory; {EVAL_FILE} and {SUMMARY_FILE} go there")
     parser.add_argument("--run", default="eval", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
@@ -431,10 +458,8 @@ def cli_eval(argv: list[str]) -> int:
 
     try:
         config = EvalConfig(
-            modes=args.modes or ["greedy"], temperature=args.temperature, max_step_tokens=args.max_step_tokens,
-            max_depth=args.max_depth, mcts_width=args.mcts_width, mcts_rollouts=args.mcts_rollouts,
-            seed=args.seed, backend=BackendConfig(backend=args.backend), limit=args.limit,
-            step_format=args.step_format,
+            modes=args.modes or ["greedy"], **search_options(args), seed=args.seed,
+            backend=BackendConfig(backend=args.backend), limit=args.limit, step_format=args.step_format,
         )
         if args.ppm is None and (needing := [mode.name for mode in parse_modes(config.modes) if mode.needs_ppm]):
             raise EvalInputError(f"mode(s) {', '.join(needing)} need a PPM checkpoint (--ppm)")

@@ -1,4 +1,10 @@
-"""Child processes that die with the thread that started them, even when it is killed outright."""
+"""Child processes that do not outlive what started them, even when it is killed outright.
+
+Two ways, for two kinds of child. `tie_to_this_thread` is a kernel tie (PR_SET_PDEATHSIG) for a
+child that does nothing else at start (the vLLM server). `watch_environment` + `stop_when_parent_gone`
+is a watcher thread inside the child (training runs): no `preexec_fn`, which in a training start
+sometimes cost `kaizen` its SIGTERM, and it follows the whole process, not one of its threads.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -32,3 +40,70 @@ def tie_to_this_thread() -> Callable[[], None] | None:
             os._exit(1)
 
     return tie
+
+
+WATCHED_PROCESS_ENV = "KAIZEN_WATCHED_PROCESS"
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks after boot), or None where it cannot be read.
+
+    Together with the pid it names one process: a pid reused by a later process has another start.
+    """
+    try:
+        stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself hold spaces and parentheses.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]  # a zombie has already exited
+
+
+def watch_environment() -> dict[str, str]:
+    """Environment entries naming this process, for a child that `stop_when_parent_gone` watches."""
+    pid = os.getpid()
+    return {WATCHED_PROCESS_ENV: f"{pid}:{_start_time(pid) or ''}"}
+
+
+def process_is_running(identity: str) -> bool:
+    """Whether the process named `pid:start_time` (as `watch_environment` writes it) still runs."""
+    pid_text, _, start = identity.partition(":")
+    pid = int(pid_text)
+    if start:
+        return _start_time(pid) == start
+    try:  # no /proc here: the pid alone
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_when_parent_gone(interval_s: float = 2.0, grace_s: float = 10.0) -> threading.Thread | None:
+    """In a child started with `watch_environment()`: stop this process group once that process is gone.
+
+    A daemon thread checks every `interval_s`; when the watched process has exited (a flow run
+    SIGKILLed, the OOM killer) it sends SIGTERM to this process's group, which the launcher made
+    a session of its own (accelerate's workers included), then SIGKILL after `grace_s`. Without it
+    an orphaned training run keeps its GPUs until someone finds it. Returns None (nothing watched)
+    when the environment names no process.
+    """
+    identity = os.environ.get(WATCHED_PROCESS_ENV)
+    if not identity:
+        return None
+
+    def watch() -> None:
+        while process_is_running(identity):
+            time.sleep(interval_s)
+        # The whole group only when it is a session of its own, as the launcher makes it: never the
+        # group of a shell that happened to run this module by hand with the variable set.
+        group = os.getpgrp()
+        stop = (lambda sig: os.killpg(group, sig)) if group == os.getsid(0) else (lambda sig: os.kill(os.getpid(), sig))
+        stop(signal.SIGTERM)
+        time.sleep(grace_s)
+        stop(signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="stop-when-parent-gone", daemon=True)
+    thread.start()
+    return thread

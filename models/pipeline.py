@@ -427,6 +427,21 @@ class Pipeline:
         _log_training("PPM", round_number, checkpoint)
         return Artifact.of(checkpoint)
 
+    def external_files(self, stage: str) -> list[Path]:
+        """The files outside the home that `stage` reads, by name in the recipe: its results are only
+        reusable while they are unchanged (a corrected benchmark answer must not keep an old score).
+        A `datasets` name is not among them: its cache is the hub's."""
+        sources: list[str] = []
+        if stage == "problems" and self.recipe.problems.source != CURRICULUM:
+            sources = [self.recipe.problems.source]
+        elif stage in ("bootstrap", "sft", "ppm") and self.recipe.model.base != TINY:
+            sources = [self.recipe.model.base]
+        elif stage == "evaluate":
+            from models.evaluation import benchmark_file
+
+            sources = [str(path) for path in map(benchmark_file, self.benchmark_specs()) if path is not None]
+        return [Path(source) for source in sources if Path(source).exists()]
+
     # --- evaluation, gate, promotion ---------------------------------------------------------
 
     def benchmark_specs(self) -> list[str]:

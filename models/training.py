@@ -41,6 +41,7 @@ from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.parquet import atomic_path, write_json
 from models.attention import register_training_attention
+from models.lifetime import stop_when_parent_gone, watch_environment
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -541,6 +542,7 @@ def _child_environment() -> dict[str, str]:
     # The child imports `models.training` by module name wherever the caller's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(watch_environment())  # the child stops itself when this process is killed outright
     return env
 
 
@@ -570,9 +572,9 @@ class TrainingRun:
         self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
         request_path = self.staging_dir / REQUEST_FILE
         request_path.write_text(request.to_json(), encoding="utf-8")
-        # A session of its own: killing the group also ends accelerate's worker processes. (Not tied
-        # to this thread's death as the vLLM server is: with that preexec_fn, a SIGTERM to `kaizen`
-        # during bootstrap training was sometimes lost and the round ran to the end.)
+        # A session of its own: killing the group also ends accelerate's worker processes. Not tied
+        # to this thread by a preexec_fn as the vLLM server is (with it, a SIGTERM to `kaizen` during
+        # bootstrap training was sometimes lost); the child watches this process instead (main()).
         self.process = subprocess.Popen(
             _launch_command(request, request_path), env=_child_environment(), start_new_session=True
         )
@@ -999,6 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--config", required=True, type=Path, help="request JSON written by the launcher")
     args = parser.parse_args(argv)
+    stop_when_parent_gone()
     request = RunRequest.from_json(args.config.read_text(encoding="utf-8"))
     staging = args.config.parent
     try:

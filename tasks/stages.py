@@ -2,8 +2,9 @@
 
 The decorators add what Prefect is for: retries with back-off, persisted results, logs, tags for
 the GPU concurrency limit, and a cache key (`StageCache`) made of the stage, the run, the round,
-the shard, the digest of the recipe sections the stage reads, and the digests of the artifacts it
-consumes. Re-running a round (a UI Retry, `kaizen round` again after a crash) therefore returns the
+the shard, the digest of the recipe sections the stage reads, the digests of the artifacts it
+consumes and of the files outside the home its recipe names (problems, benchmarks, a base model
+directory). Re-running a round (a UI Retry, `kaizen round` again after a crash) therefore returns the
 finished stages from the cache and executes only what failed or what changed; a stage re-run by
 hand (`kaizen stage`) gives new output digests, so every stage downstream of it misses the cache.
 """
@@ -22,7 +23,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
-from models.pipeline import LOGGER_NAME, Artifact, Current, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools
+from models.pipeline import (
+    LOGGER_NAME, Artifact, Current, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
+)
 from models.tiny import ModelLoadError
 from models.training import TrainingInputError
 
@@ -63,7 +66,8 @@ def _digest_of(value: Any) -> str:
 
 @dataclass
 class StageCache(CachePolicy):
-    """Cache key: stage, run, round and shard, the stage's recipe sections, and its input artifacts."""
+    """Cache key: stage, run, round and shard, the stage's recipe sections, its input artifacts and the
+    files outside the home it reads (`Pipeline.external_files`)."""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
@@ -73,6 +77,7 @@ class StageCache(CachePolicy):
         parts = [stage, str(pipeline.layout.home), pipeline.run, pipeline.recipe.digest(*STAGE_SECTIONS[stage])]
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
+        parts += [f"{path}={content_digest(path)}" for path in pipeline.external_files(stage)]
         return f"{stage}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}"
 
 
@@ -107,6 +112,33 @@ NOT_RETRIED: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
     MissingInputError, ModelLoadError, TrainingInputError,
 )
+
+
+# Our own ValueError subclasses (ProblemsError, RecipeError, EvalInputError...) say what is wrong with
+# the input in their message; a bare ValueError or KeyError may be a bug, whose traceback is wanted.
+_OWN_PACKAGES = ("data_store", "models", "search", "tasks", "flows")
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_input_error(error: BaseException) -> bool:
+    """Whether `error` is bad input that its message fully explains (no traceback needed to act on it)."""
+    if isinstance(error, (*_PATH_ERRORS, MissingInputError, ModelLoadError, TrainingInputError)):
+        return True
+    return isinstance(error, ValueError) and type(error).__module__.partition(".")[0] in _OWN_PACKAGES
+
+
+class _InputErrorsWithoutTraceback(logging.Filter):
+    """Keeps Prefect's "Task run failed" / "Encountered exception" records of bad input to their one
+    line: two tracebacks of Prefect's engine above the CLI's one-line error only hid it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_input_error(record.exc_info[1]):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _run_logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_run_logger).addFilter(_InputErrorsWithoutTraceback())
 
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:

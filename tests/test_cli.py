@@ -1,7 +1,12 @@
-"""The flow commands' bad input: one error line naming the command and a non-zero exit, before any flow starts."""
+"""The flow commands' bad input: one error line naming the command and a non-zero exit, before any flow
+starts where it can be found then, and without Prefect's tracebacks where a stage finds it."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,10 @@ from flows.cli import main
 from flows.demo import SUMMARY_COLUMNS, summary_table
 from models.tiny import ModelLoadError
 from models.training import TrainingInputError, TrainingRunError
+from data_store.problems import ProblemsError
 from tasks.stages import worth_retrying
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -46,6 +54,18 @@ def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Ca
 def test_an_unknown_evaluation_mode_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "bogus"], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")
+
+
+def test_an_out_of_range_generation_setting_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--max-step-tokens", "0"], capsys)
+    assert code == 1 and len(err) == 1 and "max_step_tokens must be >= 1, got 0" in err[0]
+
+
+def test_the_evaluate_flow_takes_the_generation_settings_it_is_given() -> None:
+    from flows.evolve import _evaluation_inputs
+
+    config, _ = _evaluation_inputs(["aime24"], ["maj@4"], 1, "hf", 0, "rstar", {"temperature": 0.3, "max_depth": None})
+    assert (config.temperature, config.max_depth) == (0.3, 16)  # None: EvalConfig's default
 
 
 def test_a_home_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -90,3 +110,39 @@ def test_rollout_refuses_a_problems_file_without_problems(tmp_path: Path, capsys
     code, err = run(["rollout", "--model", "m", "--problems", str(empty), "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and err == [f"kaizen rollout: error: {empty} has no problems"]
     assert not (tmp_path / "o" / "nodes.parquet").exists()
+
+
+def _failure_record(error: Exception) -> logging.LogRecord:
+    try:
+        raise error
+    except Exception:
+        return logging.getLogger("prefect.task_runs").makeRecord(
+            "prefect.task_runs", logging.ERROR, __file__, 0, "Task run failed", (), sys.exc_info()
+        )
+
+
+def test_prefects_record_of_bad_input_carries_no_traceback() -> None:
+    record = _failure_record(ProblemsError("problems.jsonl line 1: problem p has no answer"))
+    logging.getLogger("prefect.task_runs").filter(record)
+    assert record.exc_info is None
+
+
+@pytest.mark.parametrize("error", [KeyError("step"), ValueError("math domain error")])
+def test_prefects_record_of_what_may_be_a_bug_keeps_its_traceback(error: Exception) -> None:
+    record = _failure_record(error)
+    logging.getLogger("prefect.task_runs").filter(record)
+    assert record.exc_info is not None
+
+
+@pytest.mark.slow
+def test_bad_input_found_inside_a_flow_prints_no_traceback(tmp_path: Path) -> None:
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"problem": "What is 1+1?"}\n')  # no answer
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "round", "--recipe", "demo", "--home", str(tmp_path / "home"),
+         "--round", "0", "--set", f"problems.source={problems}", "--set", "bootstrap.teacher=null"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kaizen round: error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "has no answer" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,17 +1,39 @@
-"""Child processes tied to the thread that started them: killed by the kernel when it is gone."""
+"""Child processes that do not outlive what started them: the kernel tie and the in-child watcher."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from models.lifetime import tie_to_this_thread
+from models.lifetime import WATCHED_PROCESS_ENV, process_is_running, tie_to_this_thread, watch_environment
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A launcher as models.training starts a run: the child in a session of its own, watching it. The
+# child starts a grandchild in its group (as accelerate starts its workers) and both print their pids.
+LAUNCHER = """
+import os, subprocess, sys, time
+from models.lifetime import watch_environment
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
+                         env={**os.environ, **watch_environment()})
+time.sleep(600)
+"""
+WATCHING_CHILD = """
+import subprocess, time
+from models.lifetime import stop_when_parent_gone
+stop_when_parent_gone(interval_s=0.1, grace_s=1.0)
+worker = subprocess.Popen(["sleep", "600"])
+print(__import__("os").getpid(), worker.pid, flush=True)
+time.sleep(600)
+"""
 
 
 def _start_in_a_thread_that_exits() -> subprocess.Popen:
@@ -46,3 +68,57 @@ def test_an_untied_child_outlives_the_thread() -> None:
     finally:
         holder[0].kill()
         holder[0].wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # reparented to an init that may never reap it
+
+
+def _launch(child_code: str) -> tuple[subprocess.Popen, list[int]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, child_code], stdout=subprocess.PIPE, text=True, env=env)
+    return launcher, [int(pid) for pid in launcher.stdout.readline().split()]
+
+
+def _wait_until_gone(pids: list[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(pid) for pid in pids)
+
+
+def test_a_watching_child_stops_its_group_when_the_launcher_is_killed_outright() -> None:
+    launcher, pids = _launch(WATCHING_CHILD)
+    launcher.kill()
+    launcher.wait()
+    assert _wait_until_gone(pids, timeout_s=10)
+
+
+def test_a_watching_child_keeps_running_while_the_launcher_lives() -> None:
+    launcher, pids = _launch(WATCHING_CHILD)
+    try:
+        time.sleep(1.0)
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+
+
+def test_the_watched_identity_names_this_process() -> None:
+    assert process_is_running(watch_environment()[WATCHED_PROCESS_ENV])
+
+
+def test_a_reused_pid_with_another_start_time_is_not_the_watched_process() -> None:
+    assert not process_is_running(f"{os.getpid()}:1")
+
+
+def test_an_exited_process_is_not_running() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert not process_is_running(f"{child.pid}:")

@@ -222,6 +222,37 @@ def test_the_held_out_split_size_is_part_of_the_evaluation_digest(tmp_path: Path
     assert before.digest(*STAGE_SECTIONS["evaluate"]) != after.digest(*STAGE_SECTIONS["evaluate"])
 
 
+def stage_key(stage: str, pipeline: Pipeline) -> str:
+    from types import SimpleNamespace
+
+    from tasks.stages import StageCache
+
+    return StageCache().compute_key(SimpleNamespace(task=SimpleNamespace(name=stage)), {"pipeline": pipeline}, {})
+
+
+def test_an_edited_benchmark_file_changes_the_evaluation_key(tmp_path: Path) -> None:
+    benchmark = tmp_path / "bench.jsonl"
+    benchmark.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    pipeline = curriculum_pipeline(tmp_path / "home", **{"eval.benchmarks": ["curriculum-test", f"mine={benchmark}"]})
+    before = stage_key("evaluate", pipeline)
+    benchmark.write_text('{"problem": "1+1?", "answer": "3"}\n')
+    assert stage_key("evaluate", pipeline) != before
+
+
+def test_an_edited_problems_file_changes_the_problems_key(tmp_path: Path) -> None:
+    source = tmp_path / "train.jsonl"
+    source.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    pipeline = curriculum_pipeline(tmp_path / "home", **{"problems.source": str(source), "bootstrap.teacher": None})
+    before = stage_key("problems", pipeline)
+    source.write_text('{"problem": "1+2?", "answer": "3"}\n')
+    assert stage_key("problems", pipeline) != before
+
+
+def test_a_hub_benchmark_is_no_external_file(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"eval.benchmarks": ["curriculum-test", "mine=hf:someone/some-benchmark"]})
+    assert pipeline.external_files("evaluate") == []  # (the held-out split is not written yet)
+
+
 def test_terminal_guided_rounds_search_without_the_ppm(tmp_path: Path) -> None:
     pipeline = curriculum_pipeline(tmp_path)  # ppm_from_round: 3
     ppm = Artifact("ppm", "digest")

@@ -397,6 +397,52 @@ def test_killed_run_leaves_no_checkpoint_that_looks_complete(tmp_path: Path, tin
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+# Starts a run as a flow run's worker does and prints the training process's pid once it trains.
+ORPHANING_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from models.training import prepare_run, start_run
+table, model, output = sys.argv[1:4]
+run = start_run(prepare_run("sft", tables=[table], output_dir=output, base_model=model,
+                            overrides={"num_train_epochs": 10_000, "logging_steps": 5}))
+while not list(run.staging_dir.glob("logs/events.out.tfevents.*")):
+    time.sleep(0.2)
+print(run.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_stops_when_the_process_that_started_it_is_killed_outright(
+    tmp_path: Path, tiny_model: Path, sft_table: Path
+) -> None:
+    import subprocess
+    import sys
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_LAUNCHER, str(sft_table), str(tiny_model), str(tmp_path / "policy")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(RECIPES.parents[1])},
+    )
+    training_pid = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while _running(training_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not _running(training_pid)
+    finally:
+        if _running(training_pid):  # not left training for hours after a failure
+            os.killpg(training_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie (reparented to an init that may not reap it) has stopped running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_lora_training_saves_a_plain_merged_model(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
     from transformers import AutoModelForCausalLM
