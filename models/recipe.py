@@ -264,10 +264,21 @@ class Recipe:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings, metadata={"help": "task runner"})
     source: str = field(default="", metadata={"help": "the file this recipe was read from (set by load_recipe)"})
 
-    def digest(self, *sections: str) -> str:
-        """SHA-256 of the named sections' values (all sections when none are named), for cache keys."""
+    def digest(self, *sections: str, leave_out: Sequence[str] = ()) -> str:
+        """SHA-256 of the named sections' values (all sections when none are named), for cache keys;
+        `leave_out` names dotted fields inside them that do not count."""
         names = sections or tuple(f.name for f in dataclasses.fields(self) if f.name != "source")
         payload = {name: _plain(self._section(name)) for name in names}
+        for dotted in leave_out:
+            for name in names:
+                if not dotted.startswith(f"{name}."):
+                    continue
+                *parents, last = dotted[len(name) + 1:].split(".")
+                holder: Any = payload[name]
+                for part in parents:
+                    holder = holder.get(part) if isinstance(holder, dict) else None
+                if isinstance(holder, dict):
+                    holder.pop(last, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def _section(self, dotted: str) -> Any:

@@ -49,6 +49,15 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("eval", "problems", "backend", "sandbox", "seed"),
 }
 STAGES = tuple(STAGE_SECTIONS)
+# Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
+# hardware (another server, more sandbox or grader workers, another GPU split) keeps its finished
+# stages. The search settings count as the round resolves them (`_round_search`), so a
+# round_overrides entry of a later round leaves the earlier rounds' rollouts alone.
+KEY_LEAVES_OUT = (
+    "backend.device", "backend.ppm_device", "backend.concurrency", "backend.vllm_url", "backend.vllm",
+    "backend.prefix_cache_mb", "sandbox.workers", "search.grader_workers",
+    "search.mcts", "search.round_overrides", "search.ppm_from_round",
+)
 
 
 def _digest_of(value: Any) -> str:
@@ -64,6 +73,12 @@ def _digest_of(value: Any) -> str:
     return repr(value)
 
 
+def _round_search(pipeline: Pipeline, round_number: int) -> str:
+    """The MCTS settings one round searches with (overrides applied, mode and seed set)."""
+    mcts = pipeline.recipe.search.mcts_for_round(round_number, pipeline.recipe.seed)
+    return "mcts=" + _digest_of({f.name: getattr(mcts, f.name) for f in fields(mcts)})
+
+
 @dataclass
 class StageCache(CachePolicy):
     """Cache key: stage, run, round and shard, the stage's recipe sections, its input artifacts and the
@@ -74,7 +89,10 @@ class StageCache(CachePolicy):
         stage = task_ctx.task.name
         pipeline: Pipeline = inputs["pipeline"]
         # The home: two homes running one recipe must not hand each other's files back as results.
-        parts = [stage, str(pipeline.layout.home), pipeline.run, pipeline.recipe.digest(*STAGE_SECTIONS[stage])]
+        parts = [stage, str(pipeline.layout.home), pipeline.run,
+                 pipeline.recipe.digest(*STAGE_SECTIONS[stage], leave_out=KEY_LEAVES_OUT)]
+        if stage == "rollout":
+            parts.append(_round_search(pipeline, inputs["round_number"]))
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
         parts += [f"{path}={content_digest(path)}" for path in pipeline.external_files(stage)]

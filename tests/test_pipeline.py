@@ -222,12 +222,39 @@ def test_the_held_out_split_size_is_part_of_the_evaluation_digest(tmp_path: Path
     assert before.digest(*STAGE_SECTIONS["evaluate"]) != after.digest(*STAGE_SECTIONS["evaluate"])
 
 
-def stage_key(stage: str, pipeline: Pipeline) -> str:
+def stage_key(stage: str, pipeline: Pipeline, **inputs: object) -> str:
     from types import SimpleNamespace
 
     from tasks.stages import StageCache
 
-    return StageCache().compute_key(SimpleNamespace(task=SimpleNamespace(name=stage)), {"pipeline": pipeline}, {})
+    task_ctx = SimpleNamespace(task=SimpleNamespace(name=stage))
+    return StageCache().compute_key(task_ctx, {"pipeline": pipeline, **inputs}, {})
+
+
+def rollout_key(home: Path, round_number: int, **overrides: object) -> str:
+    return stage_key("rollout", curriculum_pipeline(home, **overrides), round_number=round_number)
+
+
+@pytest.mark.parametrize("setting", [{"sandbox.workers": 7}, {"backend.vllm_url": "http://10.0.0.2:8000"},
+                                     {"search.grader_workers": 6}, {"backend.vllm.tensor_parallel_size": 4}])
+def test_where_a_search_runs_leaves_its_key_alone(tmp_path: Path, setting: dict) -> None:
+    assert rollout_key(tmp_path, 1, **setting) == rollout_key(tmp_path, 1)
+
+
+def test_what_a_search_computes_changes_its_key(tmp_path: Path) -> None:
+    assert rollout_key(tmp_path, 1, **{"search.mcts.rollouts": 9}) != rollout_key(tmp_path, 1)
+
+
+def test_a_later_rounds_override_leaves_an_earlier_rounds_search_key_alone(tmp_path: Path) -> None:
+    override = {"search.round_overrides": {3: {"rollouts": 9}}}
+    assert rollout_key(tmp_path, 1, **override) == rollout_key(tmp_path, 1)
+    assert rollout_key(tmp_path, 3, **override) != rollout_key(tmp_path, 3)
+
+
+def test_moving_the_ppm_to_a_later_round_changes_only_the_rounds_whose_search_changes(tmp_path: Path) -> None:
+    later = {"search.ppm_from_round": 4}  # the demo's PPM joins in round 3
+    assert rollout_key(tmp_path, 2, **later) == rollout_key(tmp_path, 2)
+    assert rollout_key(tmp_path, 3, **later) != rollout_key(tmp_path, 3)
 
 
 def test_an_edited_benchmark_file_changes_the_evaluation_key(tmp_path: Path) -> None:
