@@ -478,6 +478,11 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
             fail("bootstrap.training", str(err))
     if "seed" in ((data.get("model") or {}).get("tiny") or {}):
         fail("model.tiny.seed", "the tiny model's seed is the recipe's seed")
+    # EvalConfig fields a round's evaluation takes from elsewhere in the recipe: set here they would be ignored.
+    for name, where in (("seed", "the recipe's seed"), ("backend", "the backend section"),
+                        ("sandbox", "the sandbox section"), ("modes", "eval.modes"), ("limit", "eval.limit")):
+        if name in recipe.eval.config:
+            fail(f"eval.config.{name}", f"a round's evaluation takes it from {where}; set it there")
     from models.evaluation import check_eval_settings
 
     try:

@@ -86,6 +86,8 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"gate.benchmark": "math500"}, r"gate\.benchmark: 'math500' is not among eval\.benchmarks"),
         ({"gate.mode": "maj@8"}, r"gate\.mode: 'maj@8' is not among eval\.modes"),
         ({"eval.modes": ["best@3"]}, r"eval: .*best@3"),
+        ({"eval.config": {"seed": 5}}, r"eval\.config\.seed: a round's evaluation takes it from the recipe's seed"),
+        ({"eval.config": {"backend": {"backend": "vllm"}}}, r"eval\.config\.backend: .* from the backend section"),
         ({"bootstrap.teacher": "gpt"}, r"bootstrap\.teacher: 'gpt' is not a known teacher"),
         ({"run": "../escape"}, r"run: run name"),
         ({"training": {"sft": {"learning_rte": 1e-5}}}, r"learning_rte.*did you mean 'learning_rate'"),
