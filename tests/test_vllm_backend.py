@@ -207,6 +207,28 @@ def test_unreachable_server_raises_request_error() -> None:
             client.generate(PROMPTS[:1], n=1, stop=[], temperature=0.0, max_tokens=4)
 
 
+def _sent_seeds(prompts: list[str], temperature: float = 1.0) -> dict[str, int | None]:
+    """The seed each prompt's request carried, from a client whose requests never leave it."""
+    sent: dict[str, int | None] = {}
+
+    def complete(payload: dict) -> list:
+        sent[payload["prompt"]] = payload.get("seed")
+        return []
+
+    with VLLMGenerator("http://127.0.0.1:9", "m", seed=5) as client:
+        client._complete = complete
+        client.generate(prompts, n=2, stop=[], temperature=temperature, max_tokens=4)
+    return sent
+
+
+def test_a_requests_seed_follows_its_prompt_not_the_other_prompts_of_the_call() -> None:
+    assert _sent_seeds(["b"])["b"] == _sent_seeds(["a", "b", "c"])["b"]
+
+
+def test_greedy_requests_carry_no_seed() -> None:
+    assert _sent_seeds(["a"], temperature=0.0) == {"a": None}
+
+
 def test_server_binds_loopback_with_prefix_caching_by_default(tmp_path: Path) -> None:
     command = VLLMServer(tmp_path).command()
     assert command[command.index("--host") + 1] == "127.0.0.1"
