@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,19 +47,26 @@ class PromptSeeds:
     therefore does not depend on which other problems share its calls and batches: `--limit`, a
     different shard count or batch size leave each problem's samples alone (up to the float noise of
     other batch shapes), and a prompt sampled again still gets fresh samples.
+
+    The counts of the `remembered` most recently sampled prompts are kept (~100 bytes each: a
+    search of 100k problems sends tens of millions of prompts); a prompt sampled again only after
+    that many others starts its count afresh and repeats its first samples.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, remembered: int = 1 << 18) -> None:
         self.seed = seed
-        self._uses: dict[bytes, int] = {}
+        self.remembered = remembered
+        self._uses: OrderedDict[bytes, int] = OrderedDict()
         self._lock = threading.Lock()
 
     def next(self, prompt: str) -> int:
         """The seed (63 bits) of the next sampling of `prompt`."""
         key = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
         with self._lock:
-            use = self._uses.get(key, 0)
+            use = self._uses.pop(key, 0)
             self._uses[key] = use + 1
+            if len(self._uses) > self.remembered:
+                self._uses.popitem(last=False)
         digest = hashlib.blake2b(key + f"/{self.seed}/{use}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 

@@ -12,6 +12,7 @@ import torch
 
 from models.generation import HFGenerator, PrefixKVCache, _invert_cdf, _sample_tokens
 from models.tiny import ModelLoadError, build_tiny_model, default_corpus
+from search.policy import PromptSeeds
 from search.steps import render_prompt
 
 # Different lengths, so batches need left padding.
@@ -332,6 +333,13 @@ def test_sampling_draws_tokens_at_their_probabilities() -> None:
     tokens = _sample_tokens(logits, 1.0, [random.Random(row) for row in range(len(logits))])
     frequencies = torch.bincount(tokens, minlength=4) / len(tokens)
     assert torch.allclose(frequencies, probabilities, atol=0.01)
+
+
+def test_prompt_seeds_count_the_uses_of_the_most_recent_prompts_only() -> None:
+    seeds = PromptSeeds(0, remembered=2)
+    first, again = seeds.next("a"), seeds.next("a")
+    seeds.next("b"), seeds.next("c")  # "a" is forgotten
+    assert first != again and seeds.next("a") == first
 
 
 def test_inverting_the_cdf_skips_tokens_of_probability_zero() -> None:
