@@ -398,7 +398,7 @@ def cli_evaluate(argv: list[str]) -> int:
     from data_store.parquet import check_output_directory
 
     # Names, modes and values only: the flow loads the benchmark files once, and reports a bad one in one line.
-    check_eval_settings(args.benchmarks, args.modes or ["greedy"], search_options(args))
+    check_eval_settings(args.benchmarks, args.modes or ["greedy"], {**search_options(args), "limit": args.limit})
     if args.out:
         check_output_directory(args.out)
     _quiet_prefect()

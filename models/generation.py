@@ -206,9 +206,9 @@ class PrefixKVCache:
     the new step to prefill. Least recently used entries go first once `max_bytes` would be exceeded.
     Reused states equal freshly computed ones up to float rounding (batch shapes differ): in
     float32 completions came out identical in the tests; in bfloat16 (the GPU default) rounding can
-    change a later token, so a completion may depend on which prompts came before it. A generator
-    still replays exactly when it sees the same sequence of calls, as seeded sampling needs anyway;
-    `prefix_cache_mb=0` makes every call independent of the ones before.
+    change a later token, so a completion may depend on which prompts came before it (sampling
+    seeds do not: they follow the prompt). A generator still replays exactly when it sees the same
+    sequence of calls; `prefix_cache_mb=0` makes every call independent of the ones before.
     """
 
     def __init__(self, max_bytes: int) -> None:

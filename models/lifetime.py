@@ -3,7 +3,8 @@
 Two ways, for two kinds of child. `tie_to_this_thread` is a kernel tie (PR_SET_PDEATHSIG) for a
 child that does nothing else at start (the vLLM server). `watch_environment` + `stop_when_parent_gone`
 is a watcher thread inside the child (training runs): no `preexec_fn`, which in a training start
-sometimes cost `kaizen` its SIGTERM, and it follows the whole process, not one of its threads.
+sometimes cost `kaizen` its SIGTERM; it follows the whole process, not one of its threads, and it
+reaches processes in sessions of their own (accelerate's launcher and its workers).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -80,29 +82,64 @@ def process_is_running(identity: str) -> bool:
     return True
 
 
+def _own_session(pid: int) -> bool:
+    """Whether `pid` leads a session of its own (as a launcher's `start_new_session` makes it)."""
+    try:
+        return os.getpgid(pid) == pid == os.getsid(pid)
+    except OSError:
+        return False
+
+
+def _targets(watched_pid: int, launcher: str) -> list[int]:
+    """What to stop, as `os.kill` targets (negative: a process group): this process's group when it
+    is a session of its own (never the group of a shell that ran this module by hand with the
+    variable set), else this process; and the session of the process that started this one when
+    that is not the watched process (accelerate's launcher, whose torch-elastic workers each get a
+    session of their own: the launcher could otherwise restart them)."""
+    me = os.getpid()
+    targets = [-os.getpgrp() if _own_session(me) else me]
+    launcher_pid = int(launcher.partition(":")[0])
+    if launcher_pid not in (watched_pid, me) and process_is_running(launcher) and _own_session(launcher_pid):
+        targets.append(-launcher_pid)
+    return targets
+
+
+# Run detached (a session of its own): the SIGTERM also ends the process that starts it.
+_STOPPER = """
+import os, signal, sys, time
+targets, grace_s = [int(t) for t in sys.argv[1].split(",")], float(sys.argv[2])
+for sig, pause_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0)):
+    for target in targets:
+        try:
+            os.kill(target, sig)
+        except OSError:
+            pass
+    time.sleep(pause_s)
+"""
+
+
 def stop_when_parent_gone(interval_s: float = 2.0, grace_s: float = 10.0) -> threading.Thread | None:
-    """In a child started with `watch_environment()`: stop this process group once that process is gone.
+    """In a child started with `watch_environment()`: stop what the launch started once that process is gone.
 
     A daemon thread checks every `interval_s`; when the watched process has exited (a flow run
-    SIGKILLed, the OOM killer) it sends SIGTERM to this process's group, which the launcher made
-    a session of its own (accelerate's workers included), then SIGKILL after `grace_s`. Without it
-    an orphaned training run keeps its GPUs until someone finds it. Returns None (nothing watched)
-    when the environment names no process.
+    SIGKILLed, the OOM killer) it has a detached process send SIGTERM to this process's group (a
+    session of its own) and to accelerate's launcher's session, then SIGKILL after `grace_s` to
+    whatever ignored it. (Detached: this process dies of its own SIGTERM, and the SIGKILL must
+    still come.) Without it an orphaned training run keeps its GPUs until someone finds it.
+    Returns None (nothing watched) when the environment names no process.
     """
     identity = os.environ.get(WATCHED_PROCESS_ENV)
     if not identity:
         return None
+    parent = os.getppid()
+    launcher = f"{parent}:{_start_time(parent) or ''}"  # read now: once orphaned, the parent is init
 
     def watch() -> None:
         while process_is_running(identity):
             time.sleep(interval_s)
-        # The whole group only when it is a session of its own, as the launcher makes it: never the
-        # group of a shell that happened to run this module by hand with the variable set.
-        group = os.getpgrp()
-        stop = (lambda sig: os.killpg(group, sig)) if group == os.getsid(0) else (lambda sig: os.kill(os.getpid(), sig))
-        stop(signal.SIGTERM)
-        time.sleep(grace_s)
-        stop(signal.SIGKILL)
+        targets = ",".join(map(str, _targets(int(identity.partition(":")[0]), launcher)))
+        subprocess.Popen([sys.executable, "-c", _STOPPER, targets, str(grace_s)], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     thread = threading.Thread(target=watch, name="stop-when-parent-gone", daemon=True)
     thread.start()

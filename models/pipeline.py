@@ -32,10 +32,12 @@ from data_store.parquet import write_json, write_table
 from data_store.schema import conform
 from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 
-# Files above this size are identified by size and modification time rather than content: a
-# checkpoint is written once under a temporary name, so its metadata changes whenever it does,
-# and hashing tens of gigabytes of weights for every cache key would cost minutes.
+# Files above this size are identified by their size and their first and last MiB rather than all
+# of their content: hashing tens of gigabytes of weights for every cache key would cost minutes,
+# and any rewrite of a weights shard or a table changes its header, first tensors or footer. Not
+# the modification time: a model directory copied or downloaded again is the same model.
 _CONTENT_HASH_LIMIT = 64 * 2**20
+_SAMPLED_BYTES = 2**20
 PROMOTED_FILE = "promoted.json"
 STALE_FILE = "STALE"
 """Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
@@ -83,18 +85,23 @@ def artifacts_current(value: Any) -> bool:
 
 
 def content_digest(path: Path) -> str:
-    """SHA-256 over a file, or over a directory's relative paths, sizes and (small) file contents."""
+    """SHA-256 over a file, or over a directory's relative paths, sizes and contents (large files
+    sampled, see _CONTENT_HASH_LIMIT; hidden entries such as `.git` or a hub download's `.cache` left out)."""
     if not path.exists():
         raise MissingInputError(f"{path} does not exist")
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0".encode())
-        if stat.st_size > _CONTENT_HASH_LIMIT:
-            digest.update(str(stat.st_mtime_ns).encode())
-            continue
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{size}\0".encode())
         with file.open("rb") as handle:
+            if size > _CONTENT_HASH_LIMIT:
+                digest.update(handle.read(_SAMPLED_BYTES))
+                handle.seek(size - _SAMPLED_BYTES)
+                digest.update(handle.read(_SAMPLED_BYTES))
+                continue
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()

@@ -480,7 +480,7 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("model.tiny.seed", "the tiny model's seed is the recipe's seed")
     # EvalConfig fields a round's evaluation takes from elsewhere in the recipe: set here they would be ignored.
     for name, where in (("seed", "the recipe's seed"), ("backend", "the backend section"),
-                        ("sandbox", "the sandbox section"), ("modes", "eval.modes"), ("limit", "eval.limit")):
+                        ("sandbox", "the sandbox section"), ("modes", "eval.modes")):
         if name in recipe.eval.config:
             fail(f"eval.config.{name}", f"a round's evaluation takes it from {where}; set it there")
     from models.evaluation import check_eval_settings

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, fields, is_dataclass
@@ -50,12 +51,18 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 STAGES = tuple(STAGE_SECTIONS)
 # Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
-# hardware (another server, more sandbox or grader workers, another GPU split) keeps its finished
-# stages. The search settings count as the round resolves them (`_round_search`), so a
-# round_overrides entry of a later round leaves the earlier rounds' rollouts alone.
+# hardware (another server, another GPU split, more workers, other batch sizes) keeps its finished
+# stages. Sampling is seeded per prompt, so batching changes results only by float rounding; the
+# device stays in (it sets the precision models load in), as do the server's dtype, context length
+# and extra arguments. The search settings count as the round resolves them (`_round_search`), so
+# a later round's round_overrides entry leaves the earlier rounds' rollouts alone.
+_VLLM_PLACEMENT = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
+                   "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
 KEY_LEAVES_OUT = (
-    "backend.device", "backend.ppm_device", "backend.concurrency", "backend.vllm_url", "backend.vllm",
-    "backend.prefix_cache_mb", "sandbox.workers", "search.grader_workers",
+    "backend.batch_size", "backend.concurrency", "backend.vllm_url", "backend.prefix_cache_mb",
+    *(f"backend.vllm.{name}" for name in _VLLM_PLACEMENT),
+    "sandbox.workers", "search.grader_workers", "search.pipeline_groups",
+    "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
 )
 
@@ -147,10 +154,14 @@ def is_input_error(error: BaseException) -> bool:
 
 class _InputErrorsWithoutTraceback(logging.Filter):
     """Keeps Prefect's "Task run failed" / "Encountered exception" records of bad input to their one
-    line: two tracebacks of Prefect's engine above the CLI's one-line error only hid it."""
+    line: two tracebacks of Prefect's engine above the CLI's one-line error only hid it. Only where
+    the line itself says what went wrong (a record such as "Error computing cache key" keeps its
+    traceback, the only place its cause shows), and never under KAIZEN_DEBUG=1."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and is_input_error(record.exc_info[1]):
+        error = record.exc_info[1] if record.exc_info else None
+        if (error is not None and is_input_error(error) and not os.environ.get("KAIZEN_DEBUG")
+                and any(text in record.getMessage() for text in (str(error), repr(error)))):
             record.exc_info = record.exc_text = None
         return True
 

@@ -61,6 +61,26 @@ def test_an_out_of_range_generation_setting_is_refused_before_the_flow(capsys: p
     assert code == 1 and len(err) == 1 and "max_step_tokens must be >= 1, got 0" in err[0]
 
 
+def test_evaluate_refuses_a_limit_below_one_before_the_flow(capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--limit", "0"], capsys)
+    assert code == 1 and len(err) == 1 and "limit must be >= 1" in err[0]
+
+
+def test_evaluate_hands_its_generation_options_to_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.evolve
+
+    received: dict = {}
+
+    def flow(*args: object, **kwargs: object) -> None:
+        received.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(flows.evolve, "evaluate_flow", flow)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--temperature", "0.4", "--max-step-tokens", "99"])
+    assert (received["temperature"], received["max_step_tokens"]) == (0.4, 99)
+
+
 def test_the_evaluate_flow_takes_the_generation_settings_it_is_given() -> None:
     from flows.evolve import _evaluation_inputs
 
@@ -112,12 +132,13 @@ def test_rollout_refuses_a_problems_file_without_problems(tmp_path: Path, capsys
     assert not (tmp_path / "o" / "nodes.parquet").exists()
 
 
-def _failure_record(error: Exception) -> logging.LogRecord:
+def _failure_record(error: Exception, message: str | None = None) -> logging.LogRecord:
     try:
         raise error
     except Exception:
         return logging.getLogger("prefect.task_runs").makeRecord(
-            "prefect.task_runs", logging.ERROR, __file__, 0, "Task run failed", (), sys.exc_info()
+            "prefect.task_runs", logging.ERROR, __file__, 0,
+            f"Task run failed with exception: {error!r}" if message is None else message, (), sys.exc_info()
         )
 
 
@@ -125,6 +146,19 @@ def test_prefects_record_of_bad_input_carries_no_traceback() -> None:
     record = _failure_record(ProblemsError("problems.jsonl line 1: problem p has no answer"))
     logging.getLogger("prefect.task_runs").filter(record)
     assert record.exc_info is None
+
+
+def test_a_record_that_does_not_say_what_went_wrong_keeps_its_traceback() -> None:
+    record = _failure_record(PermissionError("base/model.safetensors"), "Error encountered when computing cache key")
+    logging.getLogger("prefect.task_runs").filter(record)
+    assert record.exc_info is not None
+
+
+def test_kaizen_debug_keeps_the_traceback_of_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIZEN_DEBUG", "1")
+    record = _failure_record(ProblemsError("problems.jsonl line 1: problem p has no answer"))
+    logging.getLogger("prefect.task_runs").filter(record)
+    assert record.exc_info is not None
 
 
 @pytest.mark.parametrize("error", [KeyError("step"), ValueError("math domain error")])

@@ -34,6 +34,27 @@ worker = subprocess.Popen(["sleep", "600"])
 print(__import__("os").getpid(), worker.pid, flush=True)
 time.sleep(600)
 """
+# Its worker ignores SIGTERM: only the SIGKILL after the grace period ends it.
+CHILD_WITH_A_STUBBORN_WORKER = """
+import subprocess, time
+from models.lifetime import stop_when_parent_gone
+stop_when_parent_gone(interval_s=0.1, grace_s=1.0)
+worker = subprocess.Popen(["sh", "-c", "trap '' TERM; echo ready; exec sleep 600"], stdout=subprocess.PIPE, text=True)
+worker.stdout.readline()
+print(__import__("os").getpid(), worker.pid, flush=True)
+time.sleep(600)
+"""
+# As accelerate launches through torch elastic: the launcher (a session of its own, which would
+# restart its workers) starts each worker in a session of its own; the worker watches.
+ELASTIC_LAUNCHER = """
+import os, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "from models.lifetime import stop_when_parent_gone; import time; "
+                           "stop_when_parent_gone(interval_s=0.1, grace_s=1.0); print('up', flush=True); time.sleep(600)"],
+                          start_new_session=True, stdout=subprocess.PIPE, text=True)
+worker.stdout.readline()
+print(os.getpid(), worker.pid, flush=True)
+time.sleep(600)
+"""
 
 
 def _start_in_a_thread_that_exits() -> subprocess.Popen:
@@ -93,6 +114,20 @@ def _wait_until_gone(pids: list[int], timeout_s: float) -> bool:
 
 def test_a_watching_child_stops_its_group_when_the_launcher_is_killed_outright() -> None:
     launcher, pids = _launch(WATCHING_CHILD)
+    launcher.kill()
+    launcher.wait()
+    assert _wait_until_gone(pids, timeout_s=10)
+
+
+def test_what_ignores_sigterm_is_killed_after_the_grace_period() -> None:
+    launcher, pids = _launch(CHILD_WITH_A_STUBBORN_WORKER)
+    launcher.kill()
+    launcher.wait()
+    assert _wait_until_gone(pids, timeout_s=10)
+
+
+def test_a_launcher_in_a_session_of_its_own_is_stopped_with_its_watching_worker() -> None:
+    launcher, pids = _launch(ELASTIC_LAUNCHER)
     launcher.kill()
     launcher.wait()
     assert _wait_until_gone(pids, timeout_s=10)

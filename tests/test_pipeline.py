@@ -236,13 +236,21 @@ def rollout_key(home: Path, round_number: int, **overrides: object) -> str:
 
 
 @pytest.mark.parametrize("setting", [{"sandbox.workers": 7}, {"backend.vllm_url": "http://10.0.0.2:8000"},
-                                     {"search.grader_workers": 6}, {"backend.vllm.tensor_parallel_size": 4}])
+                                     {"search.grader_workers": 6}, {"backend.vllm.tensor_parallel_size": 4},
+                                     {"backend.batch_size": 16}])
 def test_where_a_search_runs_leaves_its_key_alone(tmp_path: Path, setting: dict) -> None:
     assert rollout_key(tmp_path, 1, **setting) == rollout_key(tmp_path, 1)
 
 
-def test_what_a_search_computes_changes_its_key(tmp_path: Path) -> None:
-    assert rollout_key(tmp_path, 1, **{"search.mcts.rollouts": 9}) != rollout_key(tmp_path, 1)
+@pytest.mark.parametrize("setting", [{"search.mcts.rollouts": 9}, {"backend.vllm.dtype": "float16"},
+                                     {"backend.vllm.extra_args": ["--quantization", "fp8"]}, {"backend.device": "cuda"}])
+def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -> None:
+    assert rollout_key(tmp_path, 1, **setting) != rollout_key(tmp_path, 1)
+
+
+def test_the_evaluations_grader_workers_leave_its_key_alone(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"eval.config.grader_workers": 8})
+    assert stage_key("evaluate", pipeline) == stage_key("evaluate", curriculum_pipeline(tmp_path))
 
 
 def test_a_later_rounds_override_leaves_an_earlier_rounds_search_key_alone(tmp_path: Path) -> None:
@@ -293,6 +301,37 @@ def test_an_artifact_rewritten_after_it_was_recorded_is_not_current(tmp_path: Pa
     assert artifacts_current({"pairs": [recorded]})
     path.write_bytes(b"seed 1")
     assert not artifacts_current({"pairs": [recorded]})
+
+
+def _model_directory(path: Path, weights: bytes) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_a_copied_model_directory_keeps_its_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import time
+
+    from models import pipeline
+
+    monkeypatch.setattr(pipeline, "_CONTENT_HASH_LIMIT", 3 * 2**20)  # the weights are sampled, not read whole
+    original = _model_directory(tmp_path / "model", bytes(range(256)) * 4 * 4096)
+    time.sleep(0.01)
+    copy = shutil.copytree(original, tmp_path / "copy", copy_function=shutil.copy)  # new modification times
+    (copy / ".git").mkdir()
+    (copy / ".git" / "FETCH_HEAD").write_text("fetched")
+    assert pipeline.content_digest(copy) == pipeline.content_digest(original)
+
+
+def test_rewritten_large_weights_change_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import pipeline
+
+    monkeypatch.setattr(pipeline, "_CONTENT_HASH_LIMIT", 3 * 2**20)
+    size = 4 * 2**20
+    before = pipeline.content_digest(_model_directory(tmp_path / "a", b"\0" * size))
+    assert pipeline.content_digest(_model_directory(tmp_path / "b", b"\1" + b"\0" * (size - 1))) != before
 
 
 def test_a_removed_artifact_is_not_current(tmp_path: Path) -> None:
