@@ -112,25 +112,22 @@ def _wait_until_gone(pids: list[int], timeout_s: float) -> bool:
     return not any(_alive(pid) for pid in pids)
 
 
-def test_a_watching_child_stops_its_group_when_the_launcher_is_killed_outright() -> None:
-    launcher, pids = _launch(WATCHING_CHILD)
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("child", [WATCHING_CHILD, CHILD_WITH_A_STUBBORN_WORKER, ELASTIC_LAUNCHER],
+                         ids=["its-group", "a-worker-ignoring-sigterm", "an-elastic-launcher-and-worker"])
+def test_killing_the_launcher_outright_stops_what_the_watching_child_started(child: str) -> None:
+    launcher, pids = _launch(child)
     launcher.kill()
     launcher.wait()
-    assert _wait_until_gone(pids, timeout_s=10)
-
-
-def test_what_ignores_sigterm_is_killed_after_the_grace_period() -> None:
-    launcher, pids = _launch(CHILD_WITH_A_STUBBORN_WORKER)
-    launcher.kill()
-    launcher.wait()
-    assert _wait_until_gone(pids, timeout_s=10)
-
-
-def test_a_launcher_in_a_session_of_its_own_is_stopped_with_its_watching_worker() -> None:
-    launcher, pids = _launch(ELASTIC_LAUNCHER)
-    launcher.kill()
-    launcher.wait()
-    assert _wait_until_gone(pids, timeout_s=10)
+    try:
+        assert _wait_until_gone(pids, timeout_s=10)
+    finally:
+        _kill(pids)  # nothing left sleeping for ten minutes after a failure
 
 
 def test_a_watching_child_keeps_running_while_the_launcher_lives() -> None:
@@ -139,8 +136,7 @@ def test_a_watching_child_keeps_running_while_the_launcher_lives() -> None:
         time.sleep(1.0)
         assert all(_alive(pid) for pid in pids)
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+        _kill(pids)
         launcher.kill()
         launcher.wait()
 
