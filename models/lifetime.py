@@ -47,18 +47,29 @@ def tie_to_this_thread() -> Callable[[], None] | None:
 WATCHED_PROCESS_ENV = "KAIZEN_WATCHED_PROCESS"
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None for no such
+    process, a zombie (it has already exited) or no /proc."""
+    try:
+        stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may itself hold spaces and parentheses
+    return None if fields[0] == "Z" else fields
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks after boot), or None where it cannot be read.
 
     Together with the pid it names one process: a pid reused by a later process has another start.
     """
-    try:
-        stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
-    except OSError:
-        return None
-    # Fields after the command name, which may itself hold spaces and parentheses.
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else fields[19]  # a zombie has already exited
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
 
 
 def watch_environment() -> dict[str, str]:
@@ -90,18 +101,29 @@ def _own_session(pid: int) -> bool:
         return False
 
 
-def _targets(watched_pid: int, launcher: str) -> list[int]:
+def _launcher(watched_pid: int) -> str | None:
+    """`pid:start_time` of the process between the watched one and this one (accelerate's launcher),
+    or None when this process was started by the watched one directly, or its parent is not the
+    watched process's child (the watched process already gone: this process was handed to init or a
+    subreaper, whose session must never be stopped)."""
+    parent = os.getppid()
+    if parent <= 1 or parent == watched_pid or _parent_of(parent) != watched_pid:
+        return None
+    return f"{parent}:{_start_time(parent) or ''}"
+
+
+def _targets(launcher: str | None) -> list[int]:
     """What to stop, as `os.kill` targets (negative: a process group): this process's group when it
     is a session of its own (never the group of a shell that ran this module by hand with the
-    variable set), else this process; and the session of the process that started this one when
-    that is not the watched process (accelerate's launcher, whose torch-elastic workers each get a
-    session of their own: the launcher could otherwise restart them)."""
+    variable set), else this process; and the session of accelerate's launcher, whose torch-elastic
+    workers each get a session of their own (it could otherwise restart them)."""
     me = os.getpid()
     targets = [-os.getpgrp() if _own_session(me) else me]
-    launcher_pid = int(launcher.partition(":")[0])
-    if launcher_pid not in (watched_pid, me) and process_is_running(launcher) and _own_session(launcher_pid):
-        targets.append(-launcher_pid)
-    return targets
+    if launcher is not None:
+        launcher_pid = int(launcher.partition(":")[0])
+        if process_is_running(launcher) and _own_session(launcher_pid):
+            targets.append(-launcher_pid)
+    return [target for target in targets if abs(target) > 1]  # never init, never "every process" (-1)
 
 
 # Run detached (a session of its own): the SIGTERM also ends the process that starts it.
@@ -118,6 +140,21 @@ for sig, pause_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0)):
 """
 
 
+def _stop(targets: list[int], grace_s: float) -> None:
+    """SIGTERM `targets`, SIGKILL them `grace_s` later, from a detached process; directly (no
+    grace) when no process can be started, as right after an OOM kill may happen."""
+    try:
+        subprocess.Popen([sys.executable, "-I", "-c", _STOPPER, ",".join(map(str, targets)), str(grace_s)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    except OSError:
+        for target in sorted(targets, key=lambda t: abs(t) == os.getpgrp()):  # our own group last
+            try:
+                os.kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def stop_when_parent_gone(interval_s: float = 2.0, grace_s: float = 10.0) -> threading.Thread | None:
     """In a child started with `watch_environment()`: stop what the launch started once that process is gone.
 
@@ -131,15 +168,14 @@ def stop_when_parent_gone(interval_s: float = 2.0, grace_s: float = 10.0) -> thr
     identity = os.environ.get(WATCHED_PROCESS_ENV)
     if not identity:
         return None
-    parent = os.getppid()
-    launcher = f"{parent}:{_start_time(parent) or ''}"  # read now: once orphaned, the parent is init
+    launcher = _launcher(int(identity.partition(":")[0]))  # read now: once orphaned, the parent is init
 
     def watch() -> None:
         while process_is_running(identity):
             time.sleep(interval_s)
-        targets = ",".join(map(str, _targets(int(identity.partition(":")[0]), launcher)))
-        subprocess.Popen([sys.executable, "-c", _STOPPER, targets, str(grace_s)], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        targets = _targets(launcher)
+        if targets:
+            _stop(targets, grace_s)
 
     thread = threading.Thread(target=watch, name="stop-when-parent-gone", daemon=True)
     thread.start()

@@ -52,14 +52,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_SECTIONS)
 # Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
 # hardware (another server, another GPU split, more workers, other batch sizes) keeps its finished
-# stages. Sampling is seeded per prompt, so batching changes results only by float rounding; the
-# device stays in (it sets the precision models load in), as do the server's dtype, context length
-# and extra arguments. The search settings count as the round resolves them (`_round_search`), so
-# a later round's round_overrides entry leaves the earlier rounds' rollouts alone.
+# stages. Sampling is seeded per prompt, so batching changes results only by float rounding (one
+# exception: two problems with the same text share their prompts' counts, and the grouping decides
+# which gets which samples). Devices count by kind only (`_device_kinds`: the kind sets the
+# precision models load in); the server's dtype, context length and extra arguments count. The
+# search settings count as the round resolves them (`_round_search`), so a later round's
+# round_overrides entry leaves the earlier rounds' rollouts alone.
 _VLLM_PLACEMENT = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
                    "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
 KEY_LEAVES_OUT = (
-    "backend.batch_size", "backend.concurrency", "backend.vllm_url", "backend.prefix_cache_mb",
+    "backend.device", "backend.ppm_device", "backend.batch_size", "backend.concurrency", "backend.vllm_url", "backend.prefix_cache_mb",
     *(f"backend.vllm.{name}" for name in _VLLM_PLACEMENT),
     "sandbox.workers", "search.grader_workers", "search.pipeline_groups",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
@@ -86,6 +88,16 @@ def _round_search(pipeline: Pipeline, round_number: int) -> str:
     return "mcts=" + _digest_of({f.name: getattr(mcts, f.name) for f in fields(mcts)})
 
 
+def _device_kinds(pipeline: Pipeline) -> str:
+    """The kinds of device the policy and the PPM load on (cpu: float32, cuda: bfloat16), None
+    resolved as the backend resolves it: an index (cuda:3) does not change results, a kind does."""
+    from models.backends import default_device
+
+    backend = pipeline.recipe.backend
+    return "devices=" + ",".join((device or default_device()).partition(":")[0]
+                                 for device in (backend.device, backend.ppm_device))
+
+
 @dataclass
 class StageCache(CachePolicy):
     """Cache key: stage, run, round and shard, the stage's recipe sections, its input artifacts and the
@@ -100,9 +112,11 @@ class StageCache(CachePolicy):
                  pipeline.recipe.digest(*STAGE_SECTIONS[stage], leave_out=KEY_LEAVES_OUT)]
         if stage == "rollout":
             parts.append(_round_search(pipeline, inputs["round_number"]))
+        if "backend" in STAGE_SECTIONS[stage]:
+            parts.append(_device_kinds(pipeline))
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
-        parts += [f"{path}={content_digest(path)}" for path in pipeline.external_files(stage)]
+        parts += [f"{path}={content_digest(path, large_by_mtime=False)}" for path in pipeline.external_files(stage)]
         return f"{stage}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}"
 
 
@@ -147,7 +161,13 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permis
 
 def is_input_error(error: BaseException) -> bool:
     """Whether `error` is bad input that its message fully explains (no traceback needed to act on it)."""
-    if isinstance(error, (*_PATH_ERRORS, MissingInputError, ModelLoadError, TrainingInputError)):
+    if not str(error):
+        return False
+    if isinstance(error, _PATH_ERRORS):
+        # The system's own names its path; one raised with a message (ours) says it. A bare
+        # "Permission denied" from a socket or a signal explains nothing.
+        return error.filename is not None or len(error.args) == 1
+    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError)):
         return True
     return isinstance(error, ValueError) and type(error).__module__.partition(".")[0] in _OWN_PACKAGES
 

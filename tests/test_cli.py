@@ -142,8 +142,11 @@ def _failure_record(error: Exception, message: str | None = None) -> logging.Log
         )
 
 
-def test_prefects_record_of_bad_input_carries_no_traceback() -> None:
-    record = _failure_record(ProblemsError("problems.jsonl line 1: problem p has no answer"))
+@pytest.mark.parametrize("error", [ProblemsError("problems.jsonl line 1: problem p has no answer"),
+                                   FileNotFoundError(2, "No such file or directory", "nodes.parquet"),
+                                   FileNotFoundError("ppm is not a Kaizen PPM checkpoint (no scoring.json)")])
+def test_prefects_record_of_bad_input_carries_no_traceback(error: Exception) -> None:
+    record = _failure_record(error)
     logging.getLogger("prefect.task_runs").filter(record)
     assert record.exc_info is None
 
@@ -161,7 +164,8 @@ def test_kaizen_debug_keeps_the_traceback_of_bad_input(monkeypatch: pytest.Monke
     assert record.exc_info is not None
 
 
-@pytest.mark.parametrize("error", [KeyError("step"), ValueError("math domain error")])
+@pytest.mark.parametrize("error", [KeyError("step"), ValueError("math domain error"),
+                                   PermissionError(13, "Permission denied"), ProblemsError("")])
 def test_prefects_record_of_what_may_be_a_bug_keeps_its_traceback(error: Exception) -> None:
     record = _failure_record(error)
     logging.getLogger("prefect.task_runs").filter(record)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from models.lifetime import WATCHED_PROCESS_ENV, process_is_running, tie_to_this_thread, watch_environment
+from models.lifetime import (
+    WATCHED_PROCESS_ENV, _launcher, _targets, process_is_running, tie_to_this_thread, watch_environment,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +155,15 @@ def test_an_exited_process_is_not_running() -> None:
     child = subprocess.Popen(["true"])
     child.wait()
     assert not process_is_running(f"{child.pid}:")
+
+
+def test_a_child_orphaned_before_its_watcher_started_names_no_launcher() -> None:
+    """Its parent is then init or a subreaper (or, here, a process the watched one never started)."""
+    assert _launcher(watched_pid=2**22 + 12345) is None
+
+
+def test_init_and_every_process_are_never_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.lifetime
+
+    monkeypatch.setattr(models.lifetime, "_own_session", lambda pid: True)  # as init is on most machines
+    assert all(abs(target) > 1 for target in _targets(launcher="1:"))

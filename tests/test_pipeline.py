@@ -237,13 +237,13 @@ def rollout_key(home: Path, round_number: int, **overrides: object) -> str:
 
 @pytest.mark.parametrize("setting", [{"sandbox.workers": 7}, {"backend.vllm_url": "http://10.0.0.2:8000"},
                                      {"search.grader_workers": 6}, {"backend.vllm.tensor_parallel_size": 4},
-                                     {"backend.batch_size": 16}])
+                                     {"backend.batch_size": 16}, {"backend.ppm_device": "cpu:0"}])
 def test_where_a_search_runs_leaves_its_key_alone(tmp_path: Path, setting: dict) -> None:
     assert rollout_key(tmp_path, 1, **setting) == rollout_key(tmp_path, 1)
 
 
 @pytest.mark.parametrize("setting", [{"search.mcts.rollouts": 9}, {"backend.vllm.dtype": "float16"},
-                                     {"backend.vllm.extra_args": ["--quantization", "fp8"]}, {"backend.device": "cuda"}])
+                                     {"backend.vllm.extra_args": ["--quantization", "fp8"]}, {"backend.device": "cuda:1"}])
 def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -> None:
     assert rollout_key(tmp_path, 1, **setting) != rollout_key(tmp_path, 1)
 
@@ -322,16 +322,18 @@ def test_a_copied_model_directory_keeps_its_digest(tmp_path: Path, monkeypatch: 
     copy = shutil.copytree(original, tmp_path / "copy", copy_function=shutil.copy)  # new modification times
     (copy / ".git").mkdir()
     (copy / ".git" / "FETCH_HEAD").write_text("fetched")
-    assert pipeline.content_digest(copy) == pipeline.content_digest(original)
+    assert pipeline.content_digest(copy, large_by_mtime=False) == pipeline.content_digest(original, large_by_mtime=False)
 
 
-def test_rewritten_large_weights_change_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_rewritten_only_in_the_middle_change_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from models import pipeline
 
     monkeypatch.setattr(pipeline, "_CONTENT_HASH_LIMIT", 3 * 2**20)
-    size = 4 * 2**20
-    before = pipeline.content_digest(_model_directory(tmp_path / "a", b"\0" * size))
-    assert pipeline.content_digest(_model_directory(tmp_path / "b", b"\1" + b"\0" * (size - 1))) != before
+    size = 16 * 2**20
+    before = pipeline.content_digest(_model_directory(tmp_path / "a", b"\0" * size), large_by_mtime=False)
+    middle_changed = b"\0" * (size // 2) + b"\1" * 2**20 + b"\0" * (size // 2 - 2**20)  # first and last MiB as before
+    after = pipeline.content_digest(_model_directory(tmp_path / "b", middle_changed), large_by_mtime=False)
+    assert after != before
 
 
 def test_a_removed_artifact_is_not_current(tmp_path: Path) -> None:
