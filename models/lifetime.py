@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -51,7 +52,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state first), or None for no such
     process, a zombie (it has already exited) or no /proc."""
     try:
-        stat = open(f"/proc/{pid}/stat", encoding="ascii", errors="replace").read()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may itself hold spaces and parentheses
@@ -72,14 +73,18 @@ def _parent_of(pid: int) -> int | None:
     return int(fields[1]) if fields else None
 
 
+def process_identity(pid: int) -> str:
+    """`pid:start_time`, naming one process for `process_is_running` (just `pid:` without /proc)."""
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
 def watch_environment() -> dict[str, str]:
     """Environment entries naming this process, for a child that `stop_when_parent_gone` watches."""
-    pid = os.getpid()
-    return {WATCHED_PROCESS_ENV: f"{pid}:{_start_time(pid) or ''}"}
+    return {WATCHED_PROCESS_ENV: process_identity(os.getpid())}
 
 
 def process_is_running(identity: str) -> bool:
-    """Whether the process named `pid:start_time` (as `watch_environment` writes it) still runs."""
+    """Whether the process named `pid:start_time` (`process_identity`) still runs."""
     pid_text, _, start = identity.partition(":")
     pid = int(pid_text)
     if start:
@@ -109,7 +114,7 @@ def _launcher(watched_pid: int) -> str | None:
     parent = os.getppid()
     if parent <= 1 or parent == watched_pid or _parent_of(parent) != watched_pid:
         return None
-    return f"{parent}:{_start_time(parent) or ''}"
+    return process_identity(parent)
 
 
 def _targets(launcher: str | None) -> list[int]:

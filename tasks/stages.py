@@ -61,7 +61,8 @@ STAGES = tuple(STAGE_SECTIONS)
 _VLLM_PLACEMENT = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
                    "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
 KEY_LEAVES_OUT = (
-    "backend.device", "backend.ppm_device", "backend.batch_size", "backend.concurrency", "backend.vllm_url", "backend.prefix_cache_mb",
+    "backend.device", "backend.ppm_device", "backend.batch_size", "backend.concurrency", "backend.vllm_url",
+    "backend.prefix_cache_mb",
     *(f"backend.vllm.{name}" for name in _VLLM_PLACEMENT),
     "sandbox.workers", "search.grader_workers", "search.pipeline_groups",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
@@ -85,7 +86,7 @@ def _digest_of(value: Any) -> str:
 def _round_search(pipeline: Pipeline, round_number: int) -> str:
     """The MCTS settings one round searches with (overrides applied, mode and seed set)."""
     mcts = pipeline.recipe.search.mcts_for_round(round_number, pipeline.recipe.seed)
-    return "mcts=" + _digest_of({f.name: getattr(mcts, f.name) for f in fields(mcts)})
+    return "mcts=" + _digest_of(mcts)
 
 
 def _device_kinds(pipeline: Pipeline) -> str:

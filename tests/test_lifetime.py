@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from models.lifetime import (
-    WATCHED_PROCESS_ENV, _launcher, _targets, process_is_running, tie_to_this_thread, watch_environment,
+    WATCHED_PROCESS_ENV, _launcher, _targets, process_identity, process_is_running, tie_to_this_thread,
+    watch_environment,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux's")
@@ -50,9 +51,9 @@ time.sleep(600)
 # restart its workers) starts each worker in a session of its own; the worker watches.
 ELASTIC_LAUNCHER = """
 import os, subprocess, sys, time
-worker = subprocess.Popen([sys.executable, "-c", "from models.lifetime import stop_when_parent_gone; import time; "
-                           "stop_when_parent_gone(interval_s=0.1, grace_s=1.0); print('up', flush=True); time.sleep(600)"],
-                          start_new_session=True, stdout=subprocess.PIPE, text=True)
+worker_code = ("from models.lifetime import stop_when_parent_gone; import time; "
+               "stop_when_parent_gone(interval_s=0.1, grace_s=1.0); print('up', flush=True); time.sleep(600)")
+worker = subprocess.Popen([sys.executable, "-c", worker_code], start_new_session=True, stdout=subprocess.PIPE, text=True)
 worker.stdout.readline()
 print(os.getpid(), worker.pid, flush=True)
 time.sleep(600)
@@ -93,31 +94,25 @@ def test_an_untied_child_outlives_the_thread() -> None:
         holder[0].wait()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # reparented to an init that may never reap it
-
-
-def _launch(child_code: str) -> tuple[subprocess.Popen, list[int]]:
+def _launch(child_code: str) -> tuple[subprocess.Popen, list[str]]:
+    """The launcher, and the identities (`process_identity`) of the processes its child printed."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, child_code], stdout=subprocess.PIPE, text=True, env=env)
-    return launcher, [int(pid) for pid in launcher.stdout.readline().split()]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, child_code], stdout=subprocess.PIPE, text=True,
+                                env=env)
+    return launcher, [process_identity(int(pid)) for pid in launcher.stdout.readline().split()]
 
 
-def _wait_until_gone(pids: list[int], timeout_s: float) -> bool:
+def _wait_until_gone(processes: list[str], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(map(process_is_running, processes)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not any(_alive(pid) for pid in pids)
+    return not any(map(process_is_running, processes))
 
 
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+def _kill(processes: list[str]) -> None:
+    for process in processes:
+        if process_is_running(process):
+            os.kill(int(process.partition(":")[0]), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("child", [WATCHING_CHILD, CHILD_WITH_A_STUBBORN_WORKER, ELASTIC_LAUNCHER],
@@ -136,7 +131,7 @@ def test_a_watching_child_keeps_running_while_the_launcher_lives() -> None:
     launcher, pids = _launch(WATCHING_CHILD)
     try:
         time.sleep(1.0)
-        assert all(_alive(pid) for pid in pids)
+        assert all(map(process_is_running, pids))
     finally:
         _kill(pids)
         launcher.kill()

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from models.lifetime import process_identity, process_is_running
 from models.ppm import PPMScorer, cli_score, encode_texts
 from models.training import (
     PROVENANCE_FILE,
@@ -424,23 +425,17 @@ def test_a_run_stops_when_the_process_that_started_it_is_killed_outright(
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(RECIPES.parents[1])},
     )
     training_pid = int(launcher.stdout.readline())
+    training = process_identity(training_pid)
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 30
-    while _running(training_pid) and time.monotonic() < deadline:
+    while process_is_running(training) and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
-        assert not _running(training_pid)
+        assert not process_is_running(training)
     finally:
-        if _running(training_pid):  # not left training for hours after a failure
+        if process_is_running(training):  # not left training for hours after a failure
             os.killpg(training_pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    try:  # a zombie (reparented to an init that may not reap it) has stopped running
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
