@@ -389,7 +389,7 @@ def cli_stage(argv: list[str]) -> int:
 
 
 def cli_evaluate(argv: list[str]) -> int:
-    from models.evaluation import add_checkpoint_arguments, check_eval_settings, search_options
+    from models.evaluation import add_checkpoint_arguments, check_checkpoint_sources, check_eval_settings, search_options
 
     parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
     add_checkpoint_arguments(parser)
@@ -401,6 +401,7 @@ def cli_evaluate(argv: list[str]) -> int:
     check_eval_settings(args.benchmarks, args.modes or ["greedy"], {**search_options(args), "limit": args.limit})
     if args.out:
         check_output_directory(args.out)
+    check_checkpoint_sources(args.model, args.ppm)  # one line, not a failed flow run's log
     _quiet_prefect()
     state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
                           args.seed, args.step_format, **search_options(args), return_state=True)

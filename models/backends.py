@@ -25,9 +25,10 @@ class BackendConfig:
     device: str | None = field(default=None, metadata={"help": "`hf`: torch device; None: cuda when a GPU is visible, else cpu"})
     batch_size: int = field(default=64, metadata={"help": "`hf`: sequences (prompt x sample) per forward batch"})
     prefix_cache_mb: int = field(
-        default=256,
+        default=1024,
         metadata={"help": "`hf`: memory for the key/value states of recent prompts, reused by prompts that extend "
-                  "them (a search's next step); 0 turns reuse off (vLLM has its own prefix caching)"},
+                  "them (a search's next step); 0 turns reuse off (vLLM has its own prefix caching). The demo's "
+                  "maj@8 evaluation keeps 800 chains going: at 256 it evicted them and took 69 s, at 1024 41 s"},
     )
     concurrency: int = field(default=64, metadata={"help": "`vllm`: requests in flight at once"})
     vllm_url: str | None = field(default=None, metadata={"help": "`vllm`: use this running server instead of starting one"})

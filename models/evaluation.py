@@ -435,6 +435,15 @@ def add_checkpoint_arguments(parser: OneLineParser) -> None:
                         help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
 
 
+def check_checkpoint_sources(model: str | Path, ppm: str | Path | None) -> None:
+    """ModelLoadError, before anything starts, for a policy or PPM path with nothing there (one line)."""
+    from models.tiny import ModelLoadError, check_policy_source, is_missing_local_model
+
+    check_policy_source(model)
+    if ppm is not None and is_missing_local_model(ppm):
+        raise ModelLoadError(f"cannot load PPM {str(ppm)!r}: no such directory (and not an org/model hub name)")
+
+
 def search_options(args: Any) -> dict[str, Any]:
     """The SEARCH_OPTIONS values of parsed `add_checkpoint_arguments` options."""
     return {name: getattr(args, name) for name in SEARCH_OPTIONS}
@@ -467,6 +476,10 @@ def cli_eval(argv: list[str]) -> int:
         check_output_directory(args.out)
     except ValueError as err:
         return fail(str(err), 2)
+    try:
+        check_checkpoint_sources(args.model, args.ppm)
+    except ModelLoadError as err:
+        return fail(str(err), 1)
     started = time.perf_counter()
     bars = ProgressBars()
     try:

@@ -274,7 +274,7 @@ class HFGenerator:
         batch_size: int = 64,
         seed: int = 0,
         threads: int | None = None,
-        prefix_cache_mb: int = 256,
+        prefix_cache_mb: int = 1024,
     ) -> None:
         """Load `model_dir` (raises models.tiny.ModelLoadError with a one-line message if it does not load).
 

@@ -66,7 +66,23 @@ def test_evaluate_refuses_a_limit_below_one_before_the_flow(capsys: pytest.Captu
     assert code == 1 and len(err) == 1 and "limit must be >= 1" in err[0]
 
 
-def test_evaluate_hands_its_generation_options_to_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_refuses_a_missing_policy_before_the_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["evaluate", "--model", str(tmp_path / "none"), "--benchmark", "aime24"], capsys)
+    assert code == 1 and err == [
+        f"kaizen evaluate: error: cannot load model '{tmp_path / 'none'}': no such directory (and not an org/model hub name)"
+    ]
+
+
+def test_evaluate_refuses_a_missing_ppm_before_the_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    code, err = run(["evaluate", "--model", str(tmp_path), "--ppm", str(tmp_path / "none"), "--mode", "ppm@2",
+                     "--benchmark", "aime24"], capsys)
+    assert code == 1 and err == [
+        f"kaizen evaluate: error: cannot load PPM '{tmp_path / 'none'}': no such directory (and not an org/model hub name)"
+    ]
+
+
+def test_evaluate_hands_its_generation_options_to_the_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.evolve
 
     received: dict = {}
@@ -76,8 +92,10 @@ def test_evaluate_hands_its_generation_options_to_the_flow(monkeypatch: pytest.M
         raise SystemExit(0)
 
     monkeypatch.setattr(flows.evolve, "evaluate_flow", flow)
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
-        main(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--temperature", "0.4", "--max-step-tokens", "99"])
+        main(["evaluate", "--model", str(tmp_path), "--benchmark", "aime24", "--temperature", "0.4",
+              "--max-step-tokens", "99"])
     assert (received["temperature"], received["max_step_tokens"]) == (0.4, 99)
 
 
