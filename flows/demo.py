@@ -69,7 +69,9 @@ def cli_demo(argv: list[str]) -> int:
     total_wall_s = time.monotonic() - started
 
     layout = Layout(home)
-    rows = summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
+    # Rounds past --rounds may be in the home from an earlier, longer demo: this run did not make them.
+    rows = [row for row in summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
+            if row["round"] <= args.rounds]
     if not rows:  # not even round 0 finished: no summary or report of a run that did not happen
         print(f"kaizen demo: error: {failure_message(state)}", file=sys.stderr)
         return 1

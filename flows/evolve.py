@@ -306,7 +306,23 @@ def _override(text: str) -> tuple[str, Any]:
     key, separator, value = text.partition("=")
     if not separator or not key:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. search.mcts.rollouts=16), got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"--set {key}: {value!r} is not a YAML value ({problem})") from None
+
+
+def _override_text(key: str, value: Any) -> str:
+    """`KEY=VALUE` that `_override` reads back as `value` (None is `null` there, not `None`)."""
+    import yaml
+
+    try:
+        plain = isinstance(value, str) and yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        plain = False
+    # JSON is YAML: null, true, quoted text, lists, mappings
+    return f"{key}={value}" if plain else f"{key}={json.dumps(value, default=str)}"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -382,14 +398,19 @@ def cli_stage(argv: list[str]) -> int:
         stale = state.result()
         again = ["kaizen", "round", "--recipe", args.recipe, "--round", str(args.round_number)]
         again += ["--home", args.home] if args.home else []
-        again += [word for key, value in args.overrides for word in ("--set", f"{key}={value}")]
+        again += [word for key, value in args.overrides for word in ("--set", _override_text(key, value))]
         print(f"re-ran {args.stage} of round {args.round_number}; now stale: {', '.join(stale)} "
               f"({shlex.join(again)} brings them up to date)")
     return _report_state(state, parser.prog)
 
 
 def cli_evaluate(argv: list[str]) -> int:
-    from models.evaluation import add_checkpoint_arguments, check_checkpoint_sources, check_eval_settings, search_options
+    from models.evaluation import (
+        add_checkpoint_arguments,
+        check_checkpoint_sources,
+        check_eval_settings,
+        search_options,
+    )
 
     parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
     add_checkpoint_arguments(parser)

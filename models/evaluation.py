@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
 from search.arguments import OneLineParser
-from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, evaluate_modes, parse_mode
+from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, check_sampling, evaluate_modes, parse_mode
 from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
 from search.sandbox import SandboxConfig
@@ -73,9 +73,10 @@ class EvalConfig(EvalSearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        sampled = [mode.name for mode in parse_modes(self.modes) if mode.k > 1]
-        if sampled and self.temperature == 0:
-            raise EvalInputError(f"mode(s) {', '.join(sampled)} sample chains and need a temperature above 0")
+        try:
+            check_sampling(parse_modes(self.modes), self.temperature)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from None
         if self.limit is not None and self.limit < 1:
             raise EvalInputError(f"limit must be >= 1, got {self.limit}")
 

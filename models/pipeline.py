@@ -41,6 +41,8 @@ _CONTENT_HASH_LIMIT = 64 * 2**20
 _WINDOWS, _WINDOW_BYTES = 256, 16 * 2**10
 PROMOTED_FILE = "promoted.json"
 STALE_FILE = "STALE"
+RERUN_ROUND = "round"
+"""What a STALE record names as re-run when a whole earlier round ran again and changed its promotion."""
 """Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
 LOGGER_NAME = "kaizen.pipeline"
 log = logging.getLogger(LOGGER_NAME)
@@ -203,10 +205,7 @@ class Pipeline:
         table = load_problems(pool.require("problem pool"))
         per_round = self.recipe.problems.per_round
         if per_round is not None and per_round < table.num_rows:
-            from data_store.views import connect, unsolved_problems
-
-            with connect(self.layout.home) as con:
-                never_solved = set(unsolved_problems(con, self.run, through_round=round_number - 1))
+            never_solved = set(self.never_solved(round_number))
             ids = table.column("problem_id").to_pylist()
             # A seeded shuffle before the stable sort: pools are often ordered (by level, subject or
             # source), and the first rows of one are a biased sample of it.
@@ -216,6 +215,16 @@ class Pipeline:
             table = table.take(sorted(order[:per_round]))
         out = self.layout.table_path(self.run, round_number, "problems", stage="problems")
         return Artifact.of(write_table(table, out, table="problems"))
+
+    def never_solved(self, round_number: int) -> list[str]:
+        """The searched problems no round before `round_number` solved (sorted); empty when the rounds do
+        not sample their problems (`problems.per_round` unset), since then nothing depends on it."""
+        if self.recipe.problems.per_round is None:
+            return []
+        from data_store.views import connect, unsolved_problems
+
+        with connect(self.layout.home) as con:
+            return sorted(unsolved_problems(con, self.run, through_round=round_number - 1))
 
     # --- round 0 ----------------------------------------------------------------------------
 
@@ -394,7 +403,7 @@ class Pipeline:
         checkpoint = train_sft(
             self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, "policy"),
             recipe=self.recipe.training, base_model=self.base_model(),
-            previous_checkpoint=current.policy.require("previous policy") if continues else None,
+            previous_checkpoint=_model_path(current.policy, "previous policy") if continues else None,
             overwrite=True,
         )
         _log_training("SFT", round_number, checkpoint)
@@ -513,6 +522,9 @@ class Pipeline:
         """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run
         again, and so must every later round: each was built on this round's old outputs."""
         write_json(self.layout.round_dir(self.run, round_number) / STALE_FILE, {"rerun": rerun, "stale": list(stale)})
+        self._mark_later_rounds_stale(round_number, rerun)
+
+    def _mark_later_rounds_stale(self, round_number: int, rerun: str) -> None:
         later = round_number + 1
         while self.layout.round_dir(self.run, later).is_dir():
             write_json(self.layout.round_dir(self.run, later) / STALE_FILE,
@@ -528,6 +540,8 @@ class Pipeline:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("in_round") is None:
             return f"its {record['rerun']} stage was re-run after its gate"
+        if record["rerun"] == RERUN_ROUND:
+            return f"round {record['in_round']}, which it builds on, was run again and its promotion changed"
         return f"the {record['rerun']} stage of round {record['in_round']}, which it builds on, was re-run"
 
     def starting_point(self, round_number: int) -> Current:
@@ -578,6 +592,12 @@ class Pipeline:
         Either way the round is judged on its current outputs, so it is no longer stale."""
         (self.layout.round_dir(self.run, record.round) / STALE_FILE).unlink(missing_ok=True)
         path = self.layout.round_dir(self.run, record.round) / PROMOTED_FILE
+        before = self.promotion(record.round)
+        after = (record.policy, record.ppm) if record.gate_passed else None
+        if (before and (before.policy, before.ppm)) != after:
+            # Later rounds were built on the checkpoints this round had: a round run again (other
+            # settings, another seed) that now promotes others, or none, leaves them out of date.
+            self._mark_later_rounds_stale(record.round, RERUN_ROUND)
         if not record.gate_passed:
             path.unlink(missing_ok=True)  # a re-run that now fails its gate must not stay current
             return None

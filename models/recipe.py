@@ -453,14 +453,18 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
             fail(f"search.mcts.{key}", "set per round (mode from search.ppm_from_round, seed from the recipe seed)")
     for round_number, overrides in recipe.search.round_overrides.items():
         where = f"search.round_overrides.{round_number}"
-        try:
-            build_section(MCTSConfig, {k: v for k, v in overrides.items() if k not in _FIXED_PER_ROUND}, where)
-        except RecipeError as err:
-            fail(where, str(err).removeprefix(f"{where}: ").removeprefix(f"{where}."))
         if any(key in overrides for key in _FIXED_PER_ROUND):
             fail(where, "mode and seed are set per round")
-    if recipe.search.shards < 1:
-        fail("search.shards", f"must be >= 1, got {recipe.search.shards}")
+        try:
+            built = build_section(MCTSConfig, dict(overrides), where)
+        except RecipeError as err:
+            fail(where, str(err).removeprefix(f"{where}: ").removeprefix(f"{where}."))
+        # The checked values, converted as the section's were ("1e-1" read as text becomes 0.1).
+        recipe.search.round_overrides[round_number] = {name: getattr(built, name) for name in overrides}
+    for where, count in (("search.shards", recipe.search.shards), ("problems.per_round", recipe.problems.per_round),
+                         ("problems.limit", recipe.problems.limit), ("eval.limit", recipe.eval.limit)):
+        if count is not None and count < 1:
+            fail(where, f"must be >= 1, got {count}")
     try:
         check_field_mapping(recipe.problems.fields)
     except ProblemsError as err:
@@ -471,6 +475,16 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("bootstrap.teacher", f"{recipe.bootstrap.teacher!r} is not a known teacher (only 'curriculum')")
     if recipe.bootstrap.teacher == CURRICULUM and recipe.problems.source != CURRICULUM:
         fail("bootstrap.teacher", "the curriculum teacher needs problems.source: curriculum")
+    # Training fields the pipeline sets itself: in a recipe they would be silently replaced.
+    set_by_pipeline = {"base_model": "model.base (the PPM and RL start from the round's policy)",
+                       "train_tables": "the round's mined tables", "output_dir": "the round's checkpoint directory"}
+    for where, config in [*((f"training.{kind}", recipe.training.for_kind(kind)) for kind in KINDS),
+                          ("bootstrap.training", recipe.bootstrap.training)]:
+        for name, origin in set_by_pipeline.items():
+            if name in config:
+                fail(f"{where}.{name}", f"the pipeline sets it from {origin}; leave it out")
+    if recipe.training.for_kind("rl").get("init_from", "base") != "base":
+        fail("training.rl.init_from", "the rl stage always starts from the round's SFT policy; leave it out")
     if recipe.bootstrap.training:
         try:
             load_training_config({"training": {"sft": recipe.bootstrap.training}})
@@ -529,7 +543,7 @@ def _thread_step_format(recipe: Recipe, data: Mapping[str, Any], source: str) ->
     }
     for where, value in given.items():
         if value is not _UNSET and str(value) != step_format:
-            raise RecipeError(f"{source}: {where}: {value!r} contradicts the recipe's step_format {step_format!r} "
+            raise RecipeError(f"{source}: {where}: {str(value)!r} contradicts the recipe's step_format {step_format!r} "
                               "(leave it out: the top-level step_format sets it)")
     sft_format = _given(data, "mining", "sft_format")
     if sft_format is not _UNSET and (sft_format == StepFormat.COAT) != (step_format == StepFormat.COAT):
@@ -616,12 +630,18 @@ def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
         *parents, last = dotted.split(".")
         node = result
         for key in parents:
-            child = node.setdefault(key, {})
+            child = node.setdefault(_existing_key(node, key), {})
             if not isinstance(child, dict):
                 raise RecipeError(f"override {dotted}: {key} is not a section")
             node = child
-        node[last] = value
+        node[_existing_key(node, last)] = value
     return result
+
+
+def _existing_key(section: Mapping[Any, Any], key: str) -> Any:
+    """The key of `section` that a dotted name's part means: YAML reads `round_overrides: {1: ...}` with
+    an int key, which `search.round_overrides.1` must reach rather than add a second "1" beside it."""
+    return next((existing for existing in section if str(existing) == key), key)
 
 
 def read_recipe_yaml(path: Path) -> Any:

@@ -76,6 +76,12 @@ class EvalMode:
     def needs_ppm(self) -> bool:
         return self.kind in (ModeKind.PPM, ModeKind.MCTS)
 
+    @property
+    def samples(self) -> bool:
+        """Whether the mode draws several continuations that must differ (K chains, or a search's
+        candidates): at temperature 0 they would all be the greedy one."""
+        return self.kind is ModeKind.MCTS or (self.kind in _SAMPLED and self.k > 1)
+
     def __str__(self) -> str:
         return self.name
 
@@ -246,6 +252,12 @@ def best_scored(scores: Sequence[float | None]) -> int | None:
     return best
 
 
+def check_sampling(modes: Sequence[EvalMode], temperature: float) -> None:
+    """ValueError naming the modes that sample, when `temperature` would make every sample the greedy one."""
+    if temperature <= 0 and (sampling := [mode.name for mode in modes if mode.samples]):
+        raise ValueError(f"mode(s) {', '.join(sampling)} sample several continuations and need a temperature above 0")
+
+
 def evaluate_modes(
     problems: Sequence[Problem],
     modes: Sequence[EvalMode],
@@ -264,8 +276,7 @@ def evaluate_modes(
     """
     if scorer is None and (needing := [mode.name for mode in modes if mode.needs_ppm]):
         raise ValueError(f"mode(s) {', '.join(needing)} need a PPM scorer")
-    if config.temperature <= 0 and (sampled := [mode.name for mode in modes if mode.kind in _SAMPLED]):
-        raise ValueError(f"mode(s) {', '.join(sampled)} sample chains and need a temperature above 0")
+    check_sampling(modes, config.temperature)
     evaluation = _Evaluation(problems, config, generator, executor, _GradeMemo(checker), scorer, on_progress)
     return [evaluation.run(mode) for mode in modes]
 

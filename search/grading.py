@@ -699,13 +699,18 @@ class _WorkerHandle:
 def _spawn_worker(timeout_s: float, memory_mb: int | None) -> _WorkerHandle:
     parent_end, child_end = multiprocessing.Pipe(duplex=True)
     arguments = [_PACKAGE_ROOT, str(child_end.fileno()), repr(timeout_s), str(memory_mb or 0)]
-    process = subprocess.Popen(
-        [sys.executable, "-c", _WORKER_BOOT, *arguments],
-        pass_fds=(child_end.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,  # never mixed into the caller's output (the CLI prints JSON)
-    )
-    child_end.close()  # so the parent sees EOF when the worker dies
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, *arguments],
+            pass_fds=(child_end.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # never mixed into the caller's output (the CLI prints JSON)
+        )
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()  # so the parent sees EOF when the worker dies
     return _WorkerHandle(process, parent_end)
 
 
@@ -900,10 +905,12 @@ class Grader:
             worker.conn.send([(index, batch.answers[index], batch.golds[index]) for index in chunk])
         except OSError:  # it died since its last answer: nothing of this chunk was started
             batch.give_back(chunk)
-            if worker.in_flight:
-                self._fail_head(worker, batch, "checker_error")
-            else:
-                self._replace(worker)
+            self._collect(worker, batch)  # answers it wrote before dying still count
+            if worker in self._pool:
+                if worker.in_flight:
+                    self._fail_head(worker, batch, "checker_error")
+                else:
+                    self._replace(worker)
             return
         if not worker.in_flight:
             worker.head_since = time.monotonic()

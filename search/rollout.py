@@ -75,8 +75,10 @@ class AnswerChecker(Protocol):
 _PRINTED_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?")
 _PRINTED_FLOAT_RE = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+(?:\.\d*)?[eE][-+]?\d+)")
 PRINTED_FLOAT_DIGITS = 12
-"""Significant digits a printed float is held to: binary rounding shows in the last of Python's 17
-(3 * 0.7 prints 2.0999999999999996), and no written answer carries it."""
+"""Significant digits a printed float that shows binary rounding is held to: the noise sits in the
+last of the 16-17 digits Python prints (3 * 0.7 prints 2.0999999999999996), and no written answer
+carries it. A float printed with fewer digits is exact as printed and kept whole."""
+_NOISY_FLOAT_DIGITS = 16
 
 
 def printed_answer(stdout: str | None, reference: str) -> str | None:
@@ -95,13 +97,17 @@ def printed_answer(stdout: str | None, reference: str) -> str | None:
 
 
 def last_printed_line(stdout: str | None) -> str:
-    """A program's result as solutions use it: the last line it printed, stripped, a float rounded to
-    PRINTED_FLOAT_DIGITS significant digits."""
+    """A program's result as solutions use it: the last line it printed, stripped; a whole float as an
+    integer (12.0 -> 12), a float showing binary rounding rounded to PRINTED_FLOAT_DIGITS digits."""
     lines = (stdout or "").strip().splitlines()
     last = lines[-1].strip() if lines else ""
-    if _PRINTED_FLOAT_RE.fullmatch(last) and math.isfinite(value := float(last)):
-        return f"{value:.{PRINTED_FLOAT_DIGITS}g}"
-    return last
+    if not (_PRINTED_FLOAT_RE.fullmatch(last) and math.isfinite(value := float(last))):
+        return last
+    if value.is_integer() and abs(value) < 2**53:  # every such float is exactly its integer
+        return str(int(value))
+    shortest = repr(value)
+    mantissa = shortest.lower().partition("e")[0].replace("-", "").replace(".", "").strip("0")
+    return f"{value:.{PRINTED_FLOAT_DIGITS}g}" if len(mantissa) >= _NOISY_FLOAT_DIGITS else shortest
 
 
 def verified(answer: AnswerGrade, printed: AnswerGrade | None) -> bool | None:
@@ -112,6 +118,10 @@ def verified(answer: AnswerGrade, printed: AnswerGrade | None) -> bool | None:
     if not answer.equal or printed is None:
         return bool(answer.equal)
     return bool(printed.equal) if printed.status in JUDGED_STATUSES else None
+
+
+class PPMScoreError(ValueError):
+    """The PPM scored a step NaN or infinite: the search cannot rank by it."""
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,10 @@ class _Driver:
         if to_score:
             assert self.scorer is not None
             scores = self.scorer.score([e.tree.scoring_text(e.node, c) for e, c in to_score])
+            broken = sum(not math.isfinite(score) for score in scores)
+            if broken:  # NaN would stall selection (no child is the best) or spread up the tree
+                raise PPMScoreError(f"the PPM gave {broken} of {len(scores)} steps a score that is not a finite "
+                                    "number: its checkpoint is broken (a diverged training run?); retrain it")
             for (_, candidate), score in zip(to_score, scores, strict=True):
                 candidate.ppm_score = float(score)
 

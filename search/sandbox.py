@@ -21,15 +21,17 @@ What is covered (isolation="bwrap"):
   root), no core dumps, stdout capped while it is read.
 - Namespaces: user, PID, network (loopback only: no network, no DNS), IPC, UTS, cgroup and mount.
   The filesystem holds only read-only binds of /usr, the Python installation and the host's
-  site-packages, the loader cache, a fresh /proc, a minimal /dev and a size-capped tmpfs at
-  /tmp (the only writable place). The host's /tmp, home directory and the rest of /etc are not
+  site-packages, the loader cache, a fresh /proc, a minimal read-only /dev (no /dev/shm, so no
+  POSIX shared memory) and a size-capped tmpfs at /tmp (the only writable place, whether or not
+  the host runs as root). The host's /tmp, home directory and the rest of /etc are not
   there (except, read-only, those of the directories above that lie under them).
 - Environment: cleared; only PATH, HOME, TMPDIR, LANG and thread-count variables are set.
 - A small seccomp filter refuses creating or joining namespaces (unshare, setns, clone with
   CLONE_NEWUSER), so programs cannot build their own user namespace to widen the kernel surface.
 - A second filter, installed in each program's process, keeps the program away from its worker
   (which runs under the same uid): no signals to the worker, the namespace's init or a process
-  group (kill, tkill, tgkill, rt_sigqueueinfo, pidfds), no limits, priority or scheduling set on
+  group (kill, tkill, tgkill, rt_sigqueueinfo, pidfds; nor, through file ownership, fcntl F_SETOWN
+  and ioctl FIOSETOWN, the kernel's SIGIO), no limits, priority or scheduling set on
   another process (prlimit64, setpriority, sched_set*), no sockets but Unix, IPv4, IPv6 and
   netlink (AF_VSOCK reached the hypervisor's port space), and none of the kernel objects that
   outlive a process (POSIX message queues, keyrings, memfds).
@@ -666,6 +668,7 @@ class _Launcher:
         os.write(seccomp_write, _namespace_seccomp_filter())
         os.close(seccomp_write)
         passed = [seccomp_read]
+        kept: list[int] = []  # our ends of the handshake pipes
         options = ["--seccomp", str(seccomp_read)]
         if drop_root:
             # bwrap maps only its caller's uid, and the kernel exempts uid 0 from RLIMIT_NPROC.
@@ -674,12 +677,17 @@ class _Launcher:
             info_read, info_write = os.pipe()
             block_read, block_write = os.pipe()
             passed += [info_write, block_read]
+            kept += [info_read, block_write]
             options += ["--info-fd", str(info_write), "--userns-block-fd", str(block_read),
                         "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         try:
             process = self._spawner.popen(
                 [self._bwrap, *self._bwrap_options(), *options, "--", *command],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, pass_fds=passed)
+        except BaseException:
+            for fd in kept:
+                os.close(fd)
+            raise
         finally:
             for fd in passed:
                 os.close(fd)
@@ -720,6 +728,10 @@ class _Launcher:
                     parents.add(parent)
             options += ["--ro-bind", path, path]
             bound.append(path)
+        # bwrap's new root and its /dev are tmpfs mounts owned by whoever runs bwrap: without these
+        # remounts a host that is not root would hand the program a writable /, /etc and /dev/shm
+        # (no size cap, not cleaned between programs). /tmp is a mount of its own and stays writable.
+        options += ["--remount-ro", "/dev", "--remount-ro", "/"]
         return options + ["--chdir", "/tmp"]
 
 
@@ -790,6 +802,7 @@ _SYSCALLS = {  # name: (x86_64, aarch64)
     "sched_setscheduler": (144, 119), "sched_setparam": (142, 118), "sched_setattr": (314, 274),
     "socket": (41, 198), "socketpair": (53, 199), "mq_open": (240, 180), "add_key": (248, 217),
     "request_key": (249, 218), "keyctl": (250, 219), "memfd_create": (319, 279),
+    "fcntl": (72, 25), "ioctl": (16, 29),
 }
 _BPF_LOAD, _BPF_JEQ, _BPF_JGE, _BPF_JSET, _BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _SECCOMP_ALLOW, _SECCOMP_EPERM, _SECCOMP_ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
@@ -866,6 +879,11 @@ def _program_seccomp_filter(worker_pid: int) -> bytes:
         body.append((_BPF_JEQ, "signal", "next", nr[name]))
     for name in ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr"):
         body.append((_BPF_JEQ, "self_only", "next", nr[name]))
+    # Making another process a file's owner has the kernel signal it (SIGIO, or any signal chosen
+    # with F_SETSIG) when the file is ready: fcntl F_SETOWN / F_SETOWN_EX / F_SETSIG, ioctl
+    # FIOSETOWN / SIOCSPGRP. A program has no use for them.
+    owner_commands = {"fcntl": (8, 10, 15), "ioctl": (0x8901, 0x8902)}
+    body += [(_BPF_JEQ, ("owner", name), "next", nr[name]) for name in owner_commands]
     body += [
         (_BPF_JEQ, "priority", "next", nr["setpriority"]),
         (_BPF_JEQ, "family", "next", nr["socket"]),
@@ -885,6 +903,10 @@ def _program_seccomp_filter(worker_pid: int) -> bytes:
         *[(_BPF_JEQ, "allow", "next", family) for family in socket_families],
         (_BPF_RET, None, None, _SECCOMP_EPERM),
     ]
+    for name, commands in owner_commands.items():
+        body += [("label", ("owner", name)), _argument(1)]
+        body += [(_BPF_JEQ, "eperm", "next", command) for command in commands]
+        body.append((_BPF_RET, None, None, _SECCOMP_ALLOW))
     return _assemble(body)
 
 

@@ -39,7 +39,7 @@ CACHE_DIR = ".cache"
 # they do, and only then. A PPM setting must not retrain the policy, so training is split by kind.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems", "seed"),
-    "select": ("problems",),
+    "select": ("problems", "seed"),  # and which problems earlier rounds solved (StageCache)
     "bootstrap": ("model", "problems", "bootstrap", "training.sft", "seed", "step_format"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
@@ -113,6 +113,8 @@ class StageCache(CachePolicy):
                  pipeline.recipe.digest(*STAGE_SECTIONS[stage], leave_out=KEY_LEAVES_OUT)]
         if stage == "rollout":
             parts.append(_round_search(pipeline, inputs["round_number"]))
+        if stage == "select":  # a rollout re-run since changes what is still unsolved
+            parts.append("never_solved=" + _digest_of(pipeline.never_solved(inputs["round_number"])))
         if "backend" in STAGE_SECTIONS[stage]:
             parts.append(_device_kinds(pipeline))
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())

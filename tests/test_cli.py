@@ -51,6 +51,20 @@ def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Ca
     assert exit_info.value.code == 2 and "needs 0 <= START <= END" in capsys.readouterr().err
 
 
+def test_a_set_value_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--recipe", "demo", "--home", str(tmp_path), "--set", "search.shards=[1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--set search.shards: '[1' is not a YAML value" in err[0]
+
+
+@pytest.mark.parametrize("value", [None, True, "text", "null", "a: b", 0.1, [1, 2], {"a": 1}])
+def test_the_suggested_command_sets_the_values_it_was_given(value: object) -> None:
+    from flows.evolve import _override, _override_text
+
+    assert _override(_override_text("key", value)) == ("key", value)
+
+
 def test_an_unknown_evaluation_mode_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "bogus"], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")

@@ -505,6 +505,12 @@ def test_a_negative_temperature_is_refused_by_the_settings_check() -> None:
         check_eval_settings(["gsm8k"], ["greedy"], {"temperature": -0.3})
 
 
+@pytest.mark.parametrize("mode", ["maj@4", "ppm@2", "mcts"])
+def test_a_mode_that_samples_is_refused_at_temperature_zero(mode: str) -> None:
+    with pytest.raises(EvalInputError, match=f"mode\\(s\\) {mode} sample several continuations"):
+        EvalConfig(modes=[mode], temperature=0)
+
+
 def test_majority_vote_does_not_depend_on_the_order_when_equivalence_is_not_transitive() -> None:
     # a grader can take "10%" as 0.1 and as 10, though 0.1 is not 10
     lenient = {frozenset({"0.1", "10%"}), frozenset({"10", "10%"})}

@@ -13,7 +13,7 @@ from data_store.home import Layout
 from data_store.parquet import write_table
 from data_store.problems import load_problems
 from data_store.views import connect
-from models.pipeline import Artifact, MissingInputError, Pipeline, RoundRecord, artifacts_current
+from models.pipeline import Artifact, Current, MissingInputError, Pipeline, RoundRecord, artifacts_current
 from models.recipe import load_recipe
 from tasks.stages import STAGE_SECTIONS
 
@@ -149,6 +149,59 @@ def test_a_round_whose_rerun_failed_its_gate_is_next_even_with_later_rounds_prom
     assert pipeline.next_round() == 1
 
 
+def checkpoint(home: Path, name: str) -> Artifact:
+    path = home / "checkpoints" / name
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_text(name)
+    return Artifact.of(path)
+
+
+def rounds_promoted_with(home: Path, policy: Artifact, count: int) -> Pipeline:
+    pipeline = curriculum_pipeline(home)
+    for number in range(count):
+        pipeline.promote(RoundRecord(number, policy, None, {}, {}, True, []))
+    return pipeline
+
+
+def test_a_round_run_again_with_another_outcome_makes_later_rounds_stale(tmp_path: Path) -> None:
+    pipeline = rounds_promoted_with(tmp_path, checkpoint(tmp_path, "policy"), 4)
+    pipeline.promote(RoundRecord(1, checkpoint(tmp_path, "other-policy"), None, {}, {}, True, []))
+    assert pipeline.stale_since(3) == "round 1, which it builds on, was run again and its promotion changed"
+
+
+def test_a_round_run_again_to_the_same_checkpoints_leaves_later_rounds_alone(tmp_path: Path) -> None:
+    policy = checkpoint(tmp_path, "policy")
+    pipeline = rounds_promoted_with(tmp_path, policy, 4)
+    pipeline.promote(RoundRecord(1, policy, None, {}, {}, True, []))
+    assert pipeline.next_round() == 4
+
+
+def test_no_round_starts_after_a_round_whose_rerun_failed_its_gate(tmp_path: Path) -> None:
+    pipeline = promoted_rounds(tmp_path, 3)
+    pipeline.promote(RoundRecord(1, Artifact.of(tmp_path), None, {}, {}, False, ["worse"]))
+    with pytest.raises(MissingInputError, match="round 2 of run 'demo' is stale: round 1"):
+        pipeline.starting_point(3)
+
+
+def test_continuing_from_a_hub_policy_hands_the_hub_name_to_training(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.training
+
+    pipeline = curriculum_pipeline(tmp_path, **{"model.base": "org/base-model", "bootstrap.teacher": None,
+                                                "problems.source": "org/problems"})
+    received: dict = {}
+
+    def train(*args: object, **kwargs: object) -> None:
+        received.update(kwargs)
+        raise SystemExit
+
+    monkeypatch.setattr(models.training, "train_sft", train)
+    monkeypatch.setattr(pipeline, "sft_set", lambda round_number, tables: [])
+    with pytest.raises(SystemExit):  # init_from: previous (the demo recipe), from round 0's hub policy
+        pipeline.train_sft(1, [], Current(0, Artifact("org/base-model", "org/base-model"), None, {}))
+    assert received["previous_checkpoint"] == "org/base-model"
+
+
 def test_a_shard_without_problems_writes_an_empty_nodes_table(tmp_path: Path) -> None:
     from models.rollout import rollout_stage
 
@@ -246,6 +299,20 @@ def test_where_a_search_runs_leaves_its_key_alone(tmp_path: Path, setting: dict)
                                      {"backend.vllm.extra_args": ["--quantization", "fp8"]}, {"backend.device": "cuda:1"}])
 def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -> None:
     assert rollout_key(tmp_path, 1, **setting) != rollout_key(tmp_path, 1)
+
+
+def test_the_seed_changes_the_selection_key(tmp_path: Path) -> None:
+    keys = [stage_key("select", curriculum_pipeline(tmp_path, **{"problems.per_round": 4, "seed": seed}),
+                      round_number=2) for seed in (0, 1)]
+    assert keys[0] != keys[1]
+
+
+def test_a_problem_solved_since_changes_the_selection_key(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path, **{"problems.per_round": 4})
+    pools = pipeline.prepare_problems()
+    before = stage_key("select", pipeline, round_number=2)
+    solved_in_round(pipeline.layout, 1, load_problems(pools.train.path).column("problem_id")[0].as_py())
+    assert stage_key("select", pipeline, round_number=2) != before
 
 
 def test_the_evaluations_grader_workers_leave_its_key_alone(tmp_path: Path) -> None:

@@ -91,6 +91,13 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"bootstrap.teacher": "gpt"}, r"bootstrap\.teacher: 'gpt' is not a known teacher"),
         ({"run": "../escape"}, r"run: run name"),
         ({"training": {"sft": {"learning_rte": 1e-5}}}, r"learning_rte.*did you mean 'learning_rate'"),
+        ({"training": {"sft": {"base_model": "/elsewhere"}}}, r"training\.sft\.base_model: the pipeline sets it"),
+        ({"training": {"ppm": {"train_tables": ["a.parquet"]}}}, r"training\.ppm\.train_tables: the pipeline sets"),
+        ({"bootstrap.training": {"output_dir": "/out"}}, r"bootstrap\.training\.output_dir: the pipeline sets"),
+        ({"training": {"rl": {"init_from": "previous"}}}, r"training\.rl\.init_from: .* the round's SFT policy"),
+        ({"problems.per_round": -1}, r"problems\.per_round: must be >= 1, got -1"),
+        ({"problems.limit": 0}, r"problems\.limit: must be >= 1, got 0"),
+        ({"eval.limit": 0}, r"eval\.limit: must be >= 1, got 0"),
     ],
 )
 def test_bad_field_is_named(changes: dict, message: str) -> None:
@@ -129,6 +136,20 @@ def test_rounds_switch_to_ppm_search_at_ppm_from_round() -> None:
 def test_round_overrides_apply_to_their_round_only() -> None:
     search = parse_recipe(recipe_with(**{"search.round_overrides": {1: {"rollouts": 3}}})).search
     assert [search.mcts_for_round(number, seed=0).rollouts for number in (1, 2)] == [3, search.mcts.rollouts]
+
+
+def test_round_override_values_are_converted_like_the_section_they_override() -> None:
+    search = parse_recipe(recipe_with(**{"search.round_overrides": {1: {"temperature": "1e-1"}}})).search
+    assert search.mcts_for_round(1, seed=0).temperature == pytest.approx(0.1)
+
+
+def test_overriding_one_field_of_a_round_keeps_its_other_overrides() -> None:
+    from models.recipe import apply_overrides
+
+    data = recipe_with(**{"search.round_overrides": {1: {"rollouts": 3, "width": 2}}})
+    search = parse_recipe(apply_overrides(data, {"search.round_overrides.1.width": 4})).search
+    round_one = search.mcts_for_round(1, seed=0)
+    assert (round_one.rollouts, round_one.width) == (3, 4)
 
 
 def test_digest_changes_only_with_its_sections() -> None:

@@ -21,6 +21,7 @@ from search.policy import Completion, StepScorer
 from search.rollout import (
     AnswerChecker,
     Executor,
+    PPMScoreError,
     Problem,
     RolloutProgress,
     RolloutResult,
@@ -216,6 +217,15 @@ def test_ppm_mode_initialises_new_steps_with_the_scorer() -> None:
     [tree] = search(toy_problems(1), MCTSConfig(width=3, rollouts=1, mode=SearchMode.PPM), scorer=scorer).trees
     first_steps = {node.code.splitlines()[-1]: node.ppm_score for node in tree.root.children}
     assert first_steps == {"a = 2": 0.5, "a = 7": -0.5}
+
+
+def test_a_ppm_score_that_is_not_a_number_stops_the_search_naming_the_ppm() -> None:
+    class BrokenScorer:
+        def score(self, texts: Sequence[str]) -> list[float]:
+            return [float("nan")] * len(texts)
+
+    with pytest.raises(PPMScoreError, match="not a finite number: its checkpoint is broken"):
+        search(toy_problems(1), MCTSConfig(width=2, rollouts=1, mode=SearchMode.PPM), scorer=BrokenScorer())
 
 
 def test_ppm_mode_without_a_scorer_is_refused() -> None:
@@ -434,6 +444,11 @@ def test_printed_non_numbers_are_not(printed: str) -> None:
 @pytest.mark.parametrize("printed, shown", [("2.0999999999999996", "2.1"), ("56.99999999999999", "57"),
                                             ("0.30000000000000004", "0.3"), ("2.50", "2.5")])
 def test_a_printed_float_is_held_to_twelve_significant_digits(printed: str, shown: str) -> None:
+    assert printed_answer(printed, "5") == f"\\boxed{{{shown}}}"
+
+
+@pytest.mark.parametrize("printed, shown", [("1234567890123.0", "1234567890123"), ("123456789012.5", "123456789012.5")])
+def test_a_printed_float_without_binary_rounding_keeps_every_digit(printed: str, shown: str) -> None:
     assert printed_answer(printed, "5") == f"\\boxed{{{shown}}}"
 
 

@@ -330,6 +330,24 @@ def test_cannot_write_outside_the_private_tmp(sandbox: Sandbox) -> None:
     assert result.stdout == "[]\n"
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists() or not Path("/usr/bin/setpriv").exists(),
+                    reason="runs the sandbox's host as an unprivileged user, which needs root and setpriv")
+def test_a_host_that_is_not_root_gives_programs_no_writable_place_but_tmp() -> None:
+    # bwrap's root and /dev belong to the user who starts it: writable, unless remounted read-only.
+    program = ("import os\nfor d in ('/', '/etc', '/dev', '/dev/shm', '/tmp'):\n    try:\n"
+               "        open(d + '/probe', 'w').close(); print(d)\n    except OSError:\n        pass")
+    host = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+            "from search.sandbox import Sandbox, SandboxConfig\n"
+            f"with Sandbox(SandboxConfig(workers=1)) as box: print(box.run({program!r}).stdout, end='')")
+    result = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             str(SYSTEM_PYTHON), "-I", "-c", host], capture_output=True, text=True, timeout=60,
+                            cwd="/", check=False)
+    assert result.stdout == "/tmp\n", result.stderr
+
+
 def test_child_processes_die_with_the_program(sandbox: Sandbox) -> None:
     marker = f"{uuid.uuid4().int % 10 ** 6 + 10 ** 6}.5"  # a unique `sleep` argument
     result = run(sandbox, f"""
@@ -386,7 +404,10 @@ def test_program_whose_worker_dies_gets_an_error_and_the_next_one_runs(one_worke
     "os.setpriority(os.PRIO_PROCESS, 2, 19)",
     "os.setpriority(os.PRIO_USER, 0, 19)",  # every process of the uid
     "os.sched_setaffinity(2, {0})",
-], ids=["kill-worker", "kill-all", "kill-group", "prlimit-worker", "renice-worker", "renice-uid", "pin-worker"])
+    "import fcntl\nfcntl.fcntl(os.pipe()[0], fcntl.F_SETOWN, 2)",  # the kernel would send it SIGIO
+    "import fcntl, socket, struct\ns = socket.socket()\nfcntl.ioctl(s.fileno(), 0x8901, struct.pack('i', 2))",
+], ids=["kill-worker", "kill-all", "kill-group", "prlimit-worker", "renice-worker", "renice-uid", "pin-worker",
+        "own-pipe", "own-socket"])
 def test_a_program_cannot_touch_its_worker(one_worker: Sandbox, attack: str) -> None:
     result = run(one_worker, f"import os, resource, signal\n{attack}")
     assert result.error == "PermissionError: [Errno 1] Operation not permitted"
