@@ -114,7 +114,7 @@ class _Tree:
         Ranked as mining ranks them: mean step Q, then min step Q, then the lower leaf id.
         """
         found = [(leaf, self.path(leaf["node_id"])) for leaf in self.nodes.values()
-                 if leaf["kind"] == "answer" and bool(leaf["correct"]) == correct]
+                 if leaf["kind"] == "answer" and leaf["correct"] is correct]  # None: not judged, neither
         sign = -1 if correct else 1
 
         def rank(item: tuple[dict[str, Any], list[dict[str, Any]]]) -> tuple[float, float, int]:

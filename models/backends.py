@@ -57,7 +57,7 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
     if config.backend == "hf":
         from models.generation import HFGenerator
 
-        yield HFGenerator(model, device=config.device or default_device(), batch_size=config.batch_size, seed=seed,
+        yield HFGenerator(model, device=resolve_device(config.device), batch_size=config.batch_size, seed=seed,
                           prefix_cache_mb=config.prefix_cache_mb)
         return
     from models.tiny import check_policy_source
@@ -78,6 +78,22 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """`device`, or the default when None; ValueError in one line for a device torch does not know or
+    a GPU it cannot see (torch would fail later, deep in loading, with a traceback)."""
+    import torch
+
+    name = device or default_device()
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parsed.type == "cuda" and (parsed.index or 0) >= visible:
+        raise ValueError(f"device {name!r}: torch sees {visible} GPU(s)")
+    return name
 
 
 @contextmanager

@@ -132,8 +132,10 @@ class PPMScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from models.backends import resolve_device
+
+        self.device = resolve_device(device)
         self.contract = ScoringContract.load(checkpoint_dir)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if self.device == "cpu" else torch.bfloat16)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, dtype=torch_dtype)

@@ -245,12 +245,20 @@ def _coerce(where: str, config_field: dataclasses.Field, value: Any) -> Any:
 
 
 # Fields the TRL config has that Kaizen cannot honour, and why.
+_EVERY_KIND_UNSUPPORTED = {
+    "output_dir": "the checkpoint goes where the caller says (--out, or the round's checkpoint directory), "
+    "written to a staging directory first",
+    "resume_from_checkpoint": "a run starts from its model; to continue from an earlier checkpoint, pass it "
+    "as the base model or use init_from: previous",
+}
 UNSUPPORTED_KEYS: dict[str, dict[str, str]] = {
+    "sft": _EVERY_KIND_UNSUPPORTED,
     "ppm": {
-        key: "the PPM encodes its texts with its tokenizer's own EOS and pad tokens, the ones the scorer uses "
-        "(RewardTrainer would swap them after encoding)"
-        for key in ("eos_token", "pad_token")
+        **_EVERY_KIND_UNSUPPORTED,
+        **{key: "the PPM encodes its texts with its tokenizer's own EOS and pad tokens, the ones the scorer uses "
+           "(RewardTrainer would swap them after encoding)" for key in ("eos_token", "pad_token")},
     },
+    "rl": _EVERY_KIND_UNSUPPORTED,
 }
 
 
@@ -278,6 +286,10 @@ _RANGES: dict[str, tuple[float, bool]] = {
 
 def _check_ranges(where: str, values: Mapping[str, Any]) -> None:
     """TrainingInputError for a value out of its range (a negative learning rate, a batch of 0, no epochs)."""
+    for key in (*_RANGES, "max_steps"):  # compared below: a list or a mapping would raise TypeError there
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TrainingInputError(f"{where}.{key} must be a number, got {value!r}")
     for key, (lowest, inclusive) in _RANGES.items():
         value = values.get(key)
         if value is None or (key == "num_train_epochs" and (values.get("max_steps") or -1) > 0):
@@ -472,6 +484,10 @@ def prepare_run(
     if config.get("init_from", "base") == "previous" and previous_checkpoint is not None:
         start = str(previous_checkpoint)
     start_record = base_record if start == config["base_model"] else describe_model_source(start)
+    if kind != "ppm" and (Path(start).expanduser() / SCORING_FILE).is_file():
+        # It would load as a causal LM with only a warning, its score head dropped and, on models whose
+        # LM head is not tied to the embeddings, a random LM head in its place.
+        raise TrainingInputError(f"{start} is a PPM checkpoint ({SCORING_FILE}); {kind} trains a policy")
     if kind == "rl":
         _check_rl_run(config, table_infos)
     _check_coat_tokens(kind, config, start)
@@ -1006,9 +1022,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     staging = args.config.parent
     try:
         run_training(request, staging)
-    except _ChildInputError as err:
+    except _ChildInputError as err:  # the launcher reports it, in its own one line
         (staging / FAILURE_FILE).write_text(f"{err}\n", encoding="utf-8")
-        print(f"error: {err}", file=sys.stderr)
         return INPUT_ERROR_EXIT
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0]

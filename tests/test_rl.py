@@ -9,7 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_coat import ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, problems, tree_file  # noqa: F401
+from test_coat import (  # noqa: F401
+    ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, node, problems, tree_file,
+)
 from test_training import FAST_SFT, write_table
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
@@ -43,6 +45,14 @@ def prompts_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_restart_prompts_hold_the_question_and_prefixes_of_both_trajectories(tree_file: Path) -> None:  # noqa: F811
     rows = restart_prompts([tree_file], problems(), RestartConfig(prefixes_per_trajectory=1)).to_pylist()
     assert [(row["prefix_kind"], row["prefix_steps"]) for row in rows] == [("none", 0), ("correct", 2), ("wrong", 2)]
+
+
+def test_an_answer_the_grader_could_not_judge_gives_no_restart_prefix(tmp_path: Path) -> None:
+    rows = [node(0, -1, 0, None, kind="root"), node(1, 0, 1, APPLES, q=0.0), node(2, 1, 2, PRINT, q=0.0),
+            node(3, 2, 3, ANSWER, kind="answer", q=0.0, answer="6", correct=None)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "nodes.parquet")
+    kinds = restart_prompts([tmp_path / "nodes.parquet"], problems()).column("prefix_kind").to_pylist()
+    assert kinds == ["none"]
 
 
 def test_restart_prefixes_are_the_trajectorys_first_steps(tree_file: Path) -> None:  # noqa: F811

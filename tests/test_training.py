@@ -9,6 +9,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from models.training import (
 )
 from models.training_cli import cli_train
 from search.steps import END_OF_STEP, StepKind, parse_step, render_prompt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 
@@ -151,6 +155,8 @@ def test_config_values_outside_their_choices_are_rejected() -> None:
     ({"learning_rate": -1.0}, "training.sft.learning_rate must be > 0.0, got -1.0"),
     ({"per_device_train_batch_size": 0}, "training.sft.per_device_train_batch_size must be >= 1, got 0"),
     ({"num_train_epochs": 0}, "training.sft.num_train_epochs must be > 0.0, got 0"),
+    ({"learning_rate": [1]}, "training.sft.learning_rate must be a number, got [1]"),
+    ({"max_steps": {"a": 1}}, "training.sft.max_steps must be a number, got {'a': 1}"),
 ])
 def test_values_that_cannot_train_are_rejected(values: dict, message: str) -> None:
     with pytest.raises(TrainingInputError, match=re.escape(message)):
@@ -168,6 +174,22 @@ def test_a_recipe_can_be_named_like_everywhere_else() -> None:
 def test_an_unknown_recipe_name_is_one_clear_error() -> None:
     with pytest.raises(TrainingInputError, match="recipe 'no-such-recipe' not found"):
         load_training_config("no-such-recipe")
+
+
+@pytest.mark.parametrize("kind", ["sft", "ppm", "rl"])
+@pytest.mark.parametrize("key", ["output_dir", "resume_from_checkpoint"])
+def test_settings_a_run_would_ignore_are_refused(kind: str, key: str) -> None:
+    with pytest.raises(TrainingInputError, match=f"training.{kind}.{key} is not supported"):
+        load_training_config({kind: {key: "/somewhere"}})
+
+
+def test_a_policy_does_not_train_from_a_ppm_checkpoint(tmp_path: Path, sft_table: Path) -> None:
+    ppm = tmp_path / "ppm"
+    ppm.mkdir()
+    (ppm / "config.json").write_text("{}")
+    (ppm / "ppm_scoring.json").write_text("{}")
+    with pytest.raises(TrainingInputError, match="is a PPM checkpoint .* sft trains a policy"):
+        prepare_run("sft", {}, tables=[sft_table], output_dir=tmp_path / "out", base_model=str(ppm))
 
 
 def test_ppm_refuses_a_different_eos_or_pad_token() -> None:
@@ -268,6 +290,16 @@ def test_bad_config_value_fails_in_the_child_before_training(tmp_path: Path, tin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_cli_reports_bad_input_the_training_process_finds_in_one_line(
+    tmp_path: Path, tiny_model: Path, sft_table: Path
+) -> None:
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "train", "sft", "--tables", str(sft_table), "--out",
+                             str(tmp_path / "out"), "--base-model", str(tiny_model), "--set", "lr_scheduler_type=bogus"],
+                            capture_output=True, text=True, check=False, cwd=REPO_ROOT)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 # --- the PPM's encoding and attention ----------------------------------------------------------
 
 
@@ -286,6 +318,17 @@ def test_encoding_nothing_gives_nothing(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
     assert encode_texts(AutoTokenizer.from_pretrained(tiny_model), [], max_length=16) == []
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device 'bogus'"), ("cuda:7", "device 'cuda:7': torch sees")])
+def test_cli_score_reports_a_device_it_cannot_use_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, device: str, message: str
+) -> None:
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('"a text"\n')
+    assert cli_score(["--ppm", str(tmp_path), "--jsonl", str(texts), "--device", device]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith(f"kaizen score: error: {message}")
 
 
 def test_cli_score_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
