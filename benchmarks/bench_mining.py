@@ -200,14 +200,14 @@ def _astro_text(tree: _Tree, leaf: Node) -> str:
     for depth in range(len(path) - 1, -1, -1):  # the deepest divergence first
         siblings = [c for c in tree.children[on_path[depth]["node_id"]] if c is not on_path[depth + 1]]
         failures = [
-            tree.nearest_failure[c["node_id"]] for c in siblings if tree.nearest_failure[c["node_id"]] is not None
+            failure for c in siblings if (failure := tree.nearest_failure[c["node_id"]]) is not None
+            and not (failure is c and c["kind"] == "answer")  # a wrong answer right at the fork: nothing to undo
         ]
         if failures:
             failure = min(failures, key=lambda f: (f["depth"], f["node_id"]))
             reflection = astro_reflection(failure["kind"], failure["error"], failure["answer"], depth)
-            return astro_completion(
-                tree.text(path[:depth]), tree.text(tree.path(failure)[depth:]), reflection, tree.text(path[depth:])
-            )
+            branch = [node for node in tree.path(failure)[depth:] if node["kind"] != "answer"]  # ends at its output
+            return astro_completion(tree.text(path[:depth]), tree.text(branch), reflection, tree.text(path[depth:]))
     return tree.text(path)
 
 

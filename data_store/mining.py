@@ -43,6 +43,7 @@ from data_store.parquet import COMPRESSION, atomic_path, check_output_directory
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
 from search.arguments import OneLineParser
+from search.coat import astro_backtrack
 from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import END_OF_CODE, END_OF_STEP, SolutionStep, StepKind, parse_step, render_prompt, render_solution
 
@@ -135,18 +136,21 @@ def trajectory_mean_q(q_values: Sequence[float]) -> float:
     return round(math.fsum(q_values) / len(q_values), Q_DECIMALS)
 
 
-def astro_reflection(failure_kind: str, error: str | None, answer: str | None, back_to_step: int) -> str:
-    """The step that admits a failed branch and goes back, written as a comment-only code step."""
+def failure_reason(failure_kind: str, error: str | None, answer: str | None) -> str:
+    """Why a failed branch failed, in words for a trace (ASTRO's backtrack, COAT's reflect or explore):
+    the sandbox's error for a failed step, else the result that was wrong."""
     if failure_kind == "error":
         lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-        reason = f"running this code fails with {lines[-1][:200]}" if lines else "running this code fails"
-    else:
-        result = f"the result {answer}" if answer is not None else "this ends without a final result, which"
-        reason = f"{result} does not check out, so this approach is wrong"
-    target = f"go back to step {back_to_step}" if back_to_step > 0 else "start over"
-    return render_node_step(
-        f"# But wait, {reason}. Let me {target} and try a different way.\n{END_OF_STEP}", None, "step"
-    )
+        return f"running this code fails with {lines[-1][:200]}" if lines else "running this code fails"
+    if answer is None:
+        return "this ends without a final result"
+    return f"the result {answer} does not check out"
+
+
+def astro_reflection(failure_kind: str, error: str | None, answer: str | None, back_to_step: int) -> str:
+    """The step that admits a failed branch and goes back, written as a comment-only code step."""
+    reason = failure_reason(failure_kind, error, answer)
+    return render_node_step(astro_backtrack(reason, back_to_step).text, None, "step")
 
 
 def astro_completion(prefix: str, failed_branch: str, reflection: str, continuation: str) -> str:
@@ -335,6 +339,8 @@ JOIN sft_path next ON next.tree = here.tree AND next.leaf_id = here.leaf_id AND 
 JOIN lead sibling ON sibling.tree = here.tree AND sibling.parent_id = here.node_id
 JOIN leaf failure ON failure.tree = here.tree AND failure.node_id = sibling.nearest_failure
 WHERE sibling.node_id <> next.node_id
+  -- a wrong answer right at the fork read the shared output: the trace would have nothing to go back on
+  AND NOT (sibling.nearest_failure = sibling.node_id AND failure.leaf_correct IS NOT NULL)
 QUALIFY row_number() OVER (
     PARTITION BY here.tree, here.leaf_id ORDER BY here.depth DESC, failure.leaf_depth, sibling.nearest_failure
 ) = 1
@@ -432,6 +438,9 @@ WITH piece AS (
     FROM detour d
     JOIN leaf_path f ON f.tree = d.tree AND f.start_id = d.failure_id AND f.depth > d.back_to_depth
     JOIN text t ON t.tree = f.tree AND t.node_id = f.node_id
+    -- a wrong answer's branch stops at the output it read: <end_of_answer> ends generation, so a
+    -- trace that went on after an answer step could never be acted out
+    WHERE t.kind <> 'answer'
 ),
 joined AS (
     SELECT tree, leaf_id,

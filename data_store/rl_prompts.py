@@ -35,6 +35,7 @@ from data_store.mining import (
     MiningConfig,
     MiningInputError,
     connect_nodes,
+    failure_reason,
     find_node_files,
     load_trees,
     render_node_step,
@@ -43,7 +44,15 @@ from data_store.mining import (
 )
 from data_store.parquet import write_table
 from data_store.schema import SFT, SchemaError, conform
-from search.coat import CoatStep, MetaAction, live_path, meta_step, render_coat_solution, split_action
+from search.coat import (
+    CoatStep,
+    MetaAction,
+    live_path,
+    meta_step,
+    plain_coat_steps,
+    render_coat_solution,
+    split_action,
+)
 from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import SolutionStep, StepFormat, StepKind, parse_step, render_prompt
 
@@ -197,11 +206,13 @@ def _token(step: str, action: MetaAction | None) -> str:
 
 
 def _coat_steps(nodes: Sequence[dict[str, Any]]) -> list[CoatStep]:
-    """Stored steps as COAT steps: one without a token continues the solution."""
+    """Stored steps as COAT steps: one without a token is a plain step (it continues the solution, or
+    rolls it back when it is an ASTRO backtrack)."""
     steps = []
     for node in nodes:
         action, body = split_action(node["step"] or "")
-        steps.append(CoatStep(action or MetaAction.CONTINUE, SolutionStep(body.strip())))
+        step = SolutionStep(body.strip())
+        steps.append(CoatStep(action, step) if action is not None else plain_coat_steps([step])[0])
     return steps
 
 
@@ -246,13 +257,6 @@ def restart_prompts(node_files: Sequence[str | Path], problems: pa.Table, config
 # --- COAT format tuning -------------------------------------------------------------------------------
 
 
-def _failure_reason(failure: dict[str, Any]) -> str:
-    if failure["kind"] == "error":
-        lines = [line.strip() for line in (failure["error"] or "").splitlines() if line.strip()]
-        return f"running this code fails with {lines[-1][:200]}" if lines else "running this code fails"
-    return f"the answer {failure['answer']} does not check out"
-
-
 def coat_completion(tree: _Tree, path: Sequence[dict[str, Any]]) -> str:
     """A correct trajectory in COAT, with the deepest detour the tree offers (none: every step continues).
 
@@ -269,8 +273,13 @@ def coat_completion(tree: _Tree, path: Sequence[dict[str, Any]]) -> str:
             failure = tree.nearest_failure(sibling)
             if failure is None:
                 continue
-            detour = tree.path(failure["node_id"])[kept:]
-            rollback = meta_step(_failure_action(failure), _failure_reason(failure), len(resume))
+            # A wrong answer's detour stops at the final code step whose output it read: the answer step
+            # would end generation (<end_of_answer>), so a policy could never explore after writing it.
+            detour = [node for node in tree.path(failure["node_id"])[kept:] if node["kind"] != "answer"]
+            if not detour:
+                continue  # the wrong answer read the shared output: nothing was tried that could be gone back on
+            reason = failure_reason(failure["kind"], failure["error"], failure["answer"])
+            rollback = meta_step(_failure_action(failure), reason, len(resume))
             if live_path([*_coat_steps([*path[:kept], *detour]), rollback]) != resume:
                 continue  # the detour rolled back into the shared steps itself: one rollback cannot restore them
             return (_render(path[:kept], MetaAction.CONTINUE) + _render(detour, MetaAction.CONTINUE)

@@ -33,6 +33,7 @@ from search.coat import (
     live_path,
     missing_coat_tokens,
     parse_coat_trajectory,
+    plain_coat_steps,
     render_coat_solution,
     solution_program,
 )
@@ -156,7 +157,7 @@ def solution_steps(text: str, step_format: str) -> list[SolutionStep]:
     if step_format == "coat":
         _, coat_steps = parse_coat_trajectory(text)
         return live_path(coat_steps)
-    return parse_trajectory(text)[1]
+    return live_path(plain_coat_steps(parse_trajectory(text)[1]))  # an ASTRO trace's abandoned branch is out
 
 
 def step_prefixes(text: str, step_format: str) -> list[str]:

@@ -22,13 +22,17 @@ Every step starts with a meta-action token saying what the step does:
 After the token comes an ordinary step of `search.steps` (so the step parser, the sandbox and the
 grader work unchanged). `<|continue|>` extends the solution. `<|reflect|>` (after a step that
 failed) and `<|explore|>` (after a branch that reached a wrong answer) are comment steps that roll
-the solution back: "Back to step k." keeps the first k steps of the live path (0 starts over;
-without it, only the latest step is dropped). The live path holds continue steps only, so step
+the solution back: "Back to step k." keeps the first k steps of the live path (0, or "start
+over", starts over; without it, only the latest step is dropped). The live path holds continue steps only, so step
 numbers count those; the program of a solution is the code of its live path (a meta step's own
 code never runs), and its answer is the live path's last answer step.
 
 The search generates COAT one step at a time (`parse_coat_step`, `step_program`): a meta step is a
 comment, so running it means running the live path after its rollback, which changes nothing.
+
+The plain step format has one rollback of its own, ASTRO's backtrack (`astro_backtrack`): a comment
+step "# But wait, <why>. Let me go back to step k (or: start over) and try a different way." acts
+as a reflect step (`plain_coat_steps`), so ASTRO traces run and search the same way.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class MetaAction(Enum):
 COAT_TOKENS: list[str] = [action.value for action in MetaAction]
 """The meta-action tokens; a COAT policy's tokenizer must hold each as one token."""
 
-_BACK_TO = re.compile(r"[Bb]ack to step (\d+)")
+_BACK_TO = re.compile(r"[Bb]ack to step (\d+)|\b[Ss]tart over\b")
+_ASTRO_BACKTRACK = re.compile(r"Let me (?:go back to step \d+|start over) and try a different way\.")
 _ACTION_SPLIT = re.compile("(" + "|".join(re.escape(token) for token in COAT_TOKENS) + ")")
 
 
@@ -83,8 +88,9 @@ class CoatStep:
         """For reflect and explore steps: how many live steps the rollback keeps, if the step says so."""
         if self.action is MetaAction.CONTINUE:
             return None
-        found = _BACK_TO.search(self.step.text)
-        return int(found.group(1)) if found else None
+        # The last mention: the step opens with a free-text reason (an error message, an answer).
+        found = list(_BACK_TO.finditer(self.step.text))
+        return (int(found[-1].group(1)) if found[-1].group(1) else 0) if found else None
 
     def parsed(self) -> ParsedStep:
         return parse_step(self.step.text)
@@ -105,6 +111,35 @@ def meta_step(action: MetaAction, reason: str, back_to: int) -> CoatStep:
     tail = "." if action is MetaAction.REFLECT else " and try a different way."
     comment = " ".join(reason.split())
     return CoatStep(action, SolutionStep(f"# {label}: {comment}. Back to step {back_to}{tail}\n{END_OF_STEP}"))
+
+
+def astro_backtrack(reason: str, back_to: int) -> SolutionStep:
+    """ASTRO's admission of a failed branch in the plain step format: a comment step that keeps the
+    first `back_to` steps in force (0: starts over), as a reflect step does in COAT."""
+    target = f"go back to step {back_to}" if back_to > 0 else "start over"
+    return SolutionStep(f"# But wait, {' '.join(reason.split())}. Let me {target} and try a different way.\n{END_OF_STEP}")
+
+
+def is_astro_backtrack(text: str) -> bool:
+    """Whether a plain-format step is an ASTRO backtrack (`astro_backtrack`): a comment-only step that says
+    "Let me go back to step k" or "Let me start over"."""
+    if not _ASTRO_BACKTRACK.search(text):
+        return False
+    parsed = parse_step(text)
+    return parsed.kind is StepKind.CODE and _is_comment(parsed.code or "")
+
+
+def plain_coat_steps(steps: Sequence[SolutionStep]) -> list[CoatStep]:
+    """Plain-format steps as COAT steps: an ASTRO backtrack rolls back like a reflect step, so a failed
+    branch's code stops running once the solution has gone back; every other step continues."""
+    return [CoatStep(MetaAction.REFLECT if is_astro_backtrack(step.text) else MetaAction.CONTINUE, step)
+            for step in steps]
+
+
+def parse_plain_step(text: str, phase: Phase | None = None) -> ParsedStep:
+    """`parse_step`, except that an ASTRO backtrack may come in either phase (right after a final
+    output, when that output was wrong), as COAT's meta steps may."""
+    return parse_step(text, None if is_astro_backtrack(text) else phase)
 
 
 def continue_steps(steps: Sequence[SolutionStep]) -> list[CoatStep]:

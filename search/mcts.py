@@ -25,12 +25,14 @@ level deeper. In PPM-augmented modes a new non-terminal node starts at `q = PPM 
 without propagating that to its ancestors.
 
 Step formats. In `rstar` a step is a code-augmented step (`search.steps`) and its program is the code
-of its whole path. In `coat` (Satori's chain-of-action-thought, `search.coat`) every step opens with
+of its whole path, unless the path went back (ASTRO's backtrack step, `search.coat.astro_backtrack`).
+In `coat` (Satori's chain-of-action-thought, `search.coat`) every step opens with
 a meta-action token, and a node's `step` keeps the token, so prompts and PPM texts are COAT as they
 stand. A step's program is the code of its live path: `<|reflect|>` and `<|explore|>` steps roll
 earlier steps back, and such a meta step (a comment) runs the rolled-back program, becoming an
 ordinary non-terminal node. The answer comes after the live path's final code step. An rstar path
-is a COAT path whose steps all continue, so both formats share every line below.
+is a COAT path whose steps all continue but its backtracks, which reflect, so both formats share
+every line below.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from search.coat import CoatStep, MetaAction, as_coat_step, live_path, parse_coat_step, step_program
+from search.coat import (
+    CoatStep,
+    as_coat_step,
+    live_path,
+    parse_coat_step,
+    parse_plain_step,
+    plain_coat_steps,
+    step_program,
+)
 from search.steps import (
     ParsedStep,
     Phase,
@@ -257,13 +267,14 @@ class Tree:
         """Classify a generated step in the tree's step format (in coat, the step after its token)."""
         if self.config.step_format is StepFormat.COAT:
             return parse_coat_step(text, phase)[1]
-        return parse_step(text, phase)
+        return parse_plain_step(text, phase)
 
     def _coat_steps(self, texts: Sequence[str]) -> list[CoatStep]:
-        """Well-formed steps as COAT steps: in the rstar format, every step continues the solution."""
+        """Well-formed steps as COAT steps: in the rstar format, every step continues the solution but
+        an ASTRO backtrack, which rolls it back (`search.coat.plain_coat_steps`)."""
         if self.config.step_format is StepFormat.COAT:
             return [as_coat_step(text) for text in texts]
-        return [CoatStep(MetaAction.CONTINUE, SolutionStep(text)) for text in texts]
+        return plain_coat_steps([SolutionStep(text) for text in texts])
 
     def path(self, node: Node) -> list[Node]:
         """The nodes from the first step down to `node` (the root excluded)."""

@@ -28,7 +28,7 @@ from search.coat import (
 )
 from search.grading import Grader
 from search.sandbox import Sandbox, SandboxConfig
-from search.steps import SolutionStep, render_prompt
+from search.steps import SolutionStep, StepKind, parse_step, render_prompt
 
 QUESTION = "Twelve apples are shared by two children. How many does each get?"
 APPLES = SolutionStep("# Step 1: Count the apples\napples = 3 * 4\n<end_of_step>")
@@ -156,7 +156,14 @@ def problems() -> pa.Table:
 def test_format_tuning_explores_after_the_deepest_wrong_branch(tree_file: Path) -> None:
     (row,) = coat_sft_rows([tree_file], problems()).to_pylist()
     actions = [step.action for step in parse_coat_solution(row["completion"])]
-    assert actions == [MetaAction.CONTINUE] * 4 + [MetaAction.EXPLORE] + [MetaAction.CONTINUE] * 2
+    assert actions == [MetaAction.CONTINUE] * 3 + [MetaAction.EXPLORE] + [MetaAction.CONTINUE] * 2
+
+
+def test_format_tuning_explores_right_after_the_wrong_output_not_after_an_answer(tree_file: Path) -> None:
+    # <end_of_answer> ends generation: a policy could never write anything after a wrong answer step.
+    (row,) = coat_sft_rows([tree_file], problems()).to_pylist()
+    steps = [step.step for step in parse_coat_solution(row["completion"])]
+    assert steps[2] == WRONG_PRINT and sum(parse_step(step.text).kind is StepKind.ANSWER for step in steps) == 1
 
 
 def test_format_tuning_reflects_after_a_failed_step(tree_file: Path, tmp_path: Path) -> None:

@@ -25,12 +25,14 @@ from models.training import TrainingInputError, train_sft
 from search.coat import (
     COAT_TOKENS,
     MetaAction,
+    astro_backtrack,
     continue_steps,
     live_path,
     missing_coat_tokens,
     parse_coat_solution,
     parse_coat_trajectory,
     render_coat_solution,
+    split_action,
 )
 from search.evaluation import EvalSearchConfig, evaluate_modes, parse_mode
 from search.mcts import MALFORMED_STEP_ERROR, MCTSConfig, NodeKind, Tree
@@ -142,6 +144,41 @@ def test_an_explore_step_may_follow_a_final_output_and_the_search_goes_on() -> N
     assert explore.kind is NodeKind.STEP
     leaf = answer_leaf(tree)
     assert leaf.correct and tree.path(leaf)[-2].output.strip() == "6"
+
+
+# ASTRO's backtrack in the plain format (mined ASTRO traces teach it): a comment step that rolls back.
+PLAIN_COUNT, PLAIN_SPOIL, PLAIN_SHARE, PLAIN_DOUBLE, PLAIN_PRINT = (
+    split_action(step)[1] for step in (COUNT, SPOIL, SHARE, DOUBLE, PRINT))
+PLAIN_ANSWER = "<answer>Each child gets \\boxed{6} apples.<end_of_answer>"
+
+
+def plain_chain(*steps: str) -> MenuPolicy:
+    """A plain-format policy whose k-th step is `steps[k]` (steps counted by their end markers)."""
+    return MenuPolicy(lambda prompt: [steps[min(prompt.count("<end_of_step>") + prompt.count("<end_of_code>"),
+                                                len(steps) - 1)]])
+
+
+def plain_search(policy: MenuPolicy) -> tuple[Tree, InProcessExecutor]:
+    executor = InProcessExecutor()
+    result = run_rollouts([Problem("apples", QUESTION, "6")], MCTSConfig(width=1, rollouts=1, max_depth=8),
+                          generator=policy, executor=executor, checker=BoxedChecker(), pipeline_groups=1)
+    return result.trees[0], executor
+
+
+def test_an_astro_backtrack_rolls_back_so_later_programs_leave_the_branch_out() -> None:
+    backtrack = astro_backtrack("the neighbour keeps those apples", 1).text
+    tree, executor = plain_search(plain_chain(PLAIN_COUNT, PLAIN_SPOIL, backtrack, PLAIN_SHARE, PLAIN_PRINT,
+                                              PLAIN_ANSWER))
+    later = [program for batch in executor.calls for program in batch if "share" in program]
+    assert answer_leaf(tree).correct and later and all("apples = 100" not in program for program in later)
+
+
+def test_an_astro_backtrack_may_follow_a_wrong_output_and_the_search_goes_on() -> None:
+    backtrack = astro_backtrack("the result 24 does not check out", 1).text
+    tree, _ = plain_search(plain_chain(PLAIN_COUNT, PLAIN_DOUBLE, PLAIN_PRINT, backtrack, PLAIN_SHARE, PLAIN_PRINT,
+                                       PLAIN_ANSWER))
+    assert next(node for node in tree.nodes if node.step == backtrack).kind is NodeKind.STEP
+    assert answer_leaf(tree).correct
 
 
 def test_mcts_config_rejects_an_unknown_step_format() -> None:

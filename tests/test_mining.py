@@ -354,12 +354,22 @@ def test_astro_trace_names_the_wrong_answer_and_can_start_over(tmp_path: Path) -
     _, sft = mined(tmp_path, rows, sft_format="astro")
     assert sft[0]["completion"] == (
         "# Step 1: guess\nx = 5\n<end_of_step>\n"
-        "<answer>\\boxed{5}<end_of_answer>\n"
-        "# But wait, the result 5 does not check out, so this approach is wrong. "
+        "# But wait, the result 5 does not check out. "
         "Let me start over and try a different way.\n<end_of_step>\n"
         "# Step 1: add\nx = 2 + 2\n<end_of_step>\n"
         "<answer>\\boxed{4}<end_of_answer>\n"
     )
+
+
+def test_astro_trace_has_no_detour_for_a_wrong_answer_read_off_the_shared_output(tmp_path: Path) -> None:
+    rows = tree(
+        root(),
+        step(1, 0, 0.5, step="# Step 1: add\nx = 2 + 2\n<end_of_step>"),
+        leaf(2, 1, False, answer="5", step="<answer>\\boxed{5}<end_of_answer>"),
+        leaf(3, 1, True, step="<answer>\\boxed{4}<end_of_answer>"),
+    )
+    _, sft = mined(tmp_path, rows, sft_format="astro")
+    assert sft[0]["completion"] == "# Step 1: add\nx = 2 + 2\n<end_of_step>\n<answer>\\boxed{4}<end_of_answer>\n"
 
 
 def test_astro_trace_of_a_wrong_answer_without_a_result_says_so() -> None:

@@ -10,13 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_coat import (  # noqa: F401
-    ANSWER, APPLES, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, node, problems, tree_file,
+    ANSWER, APPLES, BAD_SHARE, PRINT, QUESTION, SHARE, WRONG_ANSWER, WRONG_PRINT, node, problems, tree_file,
 )
 from test_training import FAST_SFT, write_table
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
 from models.rl import FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge
 from models.tiny import build_tiny_model, default_corpus
+from search.coat import astro_backtrack
 from models.training import PROVENANCE_FILE, TrainingInputError, train_rl, train_sft
 from search.coat import COAT_TOKENS
 from search.grading import Grader
@@ -93,6 +94,12 @@ def test_outcome_reward_is_plus_one_only_for_a_correct_program_run(judge: Soluti
         SOLVED[:-20],  # cut off before the answer closes
     ]
     assert OutcomeReward(judge)([PROMPT] * 4, completions, answer=["6"] * 4) == [1.0, -1.0, -1.0, -1.0]
+
+
+def test_an_astro_trace_is_judged_on_the_steps_after_its_backtrack(judge: SolutionJudge) -> None:
+    backtrack = astro_backtrack("running this code fails with ZeroDivisionError: division by zero", 1)
+    completion = render_solution([APPLES, BAD_SHARE, backtrack, SHARE, PRINT, ANSWER])
+    assert judge.judge([PROMPT], [completion], ["6"])[0].correct
 
 
 def test_an_answer_resting_on_a_guessed_output_is_wrong(judge: SolutionJudge) -> None:
