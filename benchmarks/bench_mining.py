@@ -28,7 +28,6 @@ from data_store.mining import (
     Q_DECIMALS,
     MiningConfig,
     astro_completion,
-    astro_reflection,
     capped_edit_distance,
     find_node_files,
     mine,
@@ -205,9 +204,9 @@ def _astro_text(tree: _Tree, leaf: Node) -> str:
         ]
         if failures:
             failure = min(failures, key=lambda f: (f["depth"], f["node_id"]))
-            reflection = astro_reflection(failure["kind"], failure["error"], failure["answer"], depth)
             branch = [node for node in tree.path(failure)[depth:] if node["kind"] != "answer"]  # ends at its output
-            return astro_completion(tree.text(path[:depth]), tree.text(branch), reflection, tree.text(path[depth:]))
+            return astro_completion(tree.text(path[:depth]), tree.text(branch), tree.text(path[depth:]),
+                                    failure["kind"], failure["error"], failure["answer"])
     return tree.text(path)
 
 

@@ -43,9 +43,17 @@ from data_store.parquet import COMPRESSION, atomic_path, check_output_directory
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
 from search.arguments import OneLineParser
-from search.coat import astro_backtrack
+from search.coat import astro_backtrack, live_path, plain_coat_steps
 from search.mcts import MALFORMED_STEP_ERROR
-from search.steps import END_OF_CODE, END_OF_STEP, SolutionStep, StepKind, parse_step, render_prompt, render_solution
+from search.steps import (
+    END_OF_CODE,
+    SolutionStep,
+    StepKind,
+    parse_solution,
+    parse_step,
+    render_prompt,
+    render_solution,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -153,8 +161,20 @@ def astro_reflection(failure_kind: str, error: str | None, answer: str | None, b
     return render_node_step(astro_backtrack(reason, back_to_step).text, None, "step")
 
 
-def astro_completion(prefix: str, failed_branch: str, reflection: str, continuation: str) -> str:
-    """An ASTRO trace: the shared prefix, the failed branch, the admission, then the correct rest."""
+def astro_completion(prefix: str, failed_branch: str, continuation: str, failure_kind: str, error: str | None,
+                     answer: str | None) -> str:
+    """An ASTRO trace: the shared prefix, the failed branch, the backtrack, then the correct rest.
+
+    The backtrack goes back to the steps of the prefix still in force (`search.coat.live_path`: a
+    backtrack earlier on the path left some out), which is what "go back to step k" keeps when the
+    trace runs. A branch that itself went back into the prefix cannot be undone by one backtrack: the
+    trace is then the plain solution.
+    """
+    shared = plain_coat_steps(parse_solution(prefix))
+    resume = live_path(shared)
+    reflection = astro_reflection(failure_kind, error, answer, len(resume))
+    if live_path([*shared, *plain_coat_steps(parse_solution(failed_branch + reflection))]) != resume:
+        return prefix + continuation
     return prefix + failed_branch + reflection + continuation
 
 
@@ -681,10 +701,8 @@ def _astro_rows(con: duckdb.DuckDBPyConnection) -> pa.Table:
         if row["back_to_depth"] is None:  # no failed branch in the tree: the plain solution
             completions.append(row["prefix"])
             continue
-        reflection = astro_reflection(
-            row["failure_kind"], row["failure_error"], row["failure_answer"], row["back_to_depth"]
-        )
-        completions.append(astro_completion(row["prefix"], row["failed_branch"], reflection, row["continuation"]))
+        completions.append(astro_completion(row["prefix"], row["failed_branch"], row["continuation"],
+                                            row["failure_kind"], row["failure_error"], row["failure_answer"]))
     columns = {
         name: [row[name] for row in parts]
         for name in ("prompt", "run", "round", "problem_id", "rank", "leaf_id", "mean_q", "min_q")

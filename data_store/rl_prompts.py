@@ -47,6 +47,7 @@ from data_store.schema import SFT, SchemaError, conform
 from search.coat import (
     CoatStep,
     MetaAction,
+    is_astro_backtrack,
     live_path,
     meta_step,
     plain_coat_steps,
@@ -201,8 +202,11 @@ def _render(nodes: Sequence[dict[str, Any]], action: MetaAction | None) -> str:
 
 
 def _token(step: str, action: MetaAction | None) -> str:
-    # Steps searched in the coat format carry their own token already.
-    return action.value if action is not None and split_action(step)[0] is None else ""
+    # Steps searched in the coat format carry their own token already; a plain step gets `action`'s,
+    # but an ASTRO backtrack reflects (it rolls back, as `_coat_steps` reads it).
+    if action is None or split_action(step)[0] is not None:
+        return ""
+    return MetaAction.REFLECT.value if is_astro_backtrack(step) else action.value
 
 
 def _coat_steps(nodes: Sequence[dict[str, Any]]) -> list[CoatStep]:

@@ -57,6 +57,7 @@ def cli_demo(argv: list[str]) -> int:
         parser.error("--rounds must be >= 0")
 
     from flows.evolve import _quiet_prefect, evolve_flow, failure_message
+    from models.pipeline import Pipeline
     from models.recipe import load_recipe
     from models.report import summary_rows, write_run_report
 
@@ -69,9 +70,11 @@ def cli_demo(argv: list[str]) -> int:
     total_wall_s = time.monotonic() - started
 
     layout = Layout(home)
-    # Rounds past --rounds may be in the home from an earlier, longer demo: this run did not make them.
+    # An earlier demo in the same home may have left rounds this run did not make: past --rounds, or
+    # past a round whose outcome changed here (those are stale now).
+    pipeline = Pipeline(recipe, layout)
     rows = [row for row in summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
-            if row["round"] <= args.rounds]
+            if row["round"] <= args.rounds and pipeline.stale_since(row["round"]) is None]
     if not rows:  # not even round 0 finished: no summary or report of a run that did not happen
         print(f"kaizen demo: error: {failure_message(state)}", file=sys.stderr)
         return 1

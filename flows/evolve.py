@@ -321,8 +321,12 @@ def _override_text(key: str, value: Any) -> str:
         plain = isinstance(value, str) and yaml.safe_load(value) == value
     except yaml.YAMLError:
         plain = False
-    # JSON is YAML: null, true, quoted text, lists, mappings
-    return f"{key}={value}" if plain else f"{key}={json.dumps(value, default=str)}"
+    if plain:
+        return f"{key}={value}"
+    # One line of YAML in flow style (null, true, 1.0e-05, .inf, quoted text, [..], {..}), without the
+    # end-of-document marker a lone scalar gets.
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -91,7 +91,8 @@ def resolve_device(device: str | None) -> str:
     except (RuntimeError, ValueError):
         raise ValueError(f"unknown device {name!r} (cpu, cuda, cuda:N, ...)") from None
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if parsed.type == "cuda" and (parsed.index or 0) >= visible:
+    index = name.partition(":")[2]  # from the text: torch.device keeps it in 8 bits (cuda:999 has index -25)
+    if parsed.type == "cuda" and (int(index) if index else 0) >= visible:
         raise ValueError(f"device {name!r}: torch sees {visible} GPU(s)")
     return name
 

@@ -41,9 +41,9 @@ _CONTENT_HASH_LIMIT = 64 * 2**20
 _WINDOWS, _WINDOW_BYTES = 256, 16 * 2**10
 PROMOTED_FILE = "promoted.json"
 STALE_FILE = "STALE"
+"""Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
 RERUN_ROUND = "round"
 """What a STALE record names as re-run when a whole earlier round ran again and changed its promotion."""
-"""Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
 LOGGER_NAME = "kaizen.pipeline"
 log = logging.getLogger(LOGGER_NAME)
 

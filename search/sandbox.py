@@ -21,8 +21,8 @@ What is covered (isolation="bwrap"):
   root), no core dumps, stdout capped while it is read.
 - Namespaces: user, PID, network (loopback only: no network, no DNS), IPC, UTS, cgroup and mount.
   The filesystem holds only read-only binds of /usr, the Python installation and the host's
-  site-packages, the loader cache, a fresh /proc, a minimal read-only /dev (no /dev/shm, so no
-  POSIX shared memory) and a size-capped tmpfs at /tmp (the only writable place, whether or not
+  site-packages, the loader cache, a fresh /proc, a minimal read-only /dev (its /dev/shm too, so
+  no POSIX shared memory or multiprocessing locks) and a size-capped tmpfs at /tmp (the only writable place, whether or not
   the host runs as root). The host's /tmp, home directory and the rest of /etc are not
   there (except, read-only, those of the directories above that lie under them).
 - Environment: cleared; only PATH, HOME, TMPDIR, LANG and thread-count variables are set.

@@ -58,7 +58,8 @@ def test_a_set_value_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path, cap
     assert exit_info.value.code == 2 and len(err) == 1 and "--set search.shards: '[1' is not a YAML value" in err[0]
 
 
-@pytest.mark.parametrize("value", [None, True, "text", "null", "a: b", 0.1, [1, 2], {"a": 1}])
+@pytest.mark.parametrize("value", [None, True, "text", "null", "a: b", 0.1, 1e-05, float("inf"), [1e-07, 2],
+                                   {"a": 1}, {1: "a"}])
 def test_the_suggested_command_sets_the_values_it_was_given(value: object) -> None:
     from flows.evolve import _override, _override_text
 

@@ -16,6 +16,7 @@ from search.coat import (
     CoatFormatError,
     CoatStep,
     MetaAction,
+    astro_backtrack,
     continue_steps,
     final_answer,
     live_path,
@@ -164,6 +165,18 @@ def test_format_tuning_explores_right_after_the_wrong_output_not_after_an_answer
     (row,) = coat_sft_rows([tree_file], problems()).to_pylist()
     steps = [step.step for step in parse_coat_solution(row["completion"])]
     assert steps[2] == WRONG_PRINT and sum(parse_step(step.text).kind is StepKind.ANSWER for step in steps) == 1
+
+
+def test_format_tuning_of_a_path_that_went_back_in_the_plain_format_reflects_there(tmp_path: Path) -> None:
+    spoil = SolutionStep("# Step 2: Add the neighbour's apples\napples = 100\n<end_of_step>")
+    backtrack = astro_backtrack("the neighbour keeps those apples", 1)
+    rows = [node(0, -1, 0, None, kind="root"), node(1, 0, 1, APPLES, q=0.5), node(2, 1, 2, spoil, q=0.5),
+            node(3, 2, 3, backtrack, q=0.5), node(4, 3, 4, SHARE, q=0.5), node(5, 4, 5, PRINT, q=1.0),
+            node(6, 5, 6, ANSWER, kind="answer", q=1.0, answer="6", correct=True)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "nodes.parquet")
+    (row,) = coat_sft_rows([tmp_path / "nodes.parquet"], problems()).to_pylist()
+    steps = parse_coat_solution(row["completion"])
+    assert steps[2].action is MetaAction.REFLECT and live_path(steps) == [APPLES, SHARE, PRINT, ANSWER]
 
 
 def test_format_tuning_reflects_after_a_failed_step(tree_file: Path, tmp_path: Path) -> None:

@@ -361,6 +361,22 @@ def test_astro_trace_names_the_wrong_answer_and_can_start_over(tmp_path: Path) -
     )
 
 
+def test_astro_trace_goes_back_to_the_steps_in_force_after_an_earlier_backtrack(tmp_path: Path) -> None:
+    went_back = "# But wait, this is wrong. Let me go back to step 1 and try a different way.\n<end_of_step>"
+    rows = tree(
+        root(),
+        step(1, 0, 0.5, step="# Step 1: set x\nx = 2\n<end_of_step>"),
+        step(2, 1, 0.5, step="# Step 2: spoil x\nx = 100\n<end_of_step>"),
+        step(3, 2, 0.5, step=went_back),  # the path's own backtrack: step 2 is out
+        step(4, 3, -1.0, kind="error", step="# Step 2: divide\ny = x / 0\n<end_of_step>",
+             error="ZeroDivisionError: division by zero"),
+        step(5, 3, 0.75, step="# Step 2: add\ny = x + 2\n<end_of_step>"),
+        leaf(6, 5, True, step="<answer>So \\boxed{4}.<end_of_answer>"),
+    )
+    _, sft = mined(tmp_path, rows, sft_format="astro")
+    assert "fails with ZeroDivisionError: division by zero. Let me go back to step 1 and" in sft[0]["completion"]
+
+
 def test_astro_trace_has_no_detour_for_a_wrong_answer_read_off_the_shared_output(tmp_path: Path) -> None:
     rows = tree(
         root(),

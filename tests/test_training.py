@@ -320,7 +320,7 @@ def test_encoding_nothing_gives_nothing(tiny_model: Path) -> None:
     assert encode_texts(AutoTokenizer.from_pretrained(tiny_model), [], max_length=16) == []
 
 
-@pytest.mark.parametrize("device, message", [("bogus", "unknown device 'bogus'"), ("cuda:7", "device 'cuda:7': torch sees")])
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device 'bogus'"), ("cuda:999", "device 'cuda:999': torch sees")])
 def test_cli_score_reports_a_device_it_cannot_use_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, device: str, message: str
 ) -> None:
