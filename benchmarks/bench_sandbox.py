@@ -1,7 +1,7 @@
 """Sandbox throughput against starting a fresh interpreter per program, side by side.
 
 Runs the same short programs (arithmetic, fractions, math, list work) through `Sandbox.run_many`
-and through `python -c` (this interpreter, no isolation) one after another and two at a time,
+and through `python -I [-S] -c` (this interpreter, no isolation) one after another and two at a time,
 then the same for sympy programs, and prints executions per second and the ratios. Targets
 (issue 2): >= 500 isolated executions/s for short programs on 2 cores, and >= 15x the rate of a
 fresh interpreter per program.
@@ -17,6 +17,7 @@ comparable between runs on a shared machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -44,8 +45,13 @@ SYMPY_PROGRAMS = [
 ]
 
 
-def fresh_interpreter(program: str) -> str:
-    completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+def fresh_interpreter(program: str, site: bool) -> str:
+    """Run `program` in a new interpreter started as lean as it can be: isolated (-I) and, for programs
+    that need only the standard library, without the site module (-S), as the sandbox's own workers
+    start. With site, this development install's editable-package hook alone costs ~11 ms a start,
+    which would flatter the sandbox."""
+    flags = ["-I"] if site else ["-I", "-S"]
+    completed = subprocess.run([sys.executable, *flags, "-c", program], capture_output=True, text=True,
                                check=True)
     return completed.stdout
 
@@ -91,8 +97,9 @@ def cycle(programs: Sequence[str], count: int) -> list[str]:
 
 
 def compare(kind: str, programs: Sequence[str], sandbox: Sandbox, count: int,
-            baseline_count: int) -> list[dict]:
-    expected = {program: fresh_interpreter(program) for program in programs}
+            baseline_count: int, *, site: bool) -> list[dict]:
+    fresh = functools.partial(fresh_interpreter, site=site)
+    expected = {program: fresh(program) for program in programs}
     in_sandbox = cycle(programs, count)
     baseline = cycle(programs, baseline_count)
     sandbox.run_many(list(programs) * 4)  # warm up (heavy workers start on first use)
@@ -103,10 +110,10 @@ def compare(kind: str, programs: Sequence[str], sandbox: Sandbox, count: int,
 
     def two_at_a_time(batch: list[str]) -> list[str]:
         with ThreadPoolExecutor(2) as pool:
-            return list(pool.map(fresh_interpreter, batch))
+            return list(pool.map(fresh, batch))
 
     rows = [
-        measure(f"{kind}: python -c, one at a time", lambda b: list(map(fresh_interpreter, b)),
+        measure(f"{kind}: python -c, one at a time", lambda b: list(map(fresh, b)),
                 baseline, expected),
         measure(f"{kind}: python -c, two at a time", two_at_a_time, baseline, expected),
         measure(f"{kind}: Sandbox.run_many ({sandbox.config.workers} workers)", sandboxed,
@@ -154,9 +161,9 @@ def main() -> int:
     sandbox = Sandbox(SandboxConfig(workers=args.workers))
     startup_s = time.perf_counter() - start
     try:
-        rows = compare("short", SHORT_PROGRAMS, sandbox, args.programs, args.baseline_programs)
+        rows = compare("short", SHORT_PROGRAMS, sandbox, args.programs, args.baseline_programs, site=False)
         rows += compare("sympy", SYMPY_PROGRAMS, sandbox, args.sympy_programs,
-                        args.sympy_baseline_programs)
+                        args.sympy_baseline_programs, site=True)
         latencies = []
         for program in cycle(SHORT_PROGRAMS, 200):
             began = time.perf_counter()

@@ -302,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
 def _split_by_tree(nodes: pa.Table, shards: int) -> list[pa.Table]:
     """Cut the (tree-ordered) table into about equal parts at tree boundaries (roots)."""
     roots = np.flatnonzero(nodes["node_id"].to_numpy() == 0)
-    cuts = roots[np.searchsorted(roots, np.linspace(0, nodes.num_rows, shards + 1)[1:-1])]
-    bounds = [0, *cuts.tolist(), nodes.num_rows]
+    # A cut past the last root (fewer trees than shards) is the table's end; repeated cuts give empty parts.
+    positions = np.searchsorted(roots, np.linspace(0, nodes.num_rows, shards + 1)[1:-1])
+    cuts = [int(roots[position]) if position < len(roots) else nodes.num_rows for position in positions]
+    bounds = [0, *cuts, nodes.num_rows]
     return [nodes.slice(start, stop - start) for start, stop in itertools.pairwise(bounds) if stop > start]
 
 

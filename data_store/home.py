@@ -98,6 +98,11 @@ class Layout:
             raise HomeError(f"round must be >= 0, got {round_number}")
         return self.run_dir(run) / f"round-{round_number:03d}"
 
+    def stale_marker(self, run: str, round_number: int) -> Path:
+        """The file that marks a finished round as out of date (a stage of it, or of a round it builds
+        on, ran again since its gate): its figures and checkpoints are not to be built on or reported."""
+        return self.round_dir(run, round_number) / "STALE"
+
     def stage_dir(self, run: str, round_number: int, stage: str) -> Path:
         return self.round_dir(run, round_number) / check_name(stage, "stage")
 

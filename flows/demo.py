@@ -57,7 +57,6 @@ def cli_demo(argv: list[str]) -> int:
         parser.error("--rounds must be >= 0")
 
     from flows.evolve import _quiet_prefect, evolve_flow, failure_message
-    from models.pipeline import Pipeline
     from models.recipe import load_recipe
     from models.report import summary_rows, write_run_report
 
@@ -71,16 +70,14 @@ def cli_demo(argv: list[str]) -> int:
 
     layout = Layout(home)
     # An earlier demo in the same home may have left rounds this run did not make: past --rounds, or
-    # past a round whose outcome changed here (those are stale now).
-    pipeline = Pipeline(recipe, layout)
-    rows = [row for row in summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark)
-            if row["round"] <= args.rounds and pipeline.stale_since(row["round"]) is None]
+    # past a round whose outcome changed here (those are stale now, and the report leaves them out).
+    rows = summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark, through_round=args.rounds)
     if not rows:  # not even round 0 finished: no summary or report of a run that did not happen
         print(f"kaizen demo: error: {failure_message(state)}", file=sys.stderr)
         return 1
     summary_path = home / "summary.json"
     write_json(summary_path, {"rounds": rows, "total_wall_s": total_wall_s}, indent=2)
-    report = write_run_report(layout, recipe.run, out=home / "report.html")
+    report = write_run_report(layout, recipe.run, out=home / "report.html", through_round=args.rounds)
     print(summary_table(rows))
     print(f"total {total_wall_s / 60:.1f} min; summary -> {summary_path}; report -> {report}")
     if not state.is_completed():

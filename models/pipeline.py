@@ -40,8 +40,6 @@ from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 _CONTENT_HASH_LIMIT = 64 * 2**20
 _WINDOWS, _WINDOW_BYTES = 256, 16 * 2**10
 PROMOTED_FILE = "promoted.json"
-STALE_FILE = "STALE"
-"""Marks a round one of whose stages was re-run after its gate: its promotion is not to be built on."""
 RERUN_ROUND = "round"
 """What a STALE record names as re-run when a whole earlier round ran again and changed its promotion."""
 LOGGER_NAME = "kaizen.pipeline"
@@ -521,20 +519,20 @@ class Pipeline:
     def mark_stale(self, round_number: int, rerun: str, stale: Sequence[str]) -> None:
         """Record that `rerun` was re-run in a finished round, so `stale` stages (and its gate) must run
         again, and so must every later round: each was built on this round's old outputs."""
-        write_json(self.layout.round_dir(self.run, round_number) / STALE_FILE, {"rerun": rerun, "stale": list(stale)})
+        write_json(self.layout.stale_marker(self.run, round_number), {"rerun": rerun, "stale": list(stale)})
         self._mark_later_rounds_stale(round_number, rerun)
 
     def _mark_later_rounds_stale(self, round_number: int, rerun: str) -> None:
         later = round_number + 1
         while self.layout.round_dir(self.run, later).is_dir():
-            write_json(self.layout.round_dir(self.run, later) / STALE_FILE,
+            write_json(self.layout.stale_marker(self.run, later),
                        {"rerun": rerun, "stale": ["all"], "in_round": round_number})
             later += 1
 
     def stale_since(self, round_number: int) -> str | None:
         """Why a round's promotion is out of date (a stage re-run since its gate, in it or in a round it
         builds on), or None when it is up to date."""
-        path = self.layout.round_dir(self.run, round_number) / STALE_FILE
+        path = self.layout.stale_marker(self.run, round_number)
         if not path.exists():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -590,7 +588,7 @@ class Pipeline:
     def promote(self, record: RoundRecord) -> Artifact | None:
         """After a passed gate, make the round's checkpoints current; after a failed one, withdraw them.
         Either way the round is judged on its current outputs, so it is no longer stale."""
-        (self.layout.round_dir(self.run, record.round) / STALE_FILE).unlink(missing_ok=True)
+        self.layout.stale_marker(self.run, record.round).unlink(missing_ok=True)
         path = self.layout.round_dir(self.run, record.round) / PROMOTED_FILE
         before = self.promotion(record.round)
         after = (record.policy, record.ppm) if record.gate_passed else None

@@ -119,24 +119,31 @@ def run_files(layout: Layout, run: str, table: str) -> list[Path]:
     return [path for path in layout.table_files(table) if run_dir in path.parents]
 
 
-def round_rows(layout: Layout, run: str) -> list[dict[str, Any]]:
-    """The `rounds` table rows of a run, oldest first, metrics JSON decoded.
+def _is_current(layout: Layout, run: str, round_number: int, through_round: int | None) -> bool:
+    stale = layout.stale_marker(run, round_number).exists()
+    return not stale and (through_round is None or round_number <= through_round)
 
-    Read without a recipe and without importing the pipeline (whose imports load torch and
-    transformers: seconds, for a report).
+
+def round_rows(layout: Layout, run: str, through_round: int | None = None) -> list[dict[str, Any]]:
+    """The `rounds` table rows of a run (up to `through_round`), oldest first, metrics JSON decoded.
+
+    Rounds marked stale are left out: a round before them ran again and changed what they were built
+    on, so their figures no longer belong to the run. Read without a recipe and without importing the
+    pipeline (whose imports load torch and transformers: seconds, for a report).
     """
     import pyarrow.parquet as pq
 
-    rows = [row for path in run_files(layout, run, "rounds") for row in pq.read_table(path).to_pylist()]
+    rows = [row for path in run_files(layout, run, "rounds") for row in pq.read_table(path).to_pylist()
+            if _is_current(layout, run, row["round"], through_round)]
     for row in rows:
         row["metrics"] = json.loads(row["metrics"] or "{}")
     return sorted(rows, key=lambda row: row["round"])
 
 
-def round_figures(layout: Layout, run: str) -> list[RoundFigures]:
-    """Every recorded round's figures; round 0's SFT count is its teacher table's size."""
+def round_figures(layout: Layout, run: str, through_round: int | None = None) -> list[RoundFigures]:
+    """The figures of every round `round_rows` keeps; round 0's SFT count is its teacher table's size."""
     figures = []
-    for row in round_rows(layout, run):
+    for row in round_rows(layout, run, through_round):
         metrics = row["metrics"]
         sft_examples = metrics.get("sft_examples")
         if sft_examples is None:
@@ -151,7 +158,7 @@ def round_figures(layout: Layout, run: str) -> list[RoundFigures]:
     return figures
 
 
-def summary_rows(layout: Layout, run: str, benchmark: str) -> list[dict[str, Any]]:
+def summary_rows(layout: Layout, run: str, benchmark: str, through_round: int | None = None) -> list[dict[str, Any]]:
     """The demo's summary rows (one per recorded round) with `benchmark`'s held-out accuracies.
 
     Keys: round, greedy_accuracy, maj8_accuracy, ppm8_accuracy (fractions), solved_share, pairs,
@@ -165,17 +172,21 @@ def summary_rows(layout: Layout, run: str, benchmark: str) -> list[dict[str, Any
             "solved_share": figures.solved_share, "pairs": figures.pairs, "sft_examples": figures.sft_examples,
             "gate_passed": figures.gate_passed, "wall_s": figures.wall_s,
         }
-        for figures in round_figures(layout, run)
+        for figures in round_figures(layout, run, through_round)
     ]
 
 
-def read_run(layout: Layout, run: str) -> RunData:
-    """The rounds, evaluation token counts and search-tree Q-values of a run (missing pieces are empty)."""
-    return RunData(run, round_figures(layout, run), _eval_tokens(run_files(layout, run, "eval")),
-                   _q_values(run_files(layout, run, "nodes")))
+def read_run(layout: Layout, run: str, through_round: int | None = None) -> RunData:
+    """The rounds (those `round_rows` keeps), evaluation token counts and search-tree Q-values of a run
+    (missing pieces are empty)."""
+    def current(by_round: dict[int, Any]) -> dict[int, Any]:  # recorded rounds or not (yet)
+        return {number: value for number, value in by_round.items() if _is_current(layout, run, number, through_round)}
+
+    return RunData(run, round_figures(layout, run, through_round),
+                   current(_eval_tokens(run_files(layout, run, "eval"))), current(_q_values(run_files(layout, run, "nodes"))))
 
 
-def write_run_report(layout: Layout, run: str, out: Path | None = None) -> Path:
+def write_run_report(layout: Layout, run: str, out: Path | None = None, through_round: int | None = None) -> Path:
     """Write the run's self-contained HTML report (default `{home}/runs/{run}/report.html`) atomically.
 
     One file, no external references: inline CSS, plots as base64 PNG. Rounds without search
@@ -183,7 +194,7 @@ def write_run_report(layout: Layout, run: str, out: Path | None = None) -> Path:
     replaced by a note.
     """
     out = Path(out) if out is not None else layout.run_dir(run) / REPORT_FILE
-    data = read_run(layout, run)
+    data = read_run(layout, run, through_round)
     document = render_html(data, [_accuracy_plot(data), _level_plot(data), _q_value_plot(data), _cost_plot(data)])
     with atomic_path(out) as temporary:
         temporary.write_text(document, encoding="utf-8")

@@ -36,7 +36,7 @@ from typing import Protocol
 
 from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
 from search.policy import Generator, StepScorer
-from search.rollout import Executor, Problem, RolloutProgress, run_rollouts
+from search.rollout import Executor, Problem, RolloutProgress, finite_scores, run_rollouts
 from search.steps import Phase, StepFormat, render_prompt
 
 NO_ANSWER = "no_answer"
@@ -435,10 +435,12 @@ class _Evaluation:
             for c, chain in enumerate(chains)
             if (leaf := self._answer_leaf(chain)) is not None
         ]
-        values = self.scorer.score([text for _, _, text in answered]) if answered else []
+        # A broken PPM stops the evaluation, as it stops the search: a best-of-K that skipped its NaN
+        # scores would report the first chain's accuracy as the PPM's.
+        values = finite_scores(self.scorer.score([text for _, _, text in answered])) if answered else []
         scores: list[list[float | None]] = [[None] * len(chains) for chains in searched.trees]
         for (p, c, _), value in zip(answered, values, strict=True):
-            scores[p][c] = float(value)
+            scores[p][c] = value
         picks = []
         for chains, row in zip(searched.trees, scores, strict=True):
             # Chains whose answer step holds a gradable answer first, as in `_best_answer_node`.

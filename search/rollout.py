@@ -124,6 +124,16 @@ class PPMScoreError(ValueError):
     """The PPM scored a step NaN or infinite: the search cannot rank by it."""
 
 
+def finite_scores(scores: Sequence[float]) -> list[float]:
+    """The PPM's scores as floats; PPMScoreError, in one line, when any is NaN or infinite."""
+    values = [float(score) for score in scores]
+    broken = sum(not math.isfinite(value) for value in values)
+    if broken:
+        raise PPMScoreError(f"the PPM gave {broken} of {len(values)} texts a score that is not a finite number: "
+                            "its checkpoint is broken (a diverged training run?); retrain it")
+    return values
+
+
 @dataclass(frozen=True)
 class Problem:
     problem_id: str
@@ -337,13 +347,10 @@ class _Driver:
         to_score = [(e, c) for e in expansions for c in e.candidates if e.tree.needs_ppm_score(c)]
         if to_score:
             assert self.scorer is not None
-            scores = self.scorer.score([e.tree.scoring_text(e.node, c) for e, c in to_score])
-            broken = sum(not math.isfinite(score) for score in scores)
-            if broken:  # NaN would stall selection (no child is the best) or spread up the tree
-                raise PPMScoreError(f"the PPM gave {broken} of {len(scores)} steps a score that is not a finite "
-                                    "number: its checkpoint is broken (a diverged training run?); retrain it")
+            # NaN would stall selection (no child is the best) or spread up the tree.
+            scores = finite_scores(self.scorer.score([e.tree.scoring_text(e.node, c) for e, c in to_score]))
             for (_, candidate), score in zip(to_score, scores, strict=True):
-                candidate.ppm_score = float(score)
+                candidate.ppm_score = score
 
     def _grade_answers(self, expansions: Sequence[_Expansion]) -> None:
         answers = [(e, c) for e in expansions for c in e.candidates if c.parsed.kind is StepKind.ANSWER]

@@ -45,7 +45,7 @@ from search.evaluation import (
     parse_mode,
 )
 from search.policy import Completion
-from search.rollout import Problem
+from search.rollout import PPMScoreError, Problem
 from search.steps import parse_trajectory
 
 BROKEN = "broken"  # a script value whose program raises: the chain ends without an answer
@@ -291,6 +291,15 @@ def test_test_time_mcts_answers_what_the_ppm_prefers_not_the_reference() -> None
     config = EvalSearchConfig(pipeline_groups=1, mcts_width=2, mcts_rollouts=2, max_depth=4)
     record = only_record(run_modes([problem(0, "5")], ["mcts"], {problem(0).question: ["5", "7"]}, scorer=scorer, config=config))
     assert (record.extracted_answer, record.correct) == ("7", False)
+
+
+def test_a_ppm_score_that_is_not_a_number_stops_best_of_k() -> None:
+    class BrokenScorer:
+        def score(self, texts: Sequence[str]) -> list[float]:
+            return [float("nan")] * len(texts)
+
+    with pytest.raises(PPMScoreError, match="not a finite number"):
+        run_modes([problem(0, "5")], ["ppm@2"], {problem(0).question: ["5", "7"]}, scorer=BrokenScorer())
 
 
 def test_ppm_modes_without_a_scorer_are_refused() -> None:

@@ -423,6 +423,14 @@ def _normalised(rows: list[dict]) -> list[dict]:
     ]
 
 
+def test_the_generator_shards_a_table_with_fewer_trees_than_shards_at_tree_boundaries() -> None:
+    generator = _load_benchmark("gen_nodes")
+    nodes, _ = generator.generate(1000, seed=0)
+    parts = generator._split_by_tree(nodes, 10)
+    assert sum(part.num_rows for part in parts) == nodes.num_rows
+    assert all(part["node_id"][0].as_py() == 0 for part in parts)
+
+
 @pytest.mark.parametrize("sft_format", ["rstar", "astro"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sql_mining_equals_the_python_tree_walk_on_random_trees(tmp_path: Path, seed: int, sft_format: str) -> None:

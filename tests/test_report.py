@@ -161,6 +161,21 @@ def test_summary_rows_list_rounds_in_order_and_ignore_other_runs(layout: Layout)
     assert [row["round"] for row in summary_rows(layout, RUN, BENCHMARK)] == [0, 1, 2, 3, 4]
 
 
+def test_summary_rows_leave_out_rounds_past_the_asked_one(layout: Layout) -> None:
+    assert [row["round"] for row in summary_rows(layout, RUN, BENCHMARK, through_round=2)] == [0, 1, 2]
+
+
+def test_summary_rows_leave_out_stale_rounds(layout: Layout) -> None:
+    layout.stale_marker(RUN, 3).write_text("{}")
+    layout.stale_marker(RUN, 4).write_text("{}")
+    assert [row["round"] for row in summary_rows(layout, RUN, BENCHMARK)] == [0, 1, 2]
+
+
+def test_the_report_leaves_out_stale_rounds(layout: Layout) -> None:
+    layout.stale_marker(RUN, 4).write_text("{}")
+    assert len(table_rows(write_run_report(layout, RUN).read_text(encoding="utf-8"))) == 4
+
+
 # --- reading the trees ---------------------------------------------------------------------------------
 
 
