@@ -48,10 +48,20 @@ class ScoringContract:
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path) -> ScoringContract:
+        """The checkpoint's contract; ValueError, in one line, for one this scorer does not implement
+        (it always applies tanh, cuts the start and appends EOS: anything else would score silently wrong)."""
         path = Path(checkpoint_dir, SCORING_FILE)
         if not path.is_file():
             raise FileNotFoundError(f"{checkpoint_dir} is not a Kaizen PPM checkpoint (no {SCORING_FILE})")
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            contract = cls(**data)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path}: not a scoring contract ({str(err).splitlines()[0]})") from None
+        implemented = cls(max_length=contract.max_length)
+        if contract != implemented:
+            raise ValueError(f"{path}: {contract} is not what this scorer implements ({implemented})")
+        return contract
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:

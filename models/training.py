@@ -581,10 +581,12 @@ class TrainingRun:
         self.output_dir = Path(request.output_dir)
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging_prefix = f".{self.output_dir.name}.partial-"
-        # A run killed outright (its flow run SIGKILLed) never cleaned its staging directory: a 7B
-        # checkpoint's worth of disk. The run replacing it owns the output now.
-        for leftover in self.output_dir.parent.glob(f"{staging_prefix}*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        # A run killed outright (its flow run SIGKILLed) never cleaned its staging directory, nor, if
+        # it died while publishing, the retired old checkpoint: a 7B checkpoint's worth of disk each.
+        # The run replacing it owns the output now.
+        for pattern in (f"{staging_prefix}*", f".{self.output_dir.name}.old-*"):
+            for leftover in self.output_dir.parent.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
         request_path = self.staging_dir / REQUEST_FILE
         request_path.write_text(request.to_json(), encoding="utf-8")

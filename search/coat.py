@@ -23,9 +23,9 @@ After the token comes an ordinary step of `search.steps` (so the step parser, th
 grader work unchanged). `<|continue|>` extends the solution. `<|reflect|>` (after a step that
 failed) and `<|explore|>` (after a branch that reached a wrong answer) are comment steps that roll
 the solution back: "Back to step k." keeps the first k steps of the live path (0, or "start
-over", starts over; without it, only the latest step is dropped). The live path holds continue steps only, so step
-numbers count those; the program of a solution is the code of its live path (a meta step's own
-code never runs), and its answer is the live path's last answer step.
+over", starts over; without it, only the latest step is dropped). The live path holds continue
+steps only, so step numbers count those; the program of a solution is the code of its live path (a
+meta step's own code never runs), and its answer is the live path's last answer step.
 
 The search generates COAT one step at a time (`parse_coat_step`, `step_program`): a meta step is a
 comment, so running it means running the live path after its rollback, which changes nothing.

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.lifetime import process_identity, process_is_running
-from models.ppm import PPMScorer, cli_score, encode_texts
+from models.ppm import PPMScorer, ScoringContract, cli_score, encode_texts
 from models.training import (
     PROVENANCE_FILE,
     SFTTrainingConfig,
@@ -331,6 +331,17 @@ def test_cli_score_reports_a_device_it_cannot_use_in_one_line(
     assert len(error) == 1 and error[0].startswith(f"kaizen score: error: {message}")
 
 
+@pytest.mark.parametrize("contract, message", [
+    ({"max_length": 64, "value": "sigmoid(logit)"}, "is not what this scorer implements"),
+    ({"max_length": 64, "temperature": 2.0}, "not a scoring contract"),
+])
+def test_a_scoring_contract_the_scorer_does_not_implement_is_refused(tmp_path: Path, contract: dict,
+                                                                     message: str) -> None:
+    (tmp_path / "ppm_scoring.json").write_text(json.dumps(contract))
+    with pytest.raises(ValueError, match=message):
+        ScoringContract.load(tmp_path)
+
+
 def test_cli_score_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_score(["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "none.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("kaizen score: error: no such file")
@@ -439,6 +450,17 @@ def test_killed_run_leaves_no_checkpoint_that_looks_complete(tmp_path: Path, tin
     with pytest.raises(TrainingRunError, match="SIGKILL"):
         run.wait()
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_run_clears_what_a_run_killed_while_publishing_left(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    for leftover in (".policy.partial-dead", ".policy.old-dead"):
+        (tmp_path / leftover / "policy").mkdir(parents=True)
+    run = start_run(prepare_run("sft", tables=[sft_table], output_dir=output, base_model=str(tiny_model),
+                                overrides=FAST_SFT))
+    run.kill()
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith("-dead")] == []
 
 
 # Starts a run as a flow run's worker does and prints the training process's pid once it trains.
