@@ -129,7 +129,9 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             return None
     else:
         previous = pipeline.starting_point(round_number)  # before any GPU stage: the inputs must exist
-        problems = stage("select", select_task, pipeline, round_number, pools.train)
+        # Read once, here: the task's cache key covers it (a rollout re-run since changes what is unsolved).
+        problems = stage("select", select_task, pipeline, round_number, pools.train,
+                         pipeline.never_solved(round_number))
         if stop_after == "select":
             return None
         runner = _task_runner(pipeline)

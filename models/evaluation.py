@@ -438,11 +438,11 @@ def add_checkpoint_arguments(parser: OneLineParser) -> None:
 
 def check_checkpoint_sources(model: str | Path, ppm: str | Path | None) -> None:
     """ModelLoadError, before anything starts, for a policy or PPM path with nothing there (one line)."""
-    from models.tiny import ModelLoadError, check_policy_source, is_missing_local_model
+    from models.tiny import check_policy_source, require_model_source
 
     check_policy_source(model)
-    if ppm is not None and is_missing_local_model(ppm):
-        raise ModelLoadError(f"cannot load PPM {str(ppm)!r}: no such directory (and not an org/model hub name)")
+    if ppm is not None:
+        require_model_source(ppm, "PPM")
 
 
 def search_options(args: Any) -> dict[str, Any]:

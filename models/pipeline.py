@@ -196,14 +196,15 @@ class Pipeline:
                               split=problems.split, limit=problems.limit)
         return ProblemPools(Artifact.of(write_table(table, train_path, table="problems")))
 
-    def select_problems(self, round_number: int, pool: Artifact) -> Artifact:
-        """This round's search problems: all of the pool, or a seeded sample of `per_round`, never-solved first."""
+    def select_problems(self, round_number: int, pool: Artifact, never_solved: Sequence[str] | None = None) -> Artifact:
+        """This round's search problems: all of the pool, or a seeded sample of `per_round`, never-solved
+        first (`never_solved`: the ids `never_solved(round_number)` gives, read here when not given)."""
         from data_store.problems import load_problems
 
         table = load_problems(pool.require("problem pool"))
         per_round = self.recipe.problems.per_round
         if per_round is not None and per_round < table.num_rows:
-            never_solved = set(self.never_solved(round_number))
+            never_solved = set(self.never_solved(round_number) if never_solved is None else never_solved)
             ids = table.column("problem_id").to_pylist()
             # A seeded shuffle before the stable sort: pools are often ordered (by level, subject or
             # source), and the first rows of one are a biased sample of it.

@@ -297,13 +297,19 @@ def is_missing_local_model(name_or_dir: str | Path) -> bool:
     return not Path(name).expanduser().exists() and not is_hub_name(name)
 
 
+def require_model_source(name_or_dir: str | Path, what: str = "model") -> None:
+    """ModelLoadError for a path with nothing there that is not an `org/model` hub name either."""
+    if is_missing_local_model(name_or_dir):
+        raise ModelLoadError(
+            f"cannot load {what} {str(name_or_dir)!r}: no such directory (and not an org/model hub name)")
+
+
 def check_policy_source(name_or_dir: str | Path) -> None:
     """ModelLoadError, before anything loads, for what cannot be a policy: a path with nothing there, a
     directory without config.json, or a PPM checkpoint (a swapped --model / --ppm)."""
     name = str(name_or_dir)
     path = Path(name).expanduser()
-    if is_missing_local_model(name):
-        raise ModelLoadError(f"cannot load model {name!r}: no such directory (and not an org/model hub name)")
+    require_model_source(name)
     if path.is_dir() and (path / PPM_SCORING_FILE).is_file():
         raise ModelLoadError(f"{name} is a PPM checkpoint ({PPM_SCORING_FILE}); the policy is an SFT checkpoint")
     if path.exists() and not (path / "config.json").is_file():

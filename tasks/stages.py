@@ -39,7 +39,7 @@ CACHE_DIR = ".cache"
 # they do, and only then. A PPM setting must not retrain the policy, so training is split by kind.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems", "seed"),
-    "select": ("problems", "seed"),  # and which problems earlier rounds solved (StageCache)
+    "select": ("problems", "seed"),  # and which problems earlier rounds solved (its input)
     "bootstrap": ("model", "problems", "bootstrap", "training.sft", "seed", "step_format"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
@@ -113,8 +113,6 @@ class StageCache(CachePolicy):
                  pipeline.recipe.digest(*STAGE_SECTIONS[stage], leave_out=KEY_LEAVES_OUT)]
         if stage == "rollout":
             parts.append(_round_search(pipeline, inputs["round_number"]))
-        if stage == "select":  # a rollout re-run since changes what is still unsolved
-            parts.append("never_solved=" + _digest_of(pipeline.never_solved(inputs["round_number"])))
         if "backend" in STAGE_SECTIONS[stage]:
             parts.append(_device_kinds(pipeline))
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
@@ -213,8 +211,8 @@ def problems_task(pipeline: Pipeline) -> ProblemPools:
 
 
 @task(name="select", **_STAGE_OPTIONS)
-def select_task(pipeline: Pipeline, round_number: int, pool: Artifact) -> Artifact:
-    return pipeline.select_problems(round_number, pool)
+def select_task(pipeline: Pipeline, round_number: int, pool: Artifact, never_solved: list[str]) -> Artifact:
+    return pipeline.select_problems(round_number, pool, never_solved)
 
 
 @task(name="bootstrap", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)

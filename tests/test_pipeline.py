@@ -303,16 +303,16 @@ def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -
 
 def test_the_seed_changes_the_selection_key(tmp_path: Path) -> None:
     keys = [stage_key("select", curriculum_pipeline(tmp_path, **{"problems.per_round": 4, "seed": seed}),
-                      round_number=2) for seed in (0, 1)]
+                      round_number=2, never_solved=[]) for seed in (0, 1)]
     assert keys[0] != keys[1]
 
 
 def test_a_problem_solved_since_changes_the_selection_key(tmp_path: Path) -> None:
     pipeline = curriculum_pipeline(tmp_path, **{"problems.per_round": 4})
     pools = pipeline.prepare_problems()
-    before = stage_key("select", pipeline, round_number=2)
+    before = stage_key("select", pipeline, round_number=2, never_solved=pipeline.never_solved(2))
     solved_in_round(pipeline.layout, 1, load_problems(pools.train.path).column("problem_id")[0].as_py())
-    assert stage_key("select", pipeline, round_number=2) != before
+    assert stage_key("select", pipeline, round_number=2, never_solved=pipeline.never_solved(2)) != before
 
 
 def test_the_evaluations_grader_workers_leave_its_key_alone(tmp_path: Path) -> None:
