@@ -7,7 +7,8 @@ Equality is decided in layers, from cheap and exact to expensive and tolerant:
 2. multiple-choice letters compared as letters (`\\text{(C)}` == `C`);
 3. rational literals (`-3`, `0.25`, `1,000`, `7/2`, `\\frac{3}{4}`, `1\\frac{4}{5}`) compared exactly;
    float tolerance only applies where a decimal meets a non-terminating fraction (`0.333333`
-   vs `\\frac13`);
+   vs `\\frac13`); numerals in a base (`52_8`, `2516_{9}`) by value and base, and bare digits
+   against them as their digits (MATH's convention: `52` answers `52_8`, `42` does not);
 4. tuples and intervals element by element, sets and comma lists as sets, using 1-3 per element;
 5. math-verify, `verify(gold, pred)` with the gold first, on both sides parsed by its LaTeX
    parser (parses are cached: a gold is graded many times). Two checks run before it: constant
@@ -261,6 +262,8 @@ _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _ASSIGNMENT_RE = re.compile(r"([A-Za-z])(?:=|\\in)([^=<>]+)")
 _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z ]+")
 _DECIMAL_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+_BASE_NUMERAL_RE = re.compile(r"([0-9A-Za-z]*[0-9][0-9A-Za-z]*)_(?:\{(\d+)\}|(\d))")
+_DIGITS_RE = re.compile(r"[0-9A-Za-z]+")
 _SLASH_FRACTION_RE = re.compile(r"(-?)(\d+)/(\d+)")
 _FRACTION_ARGUMENT = r"(?:\{(-?\d+)\}|(\d))"
 _LATEX_FRACTION_RE = re.compile(rf"(-?)\\frac{_FRACTION_ARGUMENT}{_FRACTION_ARGUMENT}")
@@ -297,6 +300,7 @@ class _Canonical:
     brackets: str | None  # "()", "(]", ... of a tuple or interval; "{}" set; "" bare list
     items: tuple[_Canonical, ...] = ()  # elements of a tuple, interval, set or list
     qualified: bool = False  # a number followed by words that qualify it ("6 or more"), not a unit
+    base_numeral: tuple[int, int] | None = None  # (value, base) of "52_8"; math-verify drops the base
 
 
 def _parse_rational(text: str) -> tuple[Fraction, bool] | None:
@@ -356,7 +360,18 @@ def _canonical(answer: str, top_level: bool = True) -> _Canonical:
     rational = _parse_rational(text)
     number, is_decimal = rational if rational is not None else (None, False)
     brackets, items = _split_sequence(text) if top_level else (None, ())
-    return _Canonical(text, variable, number, is_decimal, choice, brackets, items, qualified)
+    return _Canonical(text, variable, number, is_decimal, choice, brackets, items, qualified, _base_numeral(text))
+
+
+def _base_numeral(text: str) -> tuple[int, int] | None:
+    """(value, base) of a numeral written in a base from 2 to 36; None for anything else (`x_1`)."""
+    if not (match := _BASE_NUMERAL_RE.fullmatch(text)):
+        return None
+    digits, base = match.group(1), int(match.group(2) or match.group(3))
+    try:
+        return (int(digits, base), base) if 2 <= base <= 36 else None
+    except ValueError:  # a digit the base does not have: a subscripted name, not a numeral
+        return None
 
 
 def _split_sequence(text: str) -> tuple[str | None, tuple[_Canonical, ...]]:
@@ -421,6 +436,8 @@ def _fast_verdict(pred: _Canonical, gold: _Canonical) -> bool | None:
         return True
     if pred.qualified or gold.qualified:
         return False  # "6 or more" is not 6, though math-verify drops the words
+    if gold.base_numeral is not None:
+        return _compare_base_numerals(pred, gold.base_numeral)
     exact = _compare_rationals(pred, gold)
     if exact is not None:
         return exact
@@ -441,6 +458,18 @@ def _compare_sequences(pred: _Canonical, gold: _Canonical) -> bool | None:
     if False in verdicts:
         return False
     return True if all(verdicts) else None
+
+
+def _compare_base_numerals(pred: _Canonical, gold: tuple[int, int]) -> bool | None:
+    """A numeral in the same base and of the same value, or the gold's digits written bare."""
+    if pred.base_numeral is not None:
+        return pred.base_numeral == gold
+    if not _DIGITS_RE.fullmatch(pred.text):
+        return None
+    try:
+        return int(pred.text, gold[1]) == gold[0]
+    except ValueError:  # digits the gold's base does not have
+        return False
 
 
 def _compare_rationals(pred: _Canonical, gold: _Canonical) -> bool | None:
