@@ -108,13 +108,17 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     """The stages of one round; with `stop_after`, only up to that stage (and nothing is promoted)."""
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
+    executed: list[str] = []  # stages run by this call rather than taken from the cache
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
         where = round_number if per_round else None
         state = cached(stage_task, pipeline, where, refresh=name in refresh)(*args, return_state=True)
         if _stale_cache_hit(state):
             logger.warning("round %d %s: the cached result's files changed since; running it again", round_number, name)
+            executed.append(name)
             return cached(stage_task, pipeline, where, refresh=True)(*args)
+        if state.name != "Cached":
+            executed.append(name)
         return state.result()
 
     pools = stage("problems", problems_task, pipeline, per_round=False)
@@ -170,7 +174,9 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
                            has_ppm=ppm is not None)
     stats["wall_s"] = (datetime.now(timezone.utc) - started_at).total_seconds()
     record = RoundRecord(round_number, policy, ppm, evaluation.metrics, stats, decision.passed, list(decision.reasons))
-    pipeline.record_round(record, started_at)
+    # With every stage from the cache (mining's cache hit means the same trees) this call replayed the
+    # round: its seconds are not what the round cost, so the row keeps the timing of the run that did.
+    pipeline.record_round(record, started_at, replayed=not executed)
     pipeline.promote(record)
     _publish(pipeline, record, evaluation)
     try:  # the run's HTML report, kept current after every round (runs/{run}/report.html)

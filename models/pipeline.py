@@ -572,18 +572,25 @@ class Pipeline:
                 return number
         return current.round + 1
 
-    def record_round(self, record: RoundRecord, started_at: datetime) -> Artifact:
-        """Write the round's row of the `rounds` table."""
+    def record_round(self, record: RoundRecord, started_at: datetime, *, replayed: bool = False) -> Artifact:
+        """Write the round's row of the `rounds` table. A `replayed` round (every stage taken from the
+        cache) keeps the start, finish and wall time of the row it replaces, if there is one."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
+        out = self.layout.table_path(self.run, record.round, "rounds")
+        finished_at, stats = datetime.now(timezone.utc), record.stats
+        if replayed and out.exists():
+            earlier = pq.read_table(out).to_pylist()[0]
+            started_at, finished_at = earlier["started_at"], earlier["finished_at"]
+            stats = {**stats, "wall_s": json.loads(earlier["metrics"]).get("wall_s", stats.get("wall_s"))}
         row = {
             "run": self.run, "round": record.round, "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc), "policy_checkpoint": record.policy.path,
+            "finished_at": finished_at, "policy_checkpoint": record.policy.path,
             "ppm_checkpoint": record.ppm.path if record.ppm else None,
-            "metrics": json.dumps({"eval": record.metrics, **record.stats}, sort_keys=True),
+            "metrics": json.dumps({"eval": record.metrics, **stats}, sort_keys=True),
             "gate_passed": record.gate_passed, "gate_reason": "; ".join(record.gate_reasons),
         }
-        out = self.layout.table_path(self.run, record.round, "rounds")
         return Artifact.of(write_table(pa.Table.from_pylist([row]), out, table="rounds"))
 
     def promote(self, record: RoundRecord) -> Artifact | None:
@@ -623,7 +630,8 @@ def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:
     """{level: [solved, searched]} from mining's per-tree status; problems without a level count as 'all'."""
     levels = {}
     for problem_id, metadata in zip(problems.column("problem_id").to_pylist(), problems.column("metadata").to_pylist()):
-        levels[problem_id] = str(json.loads(metadata).get("level", "all")) if metadata else "all"
+        level = json.loads(metadata).get("level") if metadata else None
+        levels[problem_id] = "all" if level is None else str(level)
     rates: dict[str, list[int]] = {}
     for problem_id, solved in zip(status.column("problem_id").to_pylist(), status.column("solved").to_pylist()):
         counts = rates.setdefault(levels.get(problem_id, "all"), [0, 0])

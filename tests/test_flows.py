@@ -128,12 +128,28 @@ def test_round_one_policy_trained_on_round_zero_data(rounds: dict[str, Any]) -> 
     assert any("round-000" in path for path in tables) and any("round-001" in path for path in tables)
 
 
-def test_rerun_of_a_finished_round_is_all_cache_hits(rounds: dict[str, Any]) -> None:
+def round_row(rounds: dict[str, Any], round_number: int) -> dict[str, Any]:
+    return pq.read_table(run_dir(rounds) / f"round-{round_number:03d}" / "gate" / "rounds.parquet").to_pylist()[0]
+
+
+@pytest.fixture(scope="module")
+def rerun(rounds: dict[str, Any]) -> dict[str, Any]:
+    """Round 1 run again with nothing changed, and its `rounds` row before and after."""
     from flows.evolve import round_flow
 
+    before = round_row(rounds, 1)
     state = round_flow(rounds["recipe"], 1, rounds["home"], return_state=True)
-    states = task_states(state)
+    return {"state": state, "before": before, "after": round_row(rounds, 1)}
+
+
+def test_rerun_of_a_finished_round_is_all_cache_hits(rerun: dict[str, Any]) -> None:
+    states = task_states(rerun["state"])
     assert states and all(names == ["Cached"] * len(names) for names in states.values()), states
+
+
+def test_rerun_from_the_cache_keeps_the_rounds_wall_time(rerun: dict[str, Any]) -> None:
+    wall = [json.loads(rerun[when]["metrics"])["wall_s"] for when in ("before", "after")]
+    assert wall[0] == wall[1] and rerun["before"]["started_at"] == rerun["after"]["started_at"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -409,3 +410,25 @@ def test_a_removed_artifact_is_not_current(tmp_path: Path) -> None:
     recorded = Artifact.of(path)
     path.rmdir()
     assert not artifacts_current(recorded)
+
+
+def recorded(pipeline: Pipeline, stats: dict, started_at: datetime, replayed: bool = False) -> dict:
+    policy = Artifact(path="policy", digest="d")
+    pipeline.record_round(RoundRecord(1, policy, None, {}, stats, True, []), started_at, replayed=replayed)
+    return pq.read_table(pipeline.layout.table_path(pipeline.run, 1, "rounds")).to_pylist()[0]
+
+
+def test_a_replayed_round_keeps_the_timing_of_the_run_that_computed_it(tmp_path: Path) -> None:
+    pipeline = curriculum_pipeline(tmp_path)
+    first = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    computed = recorded(pipeline, {"wall_s": 177.0}, first)
+    replayed = recorded(pipeline, {"wall_s": 2.0}, first + timedelta(days=1), replayed=True)
+    assert (json.loads(replayed["metrics"])["wall_s"], replayed["started_at"]) == (177.0, computed["started_at"])
+
+
+def test_problems_whose_level_is_null_count_under_all(tmp_path: Path) -> None:
+    from models.pipeline import solved_by_level
+
+    problems = pa.table({"problem_id": ["a", "b"], "metadata": ['{"level": null}', '{"level": 2}']})
+    status = pa.table({"problem_id": ["a", "b"], "solved": [True, False]})
+    assert solved_by_level(status, problems) == {"2": [0, 1], "all": [1, 1]}
