@@ -57,8 +57,12 @@ def open_generator(model: str | Path, config: BackendConfig | None = None, *, se
     if config.backend == "hf":
         from models.generation import HFGenerator
 
-        yield HFGenerator(model, device=resolve_device(config.device), batch_size=config.batch_size, seed=seed,
-                          prefix_cache_mb=config.prefix_cache_mb)
+        generator = HFGenerator(model, device=resolve_device(config.device), batch_size=config.batch_size, seed=seed,
+                                prefix_cache_mb=config.prefix_cache_mb)
+        try:
+            yield generator
+        finally:
+            generator.release()
         return
     from models.tiny import check_policy_source
     from models.vllm_server import VLLMGenerator, VLLMServer

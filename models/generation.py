@@ -298,9 +298,19 @@ class HFGenerator:
         self.threads = threads
         self._prompt_seeds = PromptSeeds(seed)
         self.prefix_cache = PrefixKVCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
+        # As vLLM stops: at the generation config's EOS ids and at the tokenizer's.
         eos = self.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        self._eos_ids: set[int] = set(eos) if isinstance(eos, list) else {eos}
+        self._eos_ids: set[int] = set(eos) if isinstance(eos, list) else {eos} - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self._eos_ids.add(self.tokenizer.eos_token_id)
+        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
+
+    def release(self) -> None:
+        """Free the model and its cached prompt states now: a long-lived flow process would keep them
+        on the GPU through the training stages that follow (as `PPMScorer.release`)."""
+        self.model, self.prefix_cache = None, None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def generate(
         self,
@@ -320,10 +330,17 @@ class HFGenerator:
         prompt_seeds = [self._prompt_seeds.next(prompt) for prompt in prompts] if temperature > 0 else None
         # Special tokens (a BOS for models that want one) are added exactly as vLLM's server adds them.
         encoded = self.tokenizer(list(prompts))["input_ids"]
+        if any(not ids for ids in encoded):
+            raise ValueError("cannot generate from an empty prompt")
+        # As vLLM: output stops where the model's context ends, and a prompt that fills it gets a
+        # cut-off (empty) completion, so the search ends that path the same way on either backend.
+        room = [max_tokens if self.context_length is None else min(max_tokens, self.context_length - len(ids))
+                for ids in encoded]
+        results: dict[int, list[Completion]] = {p: [Completion("", 0, "length")] * samples
+                                                for p in range(len(prompts)) if room[p] < 1}
         # Longest first: similar lengths share a batch (little padding) and memory peaks early.
-        order = sorted(range(len(prompts)), key=lambda p: -len(encoded[p]))
+        order = sorted((p for p in range(len(prompts)) if p not in results), key=lambda p: -len(encoded[p]))
         prompts_per_batch = max(1, self.batch_size // samples)
-        results: dict[int, list[Completion]] = {}
         with torch.inference_mode(), _intra_op_threads(self.threads):
             for start in range(0, len(order), prompts_per_batch):
                 batch = order[start : start + prompts_per_batch]
@@ -331,7 +348,7 @@ class HFGenerator:
                     f"{prompt_seeds[p]}/{sample}" for p in batch for sample in range(samples)
                 ]
                 completions = self._generate_batch(
-                    [encoded[p] for p in batch], samples, row_seeds, stop, temperature, max_tokens
+                    [encoded[p] for p in batch], samples, row_seeds, stop, temperature, [room[p] for p in batch]
                 )
                 for position, p in enumerate(batch):
                     results[p] = completions[position * samples : (position + 1) * samples]
@@ -345,10 +362,10 @@ class HFGenerator:
         row_seeds: list[str] | None,
         stop: Sequence[str],
         temperature: float,
-        max_tokens: int,
+        max_tokens: list[int],
     ) -> list[Completion]:
-        """`samples` completions of each prompt, prompt by prompt; row i samples from `row_seeds[i]`
-        (None: greedy).
+        """`samples` completions of each prompt, prompt by prompt, at most `max_tokens[prompt]` tokens
+        each; row i samples from `row_seeds[i]` (None: greedy).
 
         Finished rows (stop string, EOS) leave the batch: once a quarter of the rows have finished,
         their cache rows are dropped, so decoding steps compute mostly rows still generating.
@@ -364,7 +381,9 @@ class HFGenerator:
         )
         # Left padding: positions count real tokens only.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = _decoding_cache(self.model.config, reserve=max_tokens + 1)
+        row_limits = [limit for limit in max_tokens for _ in range(samples)]
+        longest = max(max_tokens)
+        cache = _decoding_cache(self.model.config, reserve=longest + 1)
         # Each prompt is prefilled once (all but its last token) and its cache repeated per sample;
         # the last token then runs per row, which gives each row its own first sample.
         if width > 1:
@@ -381,7 +400,7 @@ class HFGenerator:
         in_batch = list(range(rows))  # the row at each batch position
         live = set(in_batch)
         window = max((len(s.encode()) for s in stop), default=0)
-        for step in range(max_tokens):
+        for step in range(longest):
             logits = self.model(
                 input_ids=step_ids,
                 attention_mask=attention_mask,
@@ -395,7 +414,8 @@ class HFGenerator:
                 if row in live:
                     generated[row].append(token)
             live -= self._finished_rows(live, generated, stop, window, stopped_at)
-            if step == max_tokens - 1 or not live:
+            live -= {row for row in live if len(generated[row]) >= row_limits[row]}
+            if step == longest - 1 or not live:
                 break
             # Dropping rows copies the cache, so finished rows ride along (their tokens ignored)
             # until a quarter of the batch has finished.

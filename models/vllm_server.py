@@ -13,6 +13,7 @@ import argparse
 import atexit
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -242,6 +243,9 @@ class VLLMServer:
         self.config = config or VLLMServerConfig()
         self.python = vllm_python(python)
         self.model_name = served_model_name or self.model_dir
+        # A second served name no other server has: /health answers 200 on any server, so the health
+        # check asks /v1/models for this one before it trusts that the server on the port is ours.
+        self._identity = f"kaizen-{secrets.token_hex(8)}"
         self.port = self.config.port or free_port(self.config.host)
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else None
@@ -250,14 +254,15 @@ class VLLMServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        host = self.config.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def command(self) -> list[str]:
         config = self.config
         command = [
             str(self.python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir,
-            "--served-model-name", self.model_name,
+            "--served-model-name", self.model_name, self._identity,
             "--host", config.host,
             "--port", str(self.port),
             "--dtype", config.dtype,
@@ -301,11 +306,17 @@ class VLLMServer:
             self.log_path = Path(name)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             self._scratch = Path(tempfile.mkdtemp(prefix="kaizen-vllm-tmp-"))
-            with self.log_path.open("wb") as log:
-                self._process = subprocess.Popen(
-                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=tie_to_this_thread(), env=_server_environment(self._scratch),
-                )
+            try:
+                with self.log_path.open("wb") as log:
+                    self._process = subprocess.Popen(
+                        self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, preexec_fn=tie_to_this_thread(), env=_server_environment(self._scratch),
+                    )
+            except BaseException as error:
+                self.stop()
+                if isinstance(error, OSError):
+                    raise VLLMServerError(f"cannot start the vLLM server with {self.python}: {error}") from error
+                raise
             atexit.register(self.stop)
             try:
                 self._wait_until_healthy()
@@ -333,12 +344,22 @@ class VLLMServer:
             if code is not None:
                 raise self._startup_error(f"exited with code {code} during startup")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200 and self._serves_identity():
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
         raise self._startup_error(f"did not become healthy within {self.config.startup_timeout_s:g} s")
+
+    def _serves_identity(self) -> bool:
+        """Whether the server on the port is this one (another may hold the port ours cannot bind)."""
+        import httpx
+
+        response = httpx.get(f"{self.base_url}/v1/models", timeout=2.0)
+        try:
+            return self._identity in {model["id"] for model in response.json()["data"]}
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def _startup_error(self, what: str) -> VLLMServerError:
         tail = self.log_tail()
@@ -363,9 +384,16 @@ class VLLMServer:
     def stop(self, *, keep_log: bool = False) -> None:
         """SIGTERM the server's process group, SIGKILL whatever is left after the grace period."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        atexit.unregister(self.stop)
+        if process is not None:
+            atexit.unregister(self.stop)
+            self._end_group(process)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        if self._own_log and not keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+
+    def _end_group(self, process: subprocess.Popen[bytes]) -> None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=self.config.stop_timeout_s)
@@ -383,11 +411,6 @@ class VLLMServer:
             # A killed engine takes a moment to exit and release its (GPU) memory; a server started
             # right after must not race it.
             _wait_for_group_exit(process.pid, timeout_s=self.config.stop_timeout_s)
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-        if self._own_log and not keep_log and self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
 
     def generator(self, **options: Any) -> VLLMGenerator:
         """A client for this server (options as for VLLMGenerator)."""
@@ -487,7 +510,9 @@ class VLLMGenerator:
         ]
 
     def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        # Not waiting: on Ctrl-C a request in flight could hold shutdown for its whole timeout; the
+        # server stopping right after fails whatever is still running.
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def __enter__(self) -> VLLMGenerator:
@@ -498,7 +523,10 @@ class VLLMGenerator:
 
 
 # vLLM's 400 for a prompt that leaves no room in the model's context (renderers/params.py, 0.32).
-_CONTEXT_FULL = re.compile(r"maximum context length|longer than the maximum model length", re.IGNORECASE)
+# A prompt of exactly the context's length passes that check, and the room left for output is 0.
+_CONTEXT_FULL = re.compile(
+    r"maximum context length|longer than the maximum model length|max_tokens must be at least 1", re.IGNORECASE
+)
 
 
 def _error_message(response: Any) -> str:

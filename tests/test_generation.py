@@ -12,7 +12,7 @@ import torch
 
 from models.generation import HFGenerator, PrefixKVCache, _invert_cdf, _sample_tokens
 from models.tiny import ModelLoadError, build_tiny_model, default_corpus
-from search.policy import PromptSeeds
+from search.policy import Completion, PromptSeeds
 from search.steps import render_prompt
 
 # Different lengths, so batches need left padding.
@@ -166,6 +166,34 @@ def test_eos_ends_the_completion_is_counted_and_not_in_the_text(model_dir: Path,
     completion = greedy(HFGenerator(patched), PROMPTS[:1], max_tokens=20)[0][0]
     assert completion.text == reference.tokenizer.decode(generated[:eos_index], skip_special_tokens=True)
     assert (completion.num_tokens, completion.finish_reason) == (eos_index + 1, "stop")
+
+
+def test_the_tokenizers_eos_stops_generation_as_well_as_the_generation_configs(model_dir: Path, tmp_path: Path) -> None:
+    """vLLM stops at both; a checkpoint whose generation config names another EOS must not run on past it."""
+    patched = shutil.copytree(model_dir, tmp_path / "model")
+    config = json.loads((patched / "generation_config.json").read_text())
+    (patched / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": 7}))
+    generator = HFGenerator(patched)
+    assert generator._eos_ids == {7, generator.tokenizer.eos_token_id}
+
+
+def test_a_prompt_that_fills_the_context_gets_a_cut_off_completion(model_dir: Path) -> None:
+    generator = HFGenerator(model_dir)
+    generator.context_length = len(generator.tokenizer(PROMPTS[0])["input_ids"])
+    assert greedy(generator, PROMPTS[:1]) == [[Completion("", 0, "length")]]
+
+
+def test_output_stops_where_the_context_ends(model_dir: Path) -> None:
+    generator = HFGenerator(model_dir)
+    unbounded = greedy(generator, PROMPTS[:1], max_tokens=8)[0][0]
+    generator.context_length = len(generator.tokenizer(PROMPTS[0])["input_ids"]) + 3
+    assert unbounded.num_tokens > 3
+    assert greedy(generator, PROMPTS[:1], max_tokens=8)[0][0].num_tokens == 3
+
+
+def test_an_empty_prompt_is_refused(generator: HFGenerator) -> None:
+    with pytest.raises(ValueError, match="empty prompt"):
+        greedy(generator, [""])
 
 
 def test_seeded_sampling_replays(model_dir: Path) -> None:
@@ -368,3 +396,11 @@ def test_sampling_rejects_non_finite_logits() -> None:
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="cannot sample"):
         _sample_tokens(logits, 1.0, [random.Random(0)])
+
+
+def test_the_backend_frees_the_policy_when_its_block_ends(model_dir: Path) -> None:
+    from models.backends import BackendConfig, open_generator
+
+    with open_generator(model_dir, BackendConfig(backend="hf", device="cpu")) as generator:
+        assert generator.model is not None
+    assert generator.model is None and generator.prefix_cache is None

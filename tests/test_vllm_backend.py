@@ -291,8 +291,9 @@ def process_is_live(pid: int) -> bool:
 
 
 FAKE_SERVER = """
-import http.server, socket, sys
+import http.server, json, socket, sys
 port = int(sys.argv[sys.argv.index("--port") + 1])
+names = sys.argv[sys.argv.index("--served-model-name") + 1:sys.argv.index("--host")]
 try:
     server = http.server.HTTPServer(("127.0.0.1", port), http.server.BaseHTTPRequestHandler)
 except OSError as error:
@@ -302,6 +303,8 @@ class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
         self.end_headers()
+        if self.path == "/v1/models":
+            self.wfile.write(json.dumps({"data": [{"id": name} for name in names]}).encode())
     def log_message(self, *args):
         pass
 server.RequestHandlerClass = Health
@@ -309,13 +312,19 @@ server.serve_forever()
 """
 
 
-def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Servers of parallel shards can race for the same free port; the loser picks another."""
+def fake_vllm(tmp_path: Path, preamble: str = "") -> Path:
+    """An interpreter path that runs FAKE_SERVER: answers /health and /v1/models, or fails to bind as vLLM does."""
     script = tmp_path / "fake_server.py"
-    script.write_text(FAKE_SERVER)
-    fake_python = tmp_path / "python"  # answers /health like a server, or fails to bind as vLLM does
+    script.write_text(preamble + FAKE_SERVER)
+    fake_python = tmp_path / "python"
     fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     fake_python.chmod(0o755)
+    return fake_python
+
+
+def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers of parallel shards can race for the same free port; the loser picks another."""
+    fake_python = fake_vllm(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -328,17 +337,60 @@ def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path, mon
 
 def test_temporary_files_the_server_leaves_are_removed_when_it_stops(tmp_path: Path) -> None:
     """vLLM never removes its IPC sockets and rendezvous files; nightly runs must not pile them up in /tmp."""
-    script = tmp_path / "fake_server.py"
     # Like vLLM: a rendezvous file in the temporary directory and a socket under VLLM_RPC_BASE_PATH.
-    script.write_text(
+    fake_python = fake_vllm(tmp_path, preamble=(
         "import os, tempfile\n"
         "open(os.path.join(tempfile.gettempdir(), 'vllm_dist_test'), 'w').close()\n"
-        "open(os.path.join(os.environ['VLLM_RPC_BASE_PATH'], 'engine.sock'), 'w').close()\n" + FAKE_SERVER
-    )
-    fake_python = tmp_path / "python"
-    fake_python.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
-    fake_python.chmod(0o755)
+        "open(os.path.join(os.environ['VLLM_RPC_BASE_PATH'], 'engine.sock'), 'w').close()\n"
+    ))
     with VLLMServer(tmp_path, python=fake_python, config=VLLMServerConfig(startup_timeout_s=30)) as server:
         scratch = server._scratch
         assert scratch is not None and {path.name for path in scratch.iterdir()} == {"vllm_dist_test", "engine.sock"}
     assert not scratch.exists()
+
+
+def test_another_server_answering_on_the_port_is_not_taken_for_this_one(
+    tmp_path: Path, failure_logs_in_tmp_path: Path
+) -> None:
+    """/health answers 200 on any vLLM server: a leftover one on a fixed port must not pass for ours."""
+    (tmp_path / "other").mkdir()
+    port = free_port()
+    other = subprocess.Popen([fake_vllm(tmp_path / "other"), "--port", str(port), "--served-model-name", "other", "--host"])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not answers(port):
+            time.sleep(0.1)
+        server = VLLMServer(tmp_path, python=fake_vllm(tmp_path), config=VLLMServerConfig(port=port, startup_timeout_s=30))
+        with pytest.raises(VLLMServerError, match="(?i)address already in use"):
+            server.start()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_server_that_cannot_be_launched_fails_in_one_line_and_leaves_no_scratch(
+    tmp_path: Path, failure_logs_in_tmp_path: Path
+) -> None:
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    server = VLLMServer(tmp_path, python=not_executable)
+    with pytest.raises(VLLMServerError, match="cannot start the vLLM server") as error:
+        server.start()
+    assert "\n" not in str(error.value) and list(failure_logs_in_tmp_path.iterdir()) == []
+
+
+def test_a_prompt_that_leaves_no_room_for_output_gets_a_cut_off_step() -> None:
+    """vLLM lets a prompt of exactly the context's length through, then refuses max_tokens 0."""
+    import httpx
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "max_tokens must be at least 1, got 0."}})
+
+    with VLLMGenerator("http://127.0.0.1:9", "m") as client:
+        client._client = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(refuse))
+        assert client.generate(PROMPTS[:1], n=2, stop=[], temperature=1.0, max_tokens=4) == [[Completion("", 0, "length")] * 2]
