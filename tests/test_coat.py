@@ -16,6 +16,7 @@ from search.coat import (
     CoatFormatError,
     CoatStep,
     MetaAction,
+    as_coat_step,
     astro_backtrack,
     continue_steps,
     final_answer,
@@ -26,6 +27,7 @@ from search.coat import (
     parse_coat_trajectory,
     render_coat_solution,
     solution_program,
+    step_program,
 )
 from search.grading import Grader
 from search.sandbox import Sandbox, SandboxConfig
@@ -76,6 +78,17 @@ def test_rollbacks_keep_the_steps_they_name() -> None:
 def test_a_meta_step_without_a_target_drops_only_the_latest_step() -> None:
     reflect = CoatStep(MetaAction.REFLECT, SolutionStep("# Reflect: that step is wrong.\n<end_of_step>"))
     assert live_path([*continue_steps([APPLES, BAD_SHARE]), reflect]) == [APPLES]
+
+
+def test_a_meta_step_goes_back_to_the_last_step_it_names() -> None:
+    # The reason comes first and may quote another target; the step's own target closes it.
+    text = "<|reflect|># Reflect: the hint said back to step 3; that fails. Back to step 1.\n<end_of_step>"
+    assert as_coat_step(text).back_to == 1
+
+
+def test_a_meta_step_that_starts_over_runs_its_comment_alone() -> None:
+    reflect = meta_step(MetaAction.REFLECT, "counting is wrong", 0)
+    assert step_program([*continue_steps([APPLES]), reflect]) == "# Reflect: counting is wrong. Back to step 0.\n"
 
 
 def test_program_and_answer_come_from_the_live_path() -> None:

@@ -293,6 +293,14 @@ def test_test_time_mcts_answers_what_the_ppm_prefers_not_the_reference() -> None
     assert (record.extracted_answer, record.correct) == ("7", False)
 
 
+def test_test_time_mcts_prefers_an_answer_it_can_grade() -> None:
+    scorer = AnswerPreferringScorer({"5": -0.5})  # an unboxed answer step scores 0.0, higher
+    config = EvalSearchConfig(pipeline_groups=1, mcts_width=2, mcts_rollouts=2, max_depth=4)
+    record = only_record(run_modes([problem(0, "5")], ["mcts"], {problem(0).question: [UNBOXED, "5"]}, scorer=scorer,
+                                   config=config))
+    assert (record.extracted_answer, record.correct) == ("5", True)
+
+
 def test_a_ppm_score_that_is_not_a_number_stops_best_of_k() -> None:
     class BrokenScorer:
         def score(self, texts: Sequence[str]) -> list[float]:

@@ -50,6 +50,11 @@ def test_a_gain_of_exactly_the_minimum_passes_despite_float_rounding() -> None:
     assert decide_gate(summary(0.57), summary(0.56), GateRule("math500", min_gain=0.01)).passed
 
 
+def test_a_fall_of_exactly_the_tolerance_passes_despite_float_rounding() -> None:
+    assert 0.58 - 0.57 > 0.01  # the rounding this guards against
+    assert decide_gate(summary(0.57), summary(0.58), GateRule("math500", tolerance=0.01)).passed
+
+
 def test_the_gated_metric_missing_from_this_round_fails_naming_what_is_there() -> None:
     decision = decide_gate({"gsm8k/greedy": 0.5}, summary(0.4), GateRule("math500"))
     assert not decision.passed
@@ -88,6 +93,11 @@ def test_a_round_without_a_ppm_passes_a_gate_on_a_ppm_mode() -> None:
 
 def test_a_missing_ppm_metric_still_fails_a_round_that_has_a_ppm() -> None:
     assert not decide_gate(summary(0.3), None, GateRule("math500", mode="ppm@8")).passed
+
+
+def test_a_round_without_a_ppm_still_fails_a_gate_on_greedy_whose_metric_is_missing() -> None:
+    decision = decide_gate({"gsm8k/greedy": 0.5}, summary(0.4), GateRule("math500"), has_ppm=False)
+    assert not decision.passed and "is missing" in decision.reason
 
 
 def test_gate_modes_are_named_as_the_metrics_name_them() -> None:

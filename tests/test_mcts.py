@@ -112,6 +112,29 @@ def test_ties_are_broken_by_the_rng() -> None:
     assert chosen == {STEP_A, STEP_B}
 
 
+def two_visited_children() -> tuple[Tree, Node, Node]:
+    """A root visited 5 times over a child with Q = 0.5 from 4 visits and one with Q = 0.2 from 1."""
+    tree = make_tree()
+    often, once = expand(tree, [STEP_A, STEP_B])
+    tree.root.visits = 5
+    often.visits, often.value_sum = 4, 2.0
+    once.visits, once.value_sum = 1, 0.2
+    return tree, often, once
+
+
+def test_uct_is_q_plus_c_times_the_root_of_log_parent_visits_over_visits() -> None:
+    tree, often, once = two_visited_children()
+    # Q + 2 * sqrt(ln 5 / N): 0.5 + 2 * sqrt(ln 5 / 4) and 0.2 + 2 * sqrt(ln 5 / 1).
+    assert tree.uct(often, tree.root) == pytest.approx(1.7686362)
+    assert tree.uct(once, tree.root) == pytest.approx(2.7372725)
+
+
+def test_selection_picks_the_less_visited_child_with_lower_q_when_its_uct_is_higher() -> None:
+    tree, often, once = two_visited_children()
+    assert once.q_value < often.q_value
+    assert tree.select() is once
+
+
 def test_rollout_continues_below_the_expanded_node_until_only_terminals_appear() -> None:
     tree = make_tree(rollouts=2)
     [step_a] = expand(tree, [STEP_A])
@@ -227,3 +250,8 @@ def test_config_accepts_the_mode_by_name() -> None:
 def test_config_rejects_a_width_below_one() -> None:
     with pytest.raises(ValueError, match="width"):
         MCTSConfig(width=0)
+
+
+def test_config_defaults_are_the_papers_first_round_values() -> None:
+    config = MCTSConfig()
+    assert (config.c_puct, config.width, config.rollouts, config.max_depth) == (2.0, 5, 8, 16)

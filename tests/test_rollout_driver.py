@@ -27,6 +27,7 @@ from search.rollout import (
     RolloutResult,
     printed_answer,
     run_rollouts,
+    verified,
 )
 from search.steps import END_OF_STEP
 
@@ -219,6 +220,14 @@ def test_ppm_mode_initialises_new_steps_with_the_scorer() -> None:
     assert first_steps == {"a = 2": 0.5, "a = 7": -0.5}
 
 
+def test_ppm_augmented_search_leaves_answers_to_the_reference_not_the_ppm() -> None:
+    scorer = StepPreferringScorer()
+    result = search(toy_problems(1), MCTSConfig(width=3, rollouts=4, mode=SearchMode.PPM), scorer=scorer)
+    answers = [row for row in result.node_rows("run", 1) if row["kind"] == "answer"]
+    assert answers and all(row["ppm_score"] is None for row in answers)
+    assert not any(text.endswith("<end_of_answer>\n") for texts in scorer.calls for text in texts)
+
+
 def test_a_ppm_score_that_is_not_a_number_stops_the_search_naming_the_ppm() -> None:
     class BrokenScorer:
         def score(self, texts: Sequence[str]) -> list[float]:
@@ -236,6 +245,19 @@ def test_ppm_mode_without_a_scorer_is_refused() -> None:
 def test_problem_without_reference_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="'no-ref'"):
         search([Problem("no-ref", QUESTION, " ")], MCTSConfig())
+
+
+def test_a_problem_id_given_twice_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'twice' appears twice"):
+        search([Problem("twice", QUESTION, "5")] * 2, MCTSConfig())
+
+
+def test_trees_solved_counts_only_trees_that_reached_a_correct_answer() -> None:
+    # No path of the toy problem prints 4: the second tree reaches only wrong answers.
+    result = search([Problem("solvable", QUESTION, "5"), Problem("unsolvable", QUESTION, "4")],
+                    MCTSConfig(width=3, rollouts=16))
+    assert any(node.correct is False for node in result.trees[1].nodes)
+    assert result.stats.trees_solved == 1
 
 
 # -- the nodes table --------------------------------------------------------------------------------
@@ -422,6 +444,10 @@ def test_a_right_answer_after_a_program_that_printed_another_number_is_not_verif
     answers = answers_with_printed(result)
     assert any(printed.strip() != "5" for _, printed in answers)  # the search did reach wrong programs
     assert all(correct == (printed.strip() == "5") for correct, printed in answers)
+
+
+def test_a_right_answer_whose_printed_number_the_grader_timed_out_on_has_no_verdict() -> None:
+    assert verified(ToyGrade(True, "5"), ToyGrade(False, "5", "timeout")) is None
 
 
 def test_a_program_that_printed_no_number_leaves_the_answer_to_decide() -> None:

@@ -56,6 +56,7 @@ def test_answer_step_yields_its_answer_text() -> None:
         "# Step 1: hallucinated output\n<output>3<end_of_output>\n<end_of_step>",
         "<answer>no closing marker",
         f"<answer>\\boxed{{1}}{END_OF_STEP}",
+        "<answer>5 <output>6<end_of_output><end_of_answer>",
     ],
 )
 def test_unclosed_empty_or_stray_marker_steps_are_malformed(text: str) -> None:
