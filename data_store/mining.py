@@ -42,7 +42,7 @@ from rapidfuzz.distance import Levenshtein
 from data_store.parquet import COMPRESSION, atomic_path, check_output_directory
 from data_store.schema import SchemaError, check_schema, conform
 from data_store.views import PROBLEM_STATUS_SELECT
-from search.arguments import OneLineParser
+from search.arguments import OneLineParser, field_help
 from search.coat import astro_backtrack, live_path, plain_coat_steps
 from search.mcts import MALFORMED_STEP_ERROR
 from search.steps import (
@@ -731,7 +731,7 @@ def write_mined(result: MiningResult, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _help(name: str) -> str:
-    return MiningConfig.__dataclass_fields__[name].metadata["help"]
+    return field_help(MiningConfig, name)
 
 
 def cli_mine(argv: list[str]) -> int:

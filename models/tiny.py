@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_store.home import shared_data_dir
-from search.arguments import OneLineParser
+from search.arguments import OneLineParser, field_help
 from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_trajectory
 
 if TYPE_CHECKING:
@@ -364,7 +364,7 @@ def cli_tiny_model(argv: list[str]) -> int:
             type=type(default),
             default=default,
             choices=ARCHITECTURES if option.name == "architecture" else None,
-            help=option.metadata["help"],
+            help=field_help(TinyModelConfig, option.name),
         )
     args = parser.parse_args(argv)
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 from models.lifetime import tie_to_this_thread
 from models.tiny import is_missing_local_model
-from search.arguments import OneLineParser
+from search.arguments import OneLineParser, field_help
 from search.policy import Completion, PromptSeeds
 
 VLLM_VERSION = "0.32.0"
@@ -558,9 +558,9 @@ def cli_vllm(argv: list[str]) -> int:
     check.add_argument("--model", help="checkpoint directory; default: build a tiny model in a temp dir")
     defaults = VLLMServerConfig()
     for sub in (serve, check):
-        sub.add_argument("--host", default=defaults.host, help=VLLMServerConfig.__dataclass_fields__["host"].metadata["help"])
+        sub.add_argument("--host", default=defaults.host, help=field_help(VLLMServerConfig, "host"))
         sub.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-        sub.add_argument("--kv-cache-gib", type=float, default=None, help=VLLMServerConfig.__dataclass_fields__["kv_cache_gib"].metadata["help"])
+        sub.add_argument("--kv-cache-gib", type=float, default=None, help=field_help(VLLMServerConfig, "kv_cache_gib"))
         sub.add_argument("--timeout", type=float, default=defaults.startup_timeout_s, help="startup timeout in seconds")
         sub.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after `--`: more arguments for vLLM")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -12,3 +12,8 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def field_help(config_class: Any, name: str) -> str:
+    """A config dataclass field's help string as argparse help (a literal `%` escaped: argparse formats it)."""
+    return config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")

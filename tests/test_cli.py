@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prefect.states import Failed
 
-from flows.cli import main
+from flows.cli import COMMANDS, main
 from flows.demo import SUMMARY_COLUMNS, summary_table
 from models.tiny import ModelLoadError
 from models.training import TrainingInputError, TrainingRunError
@@ -217,3 +217,17 @@ def test_bad_input_found_inside_a_flow_prints_no_traceback(tmp_path: Path) -> No
     errors = [line for line in result.stderr.splitlines() if line.startswith("kaizen round: error:")]
     assert result.returncode == 1 and len(errors) == 1 and "has no answer" in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+HELP_COMMANDS = [[name] for name in COMMANDS if name not in ("vllm", "train")] + [
+    ["vllm", "install"], ["vllm", "serve"], ["vllm", "check"], ["train", "sft"], ["train", "ppm"], ["train", "rl"],
+]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
+def test_every_commands_help_is_shown(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    try:
+        code = main([*command, "--help"])
+    except SystemExit as exit_:  # argparse's own exit, where the command does not catch it
+        code = exit_.code
+    assert code == 0 and "usage:" in capsys.readouterr().out
