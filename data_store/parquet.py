@@ -121,7 +121,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], *, older_than_s:
     return stale
 
 
-def check_output_directory(path: str | os.PathLike[str]) -> Path:
+def check_output_directory(path: str | os.PathLike[str], what: str = "output directory") -> Path:
     """Check, before any work, that a command can create or write into the directory `path` (nothing is
     created: a failed run leaves no trace); ValueError in one line when a file is in the way or the
     nearest existing directory is not writable."""
@@ -129,11 +129,11 @@ def check_output_directory(path: str | os.PathLike[str]) -> Path:
     for candidate in (directory, *directory.parents):
         if candidate.exists():
             if not candidate.is_dir():
-                raise ValueError(f"output directory {directory} cannot be created: {candidate} is a file")
+                raise ValueError(f"{what} {directory} cannot be created: {candidate} is a file")
             try:  # a probe, not os.access: root passes access checks on read-only mounts such as /proc
                 os.rmdir(tempfile.mkdtemp(prefix=".kaizen-probe-", dir=candidate))
             except OSError as err:
-                raise ValueError(f"output directory {directory} cannot be created in {candidate}: "
+                raise ValueError(f"{what} {directory} cannot be created in {candidate}: "
                                  f"{err.strerror or err}") from None
             break
     return directory

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from data_store.home import Layout, get_home
-from data_store.parquet import write_json
+from data_store.parquet import check_output_directory, write_json
 from search.arguments import OneLineParser
 
 DEFAULT_RECIPE = "demo"
@@ -62,7 +62,7 @@ def cli_demo(argv: list[str]) -> int:
 
     overrides = {"seed": args.seed} if args.seed is not None else None
     recipe = load_recipe(args.recipe, overrides)
-    home = get_home(args.home)
+    home = check_output_directory(get_home(args.home), "data home")
     _quiet_prefect()
     started = time.monotonic()
     state = evolve_flow(args.recipe, 0, args.rounds, str(home), overrides, return_state=True)

@@ -28,6 +28,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_store.home import Layout, get_home
+from data_store.parquet import check_output_directory
 from models.gate import decide_gate
 from models.pipeline import Artifact, Current, Pipeline, RoundRecord, artifacts_current
 from models.recipe import Recipe, load_recipe
@@ -57,7 +58,8 @@ class GateFailed(RuntimeError):
 
 def open_pipeline(recipe: str | Recipe, home: str | None = None, overrides: dict[str, Any] | None = None) -> Pipeline:
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    return Pipeline(loaded, Layout(get_home(home)))
+    # Before any flow starts: a home that cannot be written would fail the first stage, in Prefect's logs.
+    return Pipeline(loaded, Layout(check_output_directory(get_home(home), "data home")))
 
 
 def _task_runner(pipeline: Pipeline) -> Any:
@@ -358,9 +360,12 @@ def _quiet_prefect() -> None:
 
 
 def _parse_rounds(text: str) -> tuple[int | None, int]:
-    start, _, end = text.partition(":")
+    """START:END, or END alone (as `kaizen demo --rounds N`): from the round after the promoted one to END."""
+    start, colon, end = text.partition(":")
+    if not colon:
+        start, end = "", start
     try:
-        first, last = (int(start) if start else None), int(end or start)
+        first, last = (int(start) if start else None), int(end)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--rounds must look like START:END or END, got {text!r}") from None
     if first is not None and not 0 <= first <= last:
@@ -372,7 +377,7 @@ def cli_run(argv: list[str]) -> int:
     parser = OneLineParser(prog="kaizen run", description="Run the evolve flow: gated rounds of a recipe.")
     _common(parser)
     parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
-                        help="START:END (default: from the round after the promoted one to 4)")
+                        help="START:END, or END: from the round after the promoted one to END (default 4)")
     args = parser.parse_args(argv)
     overrides, pipeline = _checked(args)
     start, end = args.rounds

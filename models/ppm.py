@@ -144,6 +144,9 @@ class PPMScorer:
 
         from models.backends import resolve_device
 
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+
         self.device = resolve_device(device)
         self.contract = ScoringContract.load(checkpoint_dir)
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if self.device == "cpu" else torch.bfloat16)

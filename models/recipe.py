@@ -350,7 +350,9 @@ def _scalar(where: str, hint: Any, value: Any) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, str) or (hint is int and isinstance(value, float) and not value.is_integer()):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")  # int() would truncate it
+        if isinstance(value, str):
             try:
                 value = hint(value)
             except ValueError:
@@ -462,7 +464,10 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         # The checked values, converted as the section's were ("1e-1" read as text becomes 0.1).
         recipe.search.round_overrides[round_number] = {name: getattr(built, name) for name in overrides}
     for where, count in (("search.shards", recipe.search.shards), ("problems.per_round", recipe.problems.per_round),
-                         ("problems.limit", recipe.problems.limit), ("eval.limit", recipe.eval.limit)):
+                         ("problems.limit", recipe.problems.limit), ("eval.limit", recipe.eval.limit),
+                         *((f"problems.curriculum.{name}", getattr(recipe.problems.curriculum, name))
+                           for name in ("train", "test") if recipe.problems.source == CURRICULUM),
+                         *((("bootstrap.problems", recipe.bootstrap.problems),) if recipe.bootstrap.teacher else ())):
         if count is not None and count < 1:
             fail(where, f"must be >= 1, got {count}")
     try:

@@ -103,18 +103,27 @@ def search_problems(table: "pa.Table") -> list[Problem]:
 
 
 def tqdm_progress(description: str) -> tuple[Callable[[RolloutProgress], None], Callable[[], None]]:
-    """A progress callback drawing a bar of finished trees on stderr, and the function that closes it."""
+    """A progress callback drawing a bar of finished trees on stderr, and the function that closes it.
+    The bar appears with the first progress (after the model loaded): a model that does not load
+    leaves only its error line."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit="tree", file=sys.stderr, dynamic_ncols=True)
+    bars: list[tqdm] = []
 
     def update(progress: RolloutProgress) -> None:
+        if not bars:
+            bars.append(tqdm(desc=description, unit="tree", file=sys.stderr, dynamic_ncols=True))
+        bar = bars[0]
         bar.total = progress.trees_total
         bar.n = progress.trees_done
         bar.set_postfix(nodes=progress.nodes, tokens=progress.tokens_generated, refresh=False)
         bar.refresh()
 
-    return update, bar.close
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return update, close
 
 
 def cli_rollout(argv: list[str]) -> int:
@@ -138,8 +147,16 @@ def cli_rollout(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.round_number < 0:
+        parser.error(f"--round must be >= 0, got {args.round_number}")
 
+    from data_store.home import check_name
     from data_store.parquet import check_output_directory
+
+    try:
+        check_name(args.run, "run")
+    except ValueError as err:
+        parser.error(str(err))
     from data_store.problems import load_problems
 
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_store.home import shared_data_dir
+from data_store.parquet import check_output_directory
 from search.arguments import OneLineParser, field_help
 from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_trajectory
 
@@ -67,6 +68,8 @@ class TinyModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.initializer_range <= 1:
+            raise ValueError(f"initializer_range must be in [0, 1], got {self.initializer_range}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size // self.num_heads < MIN_HEAD_DIM:
@@ -368,6 +371,7 @@ def cli_tiny_model(argv: list[str]) -> int:
         )
     args = parser.parse_args(argv)
     try:
+        check_output_directory(args.out)
         config = TinyModelConfig(**{option.name: getattr(args, option.name) for option in fields(TinyModelConfig)})
         out_dir = build_tiny_model(args.out, config=config, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:

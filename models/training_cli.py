@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_train(argv: list[str]) -> int:
     """Entry point of `kaizen train`; prints the checkpoint path on success."""
     args = build_parser().parse_args(argv)
+    from data_store.parquet import check_output_directory
     from models.training import TrainingError, TrainingInputError, train_ppm, train_rl, train_sft
+
+    try:
+        check_output_directory(args.out)
+    except ValueError as err:
+        build_parser().error(str(err))
 
     options: dict[str, Any] = {"recipe": args.recipe, "base_model": args.base_model, "overrides": dict(args.settings),
                                "overwrite": args.overwrite, "timeout_s": args.timeout}

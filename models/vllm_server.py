@@ -205,6 +205,8 @@ class VLLMServerConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError("tensor_parallel_size and data_parallel_size must be >= 1")
+        if not (self.startup_timeout_s > 0 and self.stop_timeout_s > 0):
+            raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
 
 
 def _server_environment(scratch: Path) -> dict[str, str]:

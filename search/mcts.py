@@ -143,6 +143,8 @@ class MCTSConfig:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.c_puct < 0:
             raise ValueError(f"MCTSConfig.c_puct must be >= 0, got {self.c_puct}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"MCTSConfig.temperature must be finite and >= 0, got {self.temperature}")
 
     @property
     def uses_ppm(self) -> bool:

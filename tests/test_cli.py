@@ -51,6 +51,40 @@ def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.Ca
     assert exit_info.value.code == 2 and "needs 0 <= START <= END" in capsys.readouterr().err
 
 
+def test_a_single_round_number_runs_up_to_it_from_the_next_round() -> None:
+    from flows.evolve import _parse_rounds
+
+    assert _parse_rounds("3") == _parse_rounds(":3") == (None, 3)
+
+
+def test_a_home_that_cannot_be_created_is_refused_before_any_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    code, err = run(["run", "--recipe", "demo", "--rounds", "0:0", "--home", str(tmp_path / "file" / "home")], capsys)
+    assert code == 1 and err == [f"kaizen run: error: data home {tmp_path / 'file' / 'home'} cannot be created: "
+                                 f"{tmp_path / 'file'} is a file"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["rollout", "--run", "../x"], "run name '../x' must be"),
+    (["rollout", "--round", "-1"], "--round must be >= 0, got -1"),
+    (["train", "sft", "--tables", "t.parquet"], "cannot be created"),
+    (["tiny-model", "--initializer-range", "-1"], "initializer_range must be in [0, 1], got -1.0"),
+    (["score", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1, got 0"),
+], ids=["rollout-run-name", "rollout-round", "train-out", "tiny-init-range", "score-batch-tokens"])
+def test_bad_command_options_are_refused_in_one_line(argv: list[str], message: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    required = {"rollout": ["--model", "m", "--problems", "p", "--out", str(tmp_path / "out")],
+                "train": ["--out", str(tmp_path / "file" / "ckpt")], "tiny-model": ["--out", str(tmp_path / "tiny")],
+                "score": ["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "file")]}
+    try:
+        code = main([*argv, *required[argv[0]]])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
 def test_a_set_value_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--recipe", "demo", "--home", str(tmp_path), "--set", "search.shards=[1"])

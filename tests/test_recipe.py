@@ -98,6 +98,13 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"problems.per_round": -1}, r"problems\.per_round: must be >= 1, got -1"),
         ({"problems.limit": 0}, r"problems\.limit: must be >= 1, got 0"),
         ({"eval.limit": 0}, r"eval\.limit: must be >= 1, got 0"),
+        ({"search.mcts.temperature": -0.7}, r"search\.mcts: MCTSConfig\.temperature must be finite and >= 0"),
+        ({"search.round_overrides": {1: {"temperature": -2}}}, r"search\.round_overrides\.1: .*temperature must be"),
+        ({"search.mcts.rollouts": 2.7}, r"search\.mcts\.rollouts: expected an integer, got 2\.7"),
+        ({"seed": 1.5}, r"seed: expected an integer, got 1\.5"),
+        ({"problems.curriculum.train": -5}, r"problems\.curriculum\.train: must be >= 1, got -5"),
+        ({"problems.curriculum.test": 0}, r"problems\.curriculum\.test: must be >= 1, got 0"),
+        ({"bootstrap.teacher": "curriculum", "bootstrap.problems": 0}, r"bootstrap\.problems: must be >= 1, got 0"),
     ],
 )
 def test_bad_field_is_named(changes: dict, message: str) -> None:
