@@ -31,9 +31,9 @@ answer, rendered with `search.steps`. Quoting the sentence makes every step the 
 the next sentence, translate it), whatever the theme. The generator keeps the structured form of
 each problem, so the teacher never parses text; the output is the value the generator computed.
 
-Split. Whether a problem is held out is a function of its text alone (`is_held_out`, a SHA-256
-bucket), so the same text can never be on both sides, whatever the seed or the counts; texts are
-deduplicated. Each level draws from its own seeded stream and fills both sides from it, so the
+Split. Whether a problem is held out is a function of its story alone (`is_held_out`, a SHA-256
+bucket of the text before the question), so the same story, however it is asked, can never be on
+both sides, whatever the seed or the counts; texts are deduplicated. Each level draws from its own seeded stream and fills both sides from it, so the
 test set depends on (seed, n_test, levels) and not on n_train.
 """
 
@@ -69,7 +69,8 @@ MAX_VALUE = 500
 """No quantity (start, intermediate or answer) exceeds this; all stay >= 1."""
 
 MAX_WRITTEN_NUMBER = 9
-"""Every number written in a problem has one digit (intermediate values and answers may be larger).
+"""Every number written in a problem has one digit (intermediate values and answers may be larger),
+except the distractors of a long problem whose steps use every digit (SPARE_DISTRACTOR_NUMBERS).
 
 The tokenizer splits numbers into digits. Measured on a 2M-parameter model bootstrapped for 500
 steps: from the prompt it copied the first digit of a two-digit number 47 times in 47, the second
@@ -235,7 +236,7 @@ THEMES: tuple[Theme, ...] = (
             _t(Op.ADD, "{His} aunt gives {him} {n} dollars."),
             _t(Op.SUBTRACT, "{He} spends {n} dollars on a {purchase}."),
             _t(Op.SUBTRACT, "{He} pays {n} dollars for lunch."),
-            _t(Op.MULTIPLY, "By the end of the year {his} money grows to {n} times as much."),
+            _t(Op.MULTIPLY, "Then {his} money grows to {n} times as much."),
             _t(Op.DIVIDE, "{He} spends half of {his} money on a {purchase}.", **_HALF),
             _t(Op.DIVIDE, "{He} keeps a third of {his} money and gives the rest to charity.", **_THIRD),
             _t(Op.ADD_PRODUCT, "{He} sells {a} {goods} for {b} dollars each."),
@@ -277,7 +278,8 @@ THEMES: tuple[Theme, ...] = (
     Theme(
         name="ages",
         variable="{key}_age",
-        chain=("sister", "brother", "cousin", "aunt", "uncle", "mother", "father", "grandmother", "grandfather"),
+        # People whose age may be anything next to a child's: a parent younger than the child reads wrong.
+        chain=("sister", "brother", "cousin", "friend", "neighbor", "aunt", "uncle"),
         starts=(
             _t(Op.SET, "{name} is {n} years old.", n=range(4, MAX_WRITTEN_NUMBER + 1)),
             _t(Op.SET, "{name} turned {n} this year.", n=range(4, MAX_WRITTEN_NUMBER + 1)),
@@ -311,12 +313,13 @@ THEMES: tuple[Theme, ...] = (
             _t(Op.SUBTRACT, "{He} eats {n} of the {treats}."),
             _t(Op.SUBTRACT, "{friend} takes {n} {treats} home."),
             _t(Op.DIVIDE, "{He} packs the {treats} equally into {n} boxes and keeps one box."),
-            _t(Op.ADD_PRODUCT, "{He} bakes {a} more trays with {b} {treats} on each tray."),
+            _t(Op.ADD_PRODUCT, "{He} bakes {a} trays with {b} {treats} on each tray."),
             _t(Op.SUBTRACT_PRODUCT, "{He} gives {b} {treats} to each of {a} neighbors."),
         ),
-        questions=("How many {treats} does {name} have now?", "How many {treats} are left at the end?"),
+        questions=("How many {treats} does {name} have now?", "How many {treats} does {name} have left at the end?"),
+        # No distractor counts the tracked quantity: "Max bakes 4 cookies" would make the question ambiguous.
         distractors=(
-            "{other} bakes {d} {treats}.",
+            "{other} bakes {d} pies.",
             "Each tray is {d} inches wide.",
             "{name} has {d} friends at school.",
             "The party starts in {d} minutes.",
@@ -341,8 +344,8 @@ THEMES: tuple[Theme, ...] = (
         distractors=(
             "The tank is {d} years old.",
             "{name} has {d} buckets.",
-            "The pump weighs {d} kg.",
-            "{other} has a tank that holds {d} liters.",
+            "A pump in the shed weighs {d} kg.",
+            "{other} has a pool that is {d} meters long.",
         ),
     ),
 )
@@ -397,8 +400,10 @@ def content_digest(problem_text: str) -> str:
 
 
 def is_held_out(problem_text: str) -> bool:
-    """Whether a problem belongs to the test split; depends on its text only."""
-    return int(content_digest(problem_text)[-8:], 16) % 100 < TEST_BUCKETS
+    """Whether a problem belongs to the test split; depends on its story only (the text before the
+    question), so one story asked in two ways never falls on both sides."""
+    story = problem_text[: problem_text.rfind(". ") + 1] or problem_text
+    return int(content_digest(story)[-8:], 16) % 100 < TEST_BUCKETS
 
 
 def problem_id(problem_text: str, level: int) -> str:
@@ -487,8 +492,10 @@ def generate_problem(rng: random.Random, level: int) -> SyntheticProblem:
         else:
             story.tell(template, operands, key="", subject=story.subject)
     used_numbers = {number for step in story.steps for number in re.findall(r"\d+", step.expression)}
-    # A distractor never repeats a number the steps use; a long problem may use every digit, and
-    # then (only then) its distractors get two-digit numbers.
+    used_numbers.add(str(story.steps[-1].value))
+    # A distractor never repeats a number the steps use, nor the answer (a policy copying it would
+    # pass as right); a long problem may use every digit, and then (only then) its distractors get
+    # two-digit numbers.
     distractor_numbers = [d for d in DISTRACTOR_NUMBERS if str(d) not in used_numbers] or list(SPARE_DISTRACTOR_NUMBERS)
     distractors = tuple(
         template.format_map({**slots, "d": rng.choice(distractor_numbers)})

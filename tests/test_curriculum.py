@@ -90,6 +90,13 @@ def test_a_problems_side_of_the_split_depends_on_its_text_only(curriculum) -> No
     assert not any(is_held_out(p.problem) for p in curriculum[0] + other_train)
 
 
+def test_one_story_asked_another_way_stays_on_its_side(curriculum) -> None:
+    """The teacher's rows and the held-out split must not share a story under another question."""
+    for problem in curriculum[1][:20]:
+        story = problem.problem[: problem.problem.rfind(". ") + 1]
+        assert is_held_out(f"{story} What is the final count?")
+
+
 def test_problems_are_distinct(problems) -> None:
     assert len(texts(problems)) == len(problems)
 
@@ -160,6 +167,12 @@ def test_distractor_numbers_are_in_the_text_but_not_in_the_solution(problems) ->
         for sentence in problem.distractors:
             assert sentence in problem.problem
             assert set(re.findall(r"\d+", sentence)) - code_numbers
+
+
+def test_no_distractor_number_is_the_answer(problems) -> None:
+    """A policy copying it would pass as right: a false positive the search would train on."""
+    assert not any(problem.answer in re.findall(r"\d+", sentence)
+                   for problem in problems for sentence in problem.distractors)
 
 
 def test_numbers_the_steps_use_have_one_digit(problems) -> None:
