@@ -111,6 +111,7 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
     executed: list[str] = []  # stages run by this call rather than taken from the cache
+    pipeline.mark_rerunning(round_number)
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
         where = round_number if per_round else None
@@ -153,7 +154,7 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
         if stop_after == "mine":
             return None
         policy = stage("sft", sft_task, pipeline, round_number, pipeline.history("sft", round_number) + [mined.sft],
-                       previous)
+                       pipeline.continued_from("sft", previous.policy))
         if stop_after == "sft":
             return None
         if pipeline.recipe.rl.enabled:
@@ -162,7 +163,8 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             if stop_after == "rl":
                 return None
         ppm = stage("ppm", ppm_task, pipeline, round_number,
-                    pipeline.history("pairs", round_number) + [mined.pairs], policy, previous.ppm) or previous.ppm
+                    pipeline.history("pairs", round_number) + [mined.pairs], policy,
+                    pipeline.continued_from("ppm", previous.ppm)) or previous.ppm
         if stop_after == "ppm":
             return None
     evaluation = stage("evaluate", evaluate_task, pipeline, round_number, policy, ppm)

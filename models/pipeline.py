@@ -239,8 +239,8 @@ class Pipeline:
 
         from models.tiny import build_tiny_model
 
-        # The sections the model is built from: its shape, the seed, and (for its tokenizer's corpus) the problems.
-        out = self.layout.checkpoint_dir(self.run, 0, f"base-{self.recipe.digest('model', 'problems', 'seed')[:12]}")
+        # What the model is built from: its shape, the seed, and (for its tokenizer's corpus) the problems' source.
+        out = self.layout.checkpoint_dir(self.run, 0, f"base-{self.recipe.digest('model', 'problems.source', 'seed')[:12]}")
         if not out.exists():
             corpus = None
             if self.recipe.problems.source == CURRICULUM:
@@ -393,16 +393,21 @@ class Pipeline:
                  "all" if settings.teacher_rows is None else settings.teacher_rows, settings.verified_copies)
         return [write_table(mixed, out, table="sft")]
 
-    def train_sft(self, round_number: int, tables: Sequence[Artifact], current: Current) -> Artifact:
-        """The round's policy: SFT on the verified trajectories so far (`sft_set`), from the base model or continued."""
+    def continued_from(self, kind: str, previous: Artifact | None) -> Artifact | None:
+        """`previous` when the recipe's `training.KIND.init_from` is `previous`, else None: a training
+        stage's cache key then covers only the checkpoint it starts from."""
+        return previous if self.recipe.training.for_kind(kind).get("init_from", "base") == "previous" else None
+
+    def train_sft(self, round_number: int, tables: Sequence[Artifact], previous_policy: Artifact | None) -> Artifact:
+        """The round's policy: SFT on the verified trajectories so far (`sft_set`), from the base model, or
+        continued from `previous_policy` (given under `init_from: previous`: `continued_from`)."""
         from models.training import train_sft
 
         # Under init_from: previous a missing previous policy is an error, not a silent start from the base.
-        continues = self.recipe.training.for_kind("sft").get("init_from", "base") == "previous"
         checkpoint = train_sft(
             self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, "policy"),
             recipe=self.recipe.training, base_model=self.base_model(),
-            previous_checkpoint=_model_path(current.policy, "previous policy") if continues else None,
+            previous_checkpoint=_model_path(previous_policy, "previous policy") if previous_policy else None,
             overwrite=True,
         )
         _log_training("SFT", round_number, checkpoint)
@@ -523,6 +528,14 @@ class Pipeline:
         write_json(self.layout.stale_marker(self.run, round_number), {"rerun": rerun, "stale": list(stale)})
         self._mark_later_rounds_stale(round_number, rerun)
 
+    def mark_rerunning(self, round_number: int) -> None:
+        """Before a promoted round runs again: its stages rewrite the checkpoints its promotion names, so
+        until its gate judges them (`promote` clears this) no later round may start from it, even if
+        the run dies half-way."""
+        if self.promotion(round_number) is not None and self.stale_since(round_number) is None:
+            write_json(self.layout.stale_marker(self.run, round_number),
+                       {"rerun": RERUN_ROUND, "stale": ["all"], "in_round": round_number})
+
     def _mark_later_rounds_stale(self, round_number: int, rerun: str) -> None:
         later = round_number + 1
         while self.layout.round_dir(self.run, later).is_dir():
@@ -537,6 +550,8 @@ class Pipeline:
         if not path.exists():
             return None
         record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("in_round") == round_number:
+            return "it was run again and has not reached its gate since"
         if record.get("in_round") is None:
             return f"its {record['rerun']} stage was re-run after its gate"
         if record["rerun"] == RERUN_ROUND:

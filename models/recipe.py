@@ -574,6 +574,7 @@ _CRON_NAMES = (
     (), (), (), ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
     ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
 )
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _CRON_ITEM = re.compile(r"(?P<range>\*|(?P<low>\w+)(?:-(?P<high>\w+))?)(?:/(?P<step>\d+))?")
 # The shorthands Prefect's cron schedules (croniter) accept for a whole expression.
 CRON_MACROS = {
@@ -595,16 +596,31 @@ def cron_problem(expression: str) -> str | None:
             f"{expression!r} has {len(parts)} fields; cron needs 5 (minute hour day month weekday) "
             "or a shorthand such as @daily"
         )
+    values: list[set[int]] = []
     for part, (low, high), names in zip(parts, _CRON_RANGES, _CRON_NAMES):
+        values.append(set())
         for item in part.split(","):
             match = _CRON_ITEM.fullmatch(item)
             if not match or match["step"] == "0":
                 return f"{item!r} in {expression!r} is not a cron field"
+            bounds = []
             for value in filter(None, (match["low"], match["high"])):
                 number = names.index(value.lower()) + (1 if len(names) == 12 else 0) if value.lower() in names else (
                     int(value) if value.isdigit() else None)
                 if number is None or not low <= number <= high:
                     return f"{value!r} in {expression!r} is outside {low}-{high}"
+                bounds.append(number)
+            if not bounds:  # "*", "*/n"
+                first, last = low, high
+            elif match["high"] or not match["step"]:  # "a-b", "a-b/n", "a"
+                first, last = bounds[0], bounds[-1]
+            else:  # "a/n": from a to the end of the range
+                first, last = bounds[0], high
+            values[-1].update(range(first, last + 1, int(match["step"] or 1)))
+    days, months, weekdays = values[2], values[3], parts[4]
+    # With the weekday unrestricted, only the day of the month decides; Feb 29 fires in leap years.
+    if weekdays == "*" and not any(day <= _DAYS_IN_MONTH[month - 1] for day in days for month in months):
+        return f"{expression!r} never fires: no month of {sorted(months)} has day {sorted(days)}"
     return None
 
 

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
 from models.pipeline import (
-    LOGGER_NAME, Artifact, Current, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
+    LOGGER_NAME, Artifact, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
 )
 from models.tiny import ModelLoadError
 from models.training import TrainingInputError
@@ -40,14 +40,15 @@ CACHE_DIR = ".cache"
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems", "seed"),
     "select": ("problems", "seed"),  # and which problems earlier rounds solved (its input)
-    "bootstrap": ("model", "problems", "bootstrap", "training.sft", "seed", "step_format"),
+    # problems.source: a curriculum run's tokenizer corpus and teacher come from the seed, not the pool's sizes
+    "bootstrap": ("model", "problems.source", "bootstrap", "training.sft", "seed", "step_format"),
     "rollout": ("search", "backend", "sandbox", "seed"),
     "mine": ("mining",),
     "sft": ("model", "sft_data", "training.sft", "seed"),
     "rl": ("training.rl", "rl", "sandbox"),
     "ppm": ("training.ppm",),
-    # problems: the held-out split of a curriculum is drawn from its settings
-    "evaluate": ("eval", "problems", "backend", "sandbox", "seed"),
+    # the held-out split of a curriculum is drawn from its settings (how many a round searches does not count)
+    "evaluate": ("eval", "problems.source", "problems.curriculum", "backend", "sandbox", "seed"),
 }
 STAGES = tuple(STAGE_SECTIONS)
 # Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
@@ -138,11 +139,13 @@ _core_logger.propagate = False  # the run logger already prints to the console: 
 
 
 def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, refresh: bool = False) -> Any:
-    """The task with its cache records kept inside the round's directory (deleting a round forgets them)."""
-    where = (pipeline.layout.run_dir(pipeline.run) if round_number is None
-             else pipeline.layout.round_dir(pipeline.run, round_number))
+    """The task with its cache records and results kept inside the round's directory: deleting a round
+    forgets them, and a home resumed by another user or machine (another Prefect results path) keeps them."""
+    where = Path(pipeline.layout.run_dir(pipeline.run) if round_number is None
+                 else pipeline.layout.round_dir(pipeline.run, round_number)) / CACHE_DIR
     return stage_task.with_options(
-        cache_policy=StageCache().configure(key_storage=Path(where) / CACHE_DIR), refresh_cache=refresh
+        cache_policy=StageCache().configure(key_storage=where), refresh_cache=refresh,
+        result_storage=where / "results",  # a Path: Prefect makes it a local file system without a saved block
     )
 
 
@@ -237,8 +240,8 @@ def mine_task(pipeline: Pipeline, round_number: int, nodes: list[Artifact], prob
 
 
 @task(name="sft", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)
-def sft_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], start: Current) -> Artifact:
-    return pipeline.train_sft(round_number, tables, start)
+def sft_task(pipeline: Pipeline, round_number: int, tables: list[Artifact], previous_policy: Artifact | None) -> Artifact:
+    return pipeline.train_sft(round_number, tables, previous_policy)
 
 
 @task(name="rl", tags=[GPU_TAG], **_STAGE_OPTIONS, **_RETRY)

@@ -133,12 +133,16 @@ def round_row(rounds: dict[str, Any], round_number: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def rerun(rounds: dict[str, Any]) -> dict[str, Any]:
-    """Round 1 run again with nothing changed, and its `rounds` row before and after."""
+def rerun(rounds: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Round 1 run again with nothing changed, and its `rounds` row before and after; under another
+    Prefect results path (another user or machine resuming the home), which the home does not depend on."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
     from flows.evolve import round_flow
 
     before = round_row(rounds, 1)
-    state = round_flow(rounds["recipe"], 1, rounds["home"], return_state=True)
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("other-results")}):
+        state = round_flow(rounds["recipe"], 1, rounds["home"], return_state=True)
     return {"state": state, "before": before, "after": round_row(rounds, 1)}
 
 

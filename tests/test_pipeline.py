@@ -123,6 +123,14 @@ def test_no_round_starts_from_a_stale_one(tmp_path: Path) -> None:
         pipeline.starting_point(1)
 
 
+def test_no_round_starts_from_a_promoted_round_that_is_being_run_again(tmp_path: Path) -> None:
+    """A re-run rewrites the checkpoints the promotion names; dying before its gate must not leave them in use."""
+    pipeline = promoted_round_zero(tmp_path)
+    pipeline.mark_rerunning(0)
+    with pytest.raises(MissingInputError, match="round 0 of run 'demo' is stale: it was run again and has not reached"):
+        pipeline.starting_point(1)
+
+
 def test_judging_a_round_again_clears_its_staleness(tmp_path: Path) -> None:
     pipeline = promoted_round_zero(tmp_path)
     pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
@@ -199,7 +207,7 @@ def test_continuing_from_a_hub_policy_hands_the_hub_name_to_training(tmp_path: P
     monkeypatch.setattr(models.training, "train_sft", train)
     monkeypatch.setattr(pipeline, "sft_set", lambda round_number, tables: [])
     with pytest.raises(SystemExit):  # init_from: previous (the demo recipe), from round 0's hub policy
-        pipeline.train_sft(1, [], Current(0, Artifact("org/base-model", "org/base-model"), None, {}))
+        pipeline.train_sft(1, [], Artifact("org/base-model", "org/base-model"))
     assert received["previous_checkpoint"] == "org/base-model"
 
 
@@ -274,6 +282,14 @@ def test_the_held_out_split_size_is_part_of_the_evaluation_digest(tmp_path: Path
     before = curriculum_pipeline(tmp_path).recipe
     after = curriculum_pipeline(tmp_path, **{"problems.curriculum.test": 7}).recipe
     assert before.digest(*STAGE_SECTIONS["evaluate"]) != after.digest(*STAGE_SECTIONS["evaluate"])
+
+
+@pytest.mark.parametrize("stage", ["bootstrap", "evaluate"])
+def test_how_many_problems_a_round_searches_leaves_the_bootstrap_and_evaluation_alone(tmp_path: Path, stage: str) -> None:
+    """A retrained bootstrap would cascade: training is not bit-reproducible, so every later round reruns."""
+    before = curriculum_pipeline(tmp_path).recipe
+    after = curriculum_pipeline(tmp_path, **{"problems.per_round": 4}).recipe
+    assert before.digest(*STAGE_SECTIONS[stage]) == after.digest(*STAGE_SECTIONS[stage])
 
 
 def stage_key(stage: str, pipeline: Pipeline, **inputs: object) -> str:
@@ -432,3 +448,12 @@ def test_problems_whose_level_is_null_count_under_all(tmp_path: Path) -> None:
     problems = pa.table({"problem_id": ["a", "b"], "metadata": ['{"level": null}', '{"level": 2}']})
     status = pa.table({"problem_id": ["a", "b"], "solved": [True, False]})
     assert solved_by_level(status, problems) == {"2": [0, 1], "all": [1, 1]}
+
+
+def test_a_training_stage_is_given_the_previous_checkpoint_only_when_it_continues_from_it(tmp_path: Path) -> None:
+    """Otherwise the previous round's checkpoint (and its metrics) would be in the stage's cache key:
+    an evaluation setting changed would retrain every later policy."""
+    previous = Artifact("prev", "d")
+    continuing = curriculum_pipeline(tmp_path, **{"training.sft.init_from": "previous"})
+    fresh = curriculum_pipeline(tmp_path, **{"training.sft.init_from": "base"})
+    assert (continuing.continued_from("sft", previous), fresh.continued_from("sft", previous)) == (previous, None)

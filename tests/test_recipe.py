@@ -83,6 +83,7 @@ def test_yaml_exponent_strings_become_numbers() -> None:
          r"training\.sft: lora_r with an FSDP accelerate config"),
         ({"schedule.cron": "0 25 * * *"}, r"schedule\.cron: '25' .* outside 0-23"),
         ({"schedule.cron": "nightly"}, r"schedule\.cron: .* 1 fields"),
+        ({"schedule.cron": "0 2 31 2,4 *"}, r"schedule\.cron: '0 2 31 2,4 \*' never fires"),
         ({"gate.benchmark": "math500"}, r"gate\.benchmark: 'math500' is not among eval\.benchmarks"),
         ({"gate.mode": "maj@8"}, r"gate\.mode: 'maj@8' is not among eval\.modes"),
         ({"eval.modes": ["best@3"]}, r"eval: .*best@3"),
