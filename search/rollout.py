@@ -55,6 +55,8 @@ class Executor(Protocol):
 
 
 class AnswerGrade(Protocol):
+    """A verdict with the grader's status (search.grading.GradeResult implements it)."""
+
     @property
     def equal(self) -> bool: ...
 
