@@ -8,6 +8,14 @@ when a run ends and a hung run can be killed as a process group. The child train
 staging directory next to the output, writes `provenance.json` last, and the parent renames the
 directory into place only when the child succeeded: a directory at the output path is complete.
 
+Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as the GPU recipes
+set), a run that fails, times out, is interrupted or dies with its machine leaves its staging
+directory behind; the next run of the same request (the same data, start model and training
+settings; RUN_ONLY_KEYS may differ) adopts it and continues from its last complete checkpoint
+(model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`).
+Any other run for that output deletes such leftovers. The intermediate checkpoints are removed
+before the output is published.
+
 Each round trains from the base model on all verified data so far (`init_from: base`, as
 rStar-Math does) unless the recipe says `init_from: previous`. The PPM starts from this round's
 SFT policy with a one-label head; see `models.ppm` for how its value is defined. The optional RL
@@ -41,7 +49,7 @@ from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.parquet import atomic_path, write_json
 from models.attention import register_training_attention
-from models.lifetime import stop_when_parent_gone, watch_environment
+from models.lifetime import process_identity, process_is_running, stop_when_parent_gone, watch_environment
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
 from models.rl import (
     OPTIONAL_COLUMNS,
@@ -62,7 +70,13 @@ PROVENANCE_FILE = "provenance.json"
 LOG_DIR = "logs"
 REQUEST_FILE = "request.json"
 FAILURE_FILE = "failure.txt"
+RUNNER_FILE = "runner.pid"  # which process trains into a staging directory (models.lifetime.process_identity)
 INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's intermediate checkpoints, inside the staging directory
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+RUN_ONLY_KEYS = ("timeout_s", "save_strategy", "save_steps", "save_total_limit", "logging_steps", "report_to")
+"""Training settings that say how a run is watched and kept, not what it computes: they leave cache
+keys alone, and a run may resume another's checkpoint when only these differ."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -147,7 +161,11 @@ class RunFields:
                   "checkpoint takes 15 GB in bfloat16 against 30 in float32"},
     )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "loss-curve loggers"})
-    save_strategy: str = field(default="no", metadata={"help": "intermediate checkpoints ('no': final model only)"})
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "intermediate checkpoints, kept while the run lasts: 'steps' (every save_steps) lets a run "
+                  "that died resume from the last one when its stage runs again; 'no': final model only"},
+    )
     include_num_input_tokens_seen: str | bool = field(
         default="non_padding", metadata={"help": "count tokens seen: 'non_padding', 'all' or 'no'"}
     )
@@ -438,6 +456,12 @@ class RunRequest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+    def resume_identity(self) -> str:
+        """What must match for this run to continue another's checkpoint: everything but RUN_ONLY_KEYS."""
+        fields_ = dataclasses.asdict(self)
+        fields_["config"] = {key: value for key, value in self.config.items() if key not in RUN_ONLY_KEYS}
+        return json.dumps(fields_, sort_keys=True, default=str)
+
     @classmethod
     def from_json(cls, text: str) -> RunRequest:
         data = json.loads(text)
@@ -581,13 +605,21 @@ class TrainingRun:
         self.output_dir = Path(request.output_dir)
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging_prefix = f".{self.output_dir.name}.partial-"
-        # A run killed outright (its flow run SIGKILLed) never cleaned its staging directory, nor, if
-        # it died while publishing, the retired old checkpoint: a 7B checkpoint's worth of disk each.
-        # The run replacing it owns the output now.
-        for pattern in (f"{staging_prefix}*", f".{self.output_dir.name}.old-*"):
-            for leftover in self.output_dir.parent.glob(pattern):
+        # A run that failed or was killed outright leaves its staging directory, and one that died
+        # while publishing the retired old checkpoint: a 7B checkpoint's worth of disk each. The run
+        # replacing it owns the output now; it keeps only a staging directory it can resume.
+        leftovers = sorted(self.output_dir.parent.glob(f"{staging_prefix}*"), key=lambda p: p.stat().st_mtime)
+        _wait_for_runners(leftovers)
+        adopted = next((d for d in reversed(leftovers) if _resumes(d, request)), None)
+        for leftover in [*leftovers, *self.output_dir.parent.glob(f".{self.output_dir.name}.old-*")]:
+            if leftover != adopted:
                 shutil.rmtree(leftover, ignore_errors=True)
-        self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
+        self.resumed_from: Path | None = None
+        if adopted is not None:
+            self.staging_dir = adopted
+            self.resumed_from = _prepare_resume(adopted)
+        else:
+            self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
         request_path = self.staging_dir / REQUEST_FILE
         request_path.write_text(request.to_json(), encoding="utf-8")
         # A session of its own: killing the group also ends accelerate's worker processes. Not tied
@@ -596,6 +628,7 @@ class TrainingRun:
         self.process = subprocess.Popen(
             _launch_command(request, request_path), env=_child_environment(), start_new_session=True
         )
+        (self.staging_dir / RUNNER_FILE).write_text(process_identity(self.process.pid), encoding="utf-8")
 
     def kill(self, grace_s: float = 10.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after `grace_s`."""
@@ -617,19 +650,24 @@ class TrainingRun:
             returncode = self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            self._discard()
-            raise TrainingRunError(f"{self.request.kind} training timed out after {timeout_s:g} s and was killed") from None
+            kept = self._discard()
+            raise TrainingRunError(
+                f"{self.request.kind} training timed out after {timeout_s:g} s and was killed{kept}"
+            ) from None
         except BaseException:
             self.kill()
             self._discard()
             raise
         if returncode != 0 or not (self.staging_dir / PROVENANCE_FILE).is_file():
             reason = self._failure_reason(returncode)
-            self._discard()
+            kept = self._discard()
             if returncode == INPUT_ERROR_EXIT:
                 raise TrainingInputError(reason)
-            raise TrainingRunError(f"{self.request.kind} training failed: {reason}")
-        (self.staging_dir / REQUEST_FILE).unlink(missing_ok=True)
+            raise TrainingRunError(f"{self.request.kind} training failed: {reason}{kept}")
+        for name in (REQUEST_FILE, RUNNER_FILE):
+            (self.staging_dir / name).unlink(missing_ok=True)
+        for checkpoint in self.staging_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(checkpoint)  # optimizer states and all: several times the model's size
         _publish(self.staging_dir, self.output_dir, self.request.overwrite)
         return self.output_dir
 
@@ -641,8 +679,59 @@ class TrainingRun:
             return f"killed by signal {signal.Signals(-returncode).name}"
         return f"exit status {returncode}" if returncode else "no provenance.json was written"
 
-    def _discard(self) -> None:
-        shutil.rmtree(self.staging_dir, ignore_errors=True)
+    def _discard(self) -> str:
+        """Delete the staging directory unless it holds a checkpoint to resume from; say which in words
+        for the error message."""
+        checkpoints = complete_checkpoints(self.staging_dir)
+        if not checkpoints:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            return ""
+        return (f"; its checkpoint at step {_checkpoint_step(checkpoints[-1])} is kept in {self.staging_dir}, and "
+                "running the same stage again resumes from it")
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def complete_checkpoints(staging: Path) -> list[Path]:
+    """The Trainer's intermediate checkpoints in a staging directory that it finished writing, oldest first."""
+    found = [path for path in staging.glob(f"{CHECKPOINT_PREFIX}*")
+             if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / TRAINER_STATE_FILE).is_file()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _wait_for_runners(stagings: Sequence[Path], timeout_s: float = 30.0) -> None:
+    """Wait for the training processes of earlier attempts to end: a `kaizen` killed outright leaves
+    its child writing for a few seconds more, until it notices (`models.lifetime`)."""
+    deadline = time.monotonic() + timeout_s
+    for staging in stagings:
+        try:
+            runner = (staging / RUNNER_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        while runner and process_is_running(runner) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def _resumes(staging: Path, request: RunRequest) -> bool:
+    """Whether a leftover staging directory is an earlier attempt at this request with a checkpoint."""
+    try:
+        earlier = RunRequest.from_json((staging / REQUEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return earlier.resume_identity() == request.resume_identity() and bool(complete_checkpoints(staging))
+
+
+def _prepare_resume(staging: Path) -> Path:
+    """Clear what the failed attempt left besides its checkpoints; return the checkpoint to resume from."""
+    (staging / FAILURE_FILE).unlink(missing_ok=True)
+    (staging / PROVENANCE_FILE).unlink(missing_ok=True)
+    complete = complete_checkpoints(staging)
+    for path in staging.glob(f"{CHECKPOINT_PREFIX}*"):
+        if path not in complete:  # cut off while saving: the Trainer would sort it among the real ones
+            shutil.rmtree(path, ignore_errors=True)
+    return complete[-1]
 
 
 def start_run(request: RunRequest) -> TrainingRun:
@@ -733,6 +822,7 @@ class ThroughputCallback(TrainerCallback):
         self.skip_steps = skip_steps
         self.tokens_per_second: float | None = None
         self._start: tuple[float, int] | None = None
+        self._first_step = 0
 
     @staticmethod
     def _now() -> float:
@@ -745,13 +835,14 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         self.tokens_per_second, self._start = None, None
+        self._first_step = state.global_step  # a resumed run starts past 0
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == self.skip_steps:
+        if state.global_step == self._first_step + self.skip_steps:
             self._start = (self._now(), state.num_input_tokens_seen)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if self._start is not None and state.global_step > self.skip_steps:
+        if self._start is not None and state.global_step > self._first_step + self.skip_steps:
             started_at, tokens_before = self._start
             self.tokens_per_second = (state.num_input_tokens_seen - tokens_before) / (self._now() - started_at)
 
@@ -961,7 +1052,7 @@ def _hardware() -> dict[str, Any]:
 
 
 def _write_provenance(request: RunRequest, config: Any, trainer: Any, train_metrics: dict[str, Any],
-                      throughput: ThroughputCallback, staging: Path) -> None:
+                      throughput: ThroughputCallback, staging: Path, resumed_from_step: int | None) -> None:
     import torch
 
     state = trainer.state
@@ -979,6 +1070,7 @@ def _write_provenance(request: RunRequest, config: Any, trainer: Any, train_metr
         "config": request.config,
         "training_args": json.loads(config.to_json_string()),
         "metrics": metrics,
+        "resumed_from_step": resumed_from_step,  # None: trained in one go
         "log_history": state.log_history,
         "versions": _versions(),
         "hardware": _hardware(),
@@ -1005,12 +1097,15 @@ def run_training(request: RunRequest, staging: Path) -> None:
     dataset = _load_dataset(request.kind, [table.path for table in request.tables])
     throughput = ThroughputCallback()
     trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset, [throughput])
-    train_metrics = trainer.train().metrics
+    checkpoints = complete_checkpoints(staging)  # left by an earlier attempt at this request (TrainingRun)
+    resume_from = checkpoints[-1] if checkpoints else None
+    train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
     _save(trainer, config, tokenizer, staging)
     if trainer.is_world_process_zero():
         if request.kind == "ppm":
             ScoringContract(max_length=config.max_length).save(staging)
-        _write_provenance(request, config, trainer, train_metrics, throughput, staging)
+        resumed_step = _checkpoint_step(resume_from) if resume_from else None
+        _write_provenance(request, config, trainer, train_metrics, throughput, staging, resumed_step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

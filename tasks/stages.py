@@ -28,7 +28,7 @@ from models.pipeline import (
     LOGGER_NAME, Artifact, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
 )
 from models.tiny import ModelLoadError
-from models.training import TrainingInputError
+from models.training import RUN_ONLY_KEYS, TrainingInputError
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -53,12 +53,14 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_SECTIONS)
 # Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
 # hardware (another server, another GPU split, more workers, other batch sizes) keeps its finished
-# stages. Sampling is seeded per prompt, so batching changes results only by float rounding (one
-# exception: two problems with the same text share their prompts' counts, and the grouping decides
-# which gets which samples). Devices count by kind only (`_device_kinds`: the kind sets the
-# precision models load in); the server's dtype, context length and extra arguments count. The
-# search settings count as the round resolves them (`_round_search`), so a later round's
-# round_overrides entry leaves the earlier rounds' rollouts alone.
+# stages; so do training settings that only watch and keep a run (timeouts, logging, intermediate
+# checkpoints: models.training.RUN_ONLY_KEYS). Sampling is seeded per prompt, so batching changes
+# results only by float rounding (one exception: two problems with the same text share their
+# prompts' counts, and the grouping decides which gets which samples). Devices count by kind only
+# (`_device_kinds`: the kind sets the precision models load in); the server's dtype, context
+# length and extra arguments count. The search settings count as the round resolves them
+# (`_round_search`), so a later round's round_overrides entry leaves the earlier rounds' rollouts
+# alone.
 _VLLM_PLACEMENT = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
                    "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
 KEY_LEAVES_OUT = (
@@ -68,6 +70,7 @@ KEY_LEAVES_OUT = (
     "sandbox.workers", "search.grader_workers", "search.pipeline_groups",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
+    *(f"training.{kind}.{name}" for kind in ("sft", "ppm", "rl") for name in RUN_ONLY_KEYS),
 )
 
 

@@ -16,7 +16,7 @@ from data_store.problems import load_problems
 from data_store.views import connect
 from models.pipeline import Artifact, Current, MissingInputError, Pipeline, RoundRecord, artifacts_current
 from models.recipe import load_recipe
-from tasks.stages import STAGE_SECTIONS
+from tasks.stages import KEY_LEAVES_OUT, STAGE_SECTIONS
 
 
 def load_table_rows(path: Path, table: str) -> int:
@@ -316,6 +316,21 @@ def test_where_a_search_runs_leaves_its_key_alone(tmp_path: Path, setting: dict)
                                      {"backend.vllm.extra_args": ["--quantization", "fp8"]}, {"backend.device": "cuda:1"}])
 def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -> None:
     assert rollout_key(tmp_path, 1, **setting) != rollout_key(tmp_path, 1)
+
+
+def sft_digest(pipeline: Pipeline) -> str:
+    return pipeline.recipe.digest(*STAGE_SECTIONS["sft"], leave_out=KEY_LEAVES_OUT)
+
+
+@pytest.mark.parametrize("setting", [{"training.sft.timeout_s": 600}, {"training.sft.save_strategy": "steps"},
+                                     {"training.sft.save_steps": 50}, {"training.sft.logging_steps": 1}])
+def test_settings_that_only_watch_and_keep_a_training_run_leave_its_key_alone(tmp_path: Path, setting: dict) -> None:
+    assert sft_digest(curriculum_pipeline(tmp_path, **setting)) == sft_digest(curriculum_pipeline(tmp_path))
+
+
+def test_a_training_setting_changes_its_key(tmp_path: Path) -> None:
+    changed = curriculum_pipeline(tmp_path, **{"training.sft.learning_rate": 1e-4})
+    assert sft_digest(changed) != sft_digest(curriculum_pipeline(tmp_path))
 
 
 def test_the_seed_changes_the_selection_key(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Policy SFT and PPM training on a tiny model: learning, the scorer contract, atomic checkpoints, bad input."""
+"""Policy SFT and PPM training on a tiny model: learning, the scorer contract, atomic checkpoints, resuming a killed run, bad input."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from models.lifetime import process_identity, process_is_running
 from models.ppm import PPMScorer, ScoringContract, cli_score, encode_texts
 from models.training import (
     PROVENANCE_FILE,
+    RUN_ONLY_KEYS,
     SFTTrainingConfig,
     TrainingInputError,
     TrainingRunError,
@@ -461,6 +462,81 @@ def test_a_run_clears_what_a_run_killed_while_publishing_left(tmp_path: Path, ti
                                 overrides=FAST_SFT))
     run.kill()
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith("-dead")] == []
+
+
+# --- resuming a run that died ------------------------------------------------------------------
+
+# Saves every 2 steps; long enough that the test's kill lands while it trains.
+CHECKPOINTED_SFT = {**FAST_SFT, "max_steps": 60, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1}
+
+
+def sft_request(output: Path, tiny_model: Path, sft_table: Path, **overrides: object):
+    return prepare_run("sft", tables=[sft_table], output_dir=output, base_model=str(tiny_model),
+                       overrides={**CHECKPOINTED_SFT, **overrides})
+
+
+def kill_after_first_checkpoint(output: Path, tiny_model: Path, sft_table: Path) -> Path:
+    """Start a checkpointing run, SIGKILL it once it has saved a checkpoint; return its staging directory."""
+    run = start_run(sft_request(output, tiny_model, sft_table))
+    deadline = time.monotonic() + 120
+    while not list(run.staging_dir.glob("checkpoint-*/trainer_state.json")):
+        assert run.process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(run.process.pid, signal.SIGKILL)
+    with pytest.raises(TrainingRunError, match="is kept in .* resumes from it"):
+        run.wait()
+    return run.staging_dir
+
+
+@pytest.mark.parametrize("key", sorted(RUN_ONLY_KEYS))
+def test_settings_that_only_watch_a_run_do_not_stop_it_resuming(tmp_path: Path, tiny_model: Path, sft_table: Path,
+                                                                  key: str) -> None:
+    value = {"report_to": "none", "save_strategy": "epoch"}.get(key, 7)
+    first = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    assert sft_request(tmp_path / "policy", tiny_model, sft_table, **{key: value}).resume_identity() \
+        == first.resume_identity()
+
+
+def test_a_training_setting_stops_a_run_resuming(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    first = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    changed = sft_request(tmp_path / "policy", tiny_model, sft_table, learning_rate=1e-4)
+    assert changed.resume_identity() != first.resume_identity()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    kill_after_first_checkpoint(output, tiny_model, sft_table)
+    run = start_run(sft_request(output, tiny_model, sft_table, timeout_s=600))
+    run.wait()
+    provenance = json.loads((output / PROVENANCE_FILE).read_text())
+    assert provenance["resumed_from_step"] >= 2 and provenance["metrics"]["global_step"] == 60
+
+
+@pytest.mark.slow
+def test_a_resumed_run_measures_its_own_throughput(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    kill_after_first_checkpoint(output, tiny_model, sft_table)
+    start_run(sft_request(output, tiny_model, sft_table)).wait()
+    assert json.loads((output / PROVENANCE_FILE).read_text())["metrics"]["tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_publishes_no_intermediate_checkpoints(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    kill_after_first_checkpoint(output, tiny_model, sft_table)
+    start_run(sft_request(output, tiny_model, sft_table)).wait()
+    assert not list(output.glob("checkpoint-*")) and sorted(path.name for path in tmp_path.iterdir()) == ["policy"]
+
+
+@pytest.mark.slow
+def test_a_changed_run_starts_afresh_and_deletes_the_old_attempt(tmp_path: Path, tiny_model: Path,
+                                                                 sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    old_staging = kill_after_first_checkpoint(output, tiny_model, sft_table)
+    start_run(sft_request(output, tiny_model, sft_table, learning_rate=1e-3)).wait()
+    provenance = json.loads((output / PROVENANCE_FILE).read_text())
+    assert provenance["resumed_from_step"] is None and not old_staging.exists()
 
 
 # Starts a run as a flow run's worker does and prints the training process's pid once it trains.
