@@ -7,6 +7,12 @@ This is the only module that knows paths. Everything a pipeline produces sits un
     {home}/runs/{run}/round-{round:03d}/{stage}/{table}-{shard:05d}.parquet   or one per shard
     {home}/runs/{run}/round-{round:03d}/checkpoints/{name}/         Hugging Face checkpoints
 
+A run is worked on by one process at a time: the flows hold `Layout.hold_run` (an exclusive
+`flock` on `runs/{run}/.lock`, released by the kernel when the process dies, however it dies), so
+a nightly round that fires while yesterday's is still training, or a `kaizen stage` typed during a
+`kaizen run`, stops at once, naming the process that has the run, instead of both writing the same
+files.
+
 The home is `$KAIZEN_HOME`, or `./kaizen_home` under the current working directory. It may never
 be inside the code tree (a package directory, tests, .git): data written there would be picked up
 as code, packaged, or committed.
@@ -17,9 +23,15 @@ home, in `shared_data_dir()`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 HOME_ENV = "KAIZEN_HOME"
@@ -45,6 +57,16 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 class HomeError(ValueError):
     """The configured home directory or a name inside it is not acceptable."""
+
+
+class RunBusyError(RuntimeError):
+    """Another process is working on the run (it holds the run's lock)."""
+
+
+# Run locks this process holds: lock file -> (its descriptor, how many nested holds). A flow inside
+# a flow (evolve -> round) takes the lock its parent holds: flock would refuse a second descriptor.
+_held_locks: dict[Path, tuple[int, int]] = {}
+_held_locks_guard = threading.Lock()
 
 
 def get_home(explicit: str | Path | None = None) -> Path:
@@ -117,6 +139,31 @@ class Layout:
         name = f"{table}.parquet" if shard is None else f"{table}-{shard:05d}.parquet"
         return self.stage_dir(run, round_number, stage) / name
 
+    def lock_path(self, run: str) -> Path:
+        return self.run_dir(run) / ".lock"
+
+    @contextmanager
+    def hold_run(self, run: str, what: str) -> Iterator[None]:
+        """Hold the run for this process while the block runs; RunBusyError at once if another has it.
+
+        `what` says what holds it (a flow's name), for the message another process gets."""
+        path = self.lock_path(run)
+        with _held_locks_guard:
+            if path in _held_locks:
+                descriptor, depth = _held_locks[path]
+                _held_locks[path] = (descriptor, depth + 1)
+            else:
+                _held_locks[path] = (_take_lock(path, what), 1)
+        try:
+            yield
+        finally:
+            with _held_locks_guard:
+                descriptor, depth = _held_locks.pop(path)
+                if depth > 1:
+                    _held_locks[path] = (descriptor, depth - 1)
+                else:
+                    os.close(descriptor)  # releases the flock
+
     def checkpoint_dir(self, run: str, round_number: int, name: str) -> Path:
         return self.round_dir(run, round_number) / "checkpoints" / check_name(name, "checkpoint")
 
@@ -138,3 +185,24 @@ class Layout:
             rounds.glob(f"*/round-*/{stage}/{table}-[0-9]*.parquet")
         )
         return sorted(path for path in files if not path.name.startswith("."))
+
+
+def _take_lock(path: Path, what: str) -> int:
+    """An exclusive flock on `path`, its descriptor, and who holds it written inside; RunBusyError if taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = Path(path).read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise RunBusyError(
+            f"run {path.parent.name!r} in {path.parents[2]} is in use by {holder}; wait for it to end or stop it"
+        ) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    since = datetime.now(UTC).isoformat(timespec="seconds")
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
+    return descriptor

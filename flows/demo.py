@@ -13,13 +13,18 @@ Running it again resumes: finished stages come from Prefect's cache.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from data_store.home import Layout, get_home
 from data_store.parquet import check_output_directory, write_json
 from search.arguments import OneLineParser
+
+if TYPE_CHECKING:
+    from models.recipe import Recipe
 
 DEFAULT_RECIPE = "demo"
 SUMMARY_COLUMNS = (
@@ -56,19 +61,26 @@ def cli_demo(argv: list[str]) -> int:
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
 
-    from flows.evolve import _quiet_prefect, evolve_flow, failure_message
     from models.recipe import load_recipe
-    from models.report import summary_rows, write_run_report
 
     overrides = {"seed": args.seed} if args.seed is not None else None
     recipe = load_recipe(args.recipe, overrides)
     home = check_output_directory(get_home(args.home), "data home")
+    layout = Layout(home)
+    with layout.hold_run(recipe.run, "kaizen demo"):  # a busy run fails here, before Prefect starts
+        return _run_demo(args, recipe, overrides, layout)
+
+
+def _run_demo(args: argparse.Namespace, recipe: Recipe, overrides: dict[str, Any] | None, layout: Layout) -> int:
+    from flows.evolve import _quiet_prefect, evolve_flow, failure_message
+    from models.report import summary_rows, write_run_report
+
+    home = layout.home
     _quiet_prefect()
     started = time.monotonic()
     state = evolve_flow(args.recipe, 0, args.rounds, str(home), overrides, return_state=True)
     total_wall_s = time.monotonic() - started
 
-    layout = Layout(home)
     # An earlier demo in the same home may have left rounds this run did not make: past --rounds, or
     # past a round whose outcome changed here (those are stale now, and the report leaves them out).
     rows = summary_rows(layout, recipe.run, benchmark=recipe.gate.benchmark, through_round=args.rounds)

@@ -214,8 +214,9 @@ def round_flow(recipe: str, round_number: int | None = None, home: str | None = 
     that cannot move on must not look like a success.
     """
     pipeline = open_pipeline(recipe, home, overrides)
-    number = pipeline.next_round() if round_number is None else round_number
-    result = _run_round(pipeline, number)
+    with pipeline.layout.hold_run(pipeline.run, "a round flow"):
+        number = pipeline.next_round() if round_number is None else round_number
+        result = _run_round(pipeline, number)
     assert result is not None
     if not result["gate_passed"]:
         raise GateFailed(f"round {number} failed its gate: {'; '.join(result['gate_reasons'])}")
@@ -227,10 +228,11 @@ def evolve_flow(recipe: str, start: int | None = None, end: int = 4, home: str |
                 overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rounds start..end; each must pass its gate before the next starts."""
     pipeline = open_pipeline(recipe, home, overrides)
-    first = pipeline.next_round() if start is None else start
-    results = []
-    for number in range(first, end + 1):  # a failed gate raises in round_flow and ends the loop
-        results.append(round_flow(recipe, number, str(pipeline.layout.home), overrides))
+    with pipeline.layout.hold_run(pipeline.run, "an evolve flow"):  # its rounds hold it too, from here
+        first = pipeline.next_round() if start is None else start
+        results = []
+        for number in range(first, end + 1):  # a failed gate raises in round_flow and ends the loop
+            results.append(round_flow(recipe, number, str(pipeline.layout.home), overrides))
     return results
 
 
@@ -239,10 +241,11 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
                overrides: dict[str, Any] | None = None) -> list[str]:
     """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
     pipeline = open_pipeline(recipe, home, overrides)
-    order = _check_stage(pipeline, stage, round_number)
-    _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
-    stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
-    pipeline.mark_stale(round_number, stage, stale)
+    with pipeline.layout.hold_run(pipeline.run, "a stage flow"):
+        order = _check_stage(pipeline, stage, round_number)
+        _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
+        stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
+        pipeline.mark_stale(round_number, stage, stale)
     return stale
 
 
@@ -388,7 +391,8 @@ def cli_run(argv: list[str]) -> int:
         print(f"nothing to run: rounds up to {end} of run {pipeline.run!r} are already promoted")
         return 0
     _check_round(pipeline, first)
-    state = evolve_flow(args.recipe, start, end, args.home, overrides, return_state=True)
+    with pipeline.layout.hold_run(pipeline.run, "kaizen run"):  # a busy run fails here, before Prefect starts
+        state = evolve_flow(args.recipe, start, end, args.home, overrides, return_state=True)
     return _report_state(state, parser.prog)
 
 
@@ -400,7 +404,8 @@ def cli_round(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides, pipeline = _checked(args)
     _check_round(pipeline, pipeline.next_round() if args.round_number is None else args.round_number)
-    state = round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True)
+    with pipeline.layout.hold_run(pipeline.run, "kaizen round"):
+        state = round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True)
     return _report_state(state, parser.prog)
 
 
@@ -412,7 +417,8 @@ def cli_stage(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides, pipeline = _checked(args)
     _check_stage(pipeline, args.stage, args.round_number)
-    state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
+    with pipeline.layout.hold_run(pipeline.run, f"kaizen stage {args.stage}"):
+        state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
     if state.is_completed():
         stale = state.result()
         again = ["kaizen", "round", "--recipe", args.recipe, "--round", str(args.round_number)]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,3 +18,31 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer tiny model with a 1,024-token vocabulary, as the training and attention tests use."""
     corpus = default_corpus(seed=0, synthetic_examples=300, include_shared=False)
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2, vocab_size=1024)
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from data_store.home import Layout
+with Layout(Path(sys.argv[1])).hold_run(sys.argv[2], "a test holder"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.fixture
+def hold_run_elsewhere() -> Iterator[Callable[[Path, str], subprocess.Popen]]:
+    """Starts processes that hold a run of a home (`Layout.hold_run`) until killed; kills them at the end."""
+    holders: list[subprocess.Popen] = []
+
+    def hold(home: Path, run: str) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(home), run], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

@@ -45,6 +45,29 @@ def test_a_stage_the_round_does_not_have_is_refused(tmp_path: Path, capsys: pyte
     assert code == 1 and len(err) == 1 and err[0].startswith("kaizen stage: error: round 1 has no stage 'bootstrap'")
 
 
+@pytest.mark.parametrize("argv", [["round", "--round", "0"], ["run", "--rounds", "0:0"], ["demo", "--rounds", "0"],
+                                  ["stage", "bootstrap", "--round", "0"]], ids=lambda argv: argv[0])
+def test_a_run_another_process_has_is_refused_in_one_line(argv: list[str], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture, hold_run_elsewhere) -> None:
+    holder = hold_run_elsewhere(tmp_path, "demo")
+    recipe = [] if argv[0] == "demo" else ["--recipe", "demo"]
+    code, err = run([*argv, *recipe, "--home", str(tmp_path)], capsys)
+    assert code == 1 and len(err) == 1 and f"in use by a test holder (pid {holder.pid} " in err[0]
+
+
+@pytest.mark.parametrize("flow_name, arguments", [("round_flow", {"round_number": 0}), ("evolve_flow", {"end": 0}),
+                                                   ("stage_flow", {"stage": "bootstrap", "round_number": 0})])
+def test_a_deployed_flow_refuses_a_run_another_process_has(flow_name: str, arguments: dict, tmp_path: Path,
+                                                           hold_run_elsewhere) -> None:
+    """Deployments start the flows directly, without the CLI's check."""
+    import flows.evolve
+    from data_store.home import RunBusyError
+
+    hold_run_elsewhere(tmp_path, "demo")
+    with pytest.raises(RunBusyError, match="in use by a test holder"):
+        getattr(flows.evolve, flow_name).fn("demo", home=str(tmp_path), **arguments)
+
+
 def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--recipe", "demo", "--rounds", "5:3", "--home", str(tmp_path)])

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_store.home import CODE_ROOT, HOME_ENV, HomeError, Layout, get_home
+from data_store.home import CODE_ROOT, HOME_ENV, HomeError, Layout, RunBusyError, get_home
 from data_store.parquet import (
     ParquetStreamWriter,
     check_output_directory,
@@ -105,6 +106,55 @@ def test_layout_names_round_stage_and_shard_files(tmp_path: Path) -> None:
 def test_layout_refuses_names_that_escape_or_hide(tmp_path: Path, name: str) -> None:
     with pytest.raises(HomeError):
         Layout(tmp_path).run_dir(name)
+
+
+# --- one process per run -----------------------------------------------------------------------------
+
+@pytest.fixture
+def held_run(tmp_path: Path, hold_run_elsewhere: Callable[[Path, str], subprocess.Popen]) -> subprocess.Popen:
+    return hold_run_elsewhere(tmp_path, "demo")
+
+
+def test_a_run_another_process_holds_is_refused_naming_that_process(tmp_path: Path, held_run: subprocess.Popen) -> None:
+    with pytest.raises(RunBusyError, match=rf"run 'demo' .* in use by a test holder \(pid {held_run.pid} "):
+        with Layout(tmp_path).hold_run("demo", "a test"):
+            pass
+
+
+def test_another_run_of_the_same_home_is_free(tmp_path: Path, held_run: subprocess.Popen) -> None:
+    with Layout(tmp_path).hold_run("other", "a test"):
+        pass
+
+
+def test_a_run_is_free_once_its_holder_is_killed(tmp_path: Path, held_run: subprocess.Popen) -> None:
+    held_run.kill()
+    held_run.wait()
+    with Layout(tmp_path).hold_run("demo", "a test"):
+        pass
+
+
+def test_a_process_may_hold_its_own_run_again_inside_itself(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    with layout.hold_run("demo", "an evolve flow"), layout.hold_run("demo", "a round flow"):
+        pass
+
+
+def try_holding_elsewhere(home: Path, run: str) -> str:
+    """Whether another process can take the run now: "held" or "busy"."""
+    script = ("import sys; from pathlib import Path; from data_store.home import Layout, RunBusyError\n"
+              "try:\n    with Layout(Path(sys.argv[1])).hold_run(sys.argv[2], 'a test'): print('held')\n"
+              "except RunBusyError: print('busy')")
+    return subprocess.run([sys.executable, "-c", script, str(home), run], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(CODE_ROOT)}).stdout.strip()
+
+
+def test_a_run_is_free_for_others_once_every_hold_has_ended(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    with layout.hold_run("demo", "an evolve flow"):
+        with layout.hold_run("demo", "a round flow"):
+            pass
+        assert try_holding_elsewhere(tmp_path, "demo") == "busy"  # still held by the outer block
+    assert try_holding_elsewhere(tmp_path, "demo") == "held"
 
 
 # --- atomic writes ----------------------------------------------------------------------------------
