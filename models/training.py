@@ -625,8 +625,11 @@ class TrainingRun:
         # A session of its own: killing the group also ends accelerate's worker processes. Not tied
         # to this thread by a preexec_fn as the vLLM server is (with it, a SIGTERM to `kaizen` during
         # bootstrap training was sometimes lost); the child watches this process instead (main()).
+        # Its stdout (the Trainer prints log dicts there) goes to stderr: stdout is the caller's
+        # (`kaizen train` prints the checkpoint path on it, for `$(kaizen train ...)`).
         self.process = subprocess.Popen(
-            _launch_command(request, request_path), env=_child_environment(), start_new_session=True
+            _launch_command(request, request_path), env=_child_environment(), start_new_session=True,
+            stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else subprocess.DEVNULL,
         )
         (self.staging_dir / RUNNER_FILE).write_text(process_identity(self.process.pid), encoding="utf-8")
 
@@ -732,6 +735,14 @@ def _prepare_resume(staging: Path) -> Path:
         if path not in complete:  # cut off while saving: the Trainer would sort it among the real ones
             shutil.rmtree(path, ignore_errors=True)
     return complete[-1]
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a capture (pytest, a notebook)
+        return False
+    return True
 
 
 def start_run(request: RunRequest) -> TrainingRun:

@@ -301,6 +301,15 @@ def test_cli_reports_bad_input_the_training_process_finds_in_one_line(
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
+def test_cli_prints_only_the_checkpoint_path_on_stdout(tmp_path: Path, tiny_model: Path, sft_table: Path) -> None:
+    """So that `CHECKPOINT=$(kaizen train ...)` works: the training process's log lines go to stderr."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "train", "sft", "--tables", str(sft_table), "--out",
+                             str(tmp_path / "out"), "--base-model", str(tiny_model), "--set", "max_steps=3",
+                             "--set", "logging_steps=1"], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert result.stdout.splitlines() == [str(tmp_path / "out")]
+
+
 # --- the PPM's encoding and attention ----------------------------------------------------------
 
 
