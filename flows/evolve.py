@@ -246,6 +246,8 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
         _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
         stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
         pipeline.mark_stale(round_number, stage, stale)
+    get_run_logger().info("re-ran %s of round %d; now stale: %s (running round %d again brings them up to date)",
+                          stage, round_number, ", ".join(stale), round_number)
     return stale
 
 

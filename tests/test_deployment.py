@@ -90,7 +90,12 @@ def deployed(server: dict[str, str]) -> dict[str, str]:
 
 def test_every_deployment_is_registered(deployed: dict[str, str]) -> None:
     names = {row["name"] for row in api(deployed, "POST", "/deployments/filter", {})}
-    assert names == {"kaizen-evolve", "kaizen-next-round", "kaizen-evaluate"}
+    assert names == {"kaizen-evolve", "kaizen-next-round", "kaizen-stage", "kaizen-evaluate"}
+
+
+def test_the_stage_deployment_asks_for_the_stage_and_the_round(deployed: dict[str, str]) -> None:
+    deployment = api(deployed, "GET", "/deployments/name/stage/kaizen-stage")
+    assert {"stage", "round_number"} <= set(deployment["parameter_openapi_schema"]["required"])
 
 
 def test_nightly_round_takes_its_cron_from_the_recipe(deployed: dict[str, str]) -> None:
