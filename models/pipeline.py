@@ -298,6 +298,7 @@ class Pipeline:
         return RolloutStageConfig(
             mcts=mcts, backend=self.recipe.backend, sandbox=self.recipe.sandbox,
             grader_workers=self.recipe.search.grader_workers, pipeline_groups=self.recipe.search.pipeline_groups,
+            chunk_problems=self.recipe.search.chunk_problems,
         )
 
     def search_ppm(self, round_number: int, ppm: Artifact | None) -> Artifact | None:

@@ -165,6 +165,11 @@ class SearchSettings:
         default=2, metadata={"help": "tree groups that take turns so code execution overlaps generation"}
     )
     grader_workers: int = field(default=2, metadata={"help": "grader worker processes"})
+    chunk_problems: int | None = field(
+        default=None,
+        metadata={"help": "problems a shard searches together and saves as one chunk; a shard that dies resumes "
+                  "after its last saved chunk (models.rollout). None: the whole shard at once"},
+    )
 
     def mcts_for_round(self, round_number: int, seed: int) -> MCTSConfig:
         """The MCTS settings of one round: overrides applied, mode from ppm_from_round, a per-round seed."""
@@ -463,7 +468,8 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
             fail(where, str(err).removeprefix(f"{where}: ").removeprefix(f"{where}."))
         # The checked values, converted as the section's were ("1e-1" read as text becomes 0.1).
         recipe.search.round_overrides[round_number] = {name: getattr(built, name) for name in overrides}
-    for where, count in (("search.shards", recipe.search.shards), ("problems.per_round", recipe.problems.per_round),
+    for where, count in (("search.shards", recipe.search.shards), ("search.chunk_problems", recipe.search.chunk_problems),
+                         ("problems.per_round", recipe.problems.per_round),
                          ("problems.limit", recipe.problems.limit), ("eval.limit", recipe.eval.limit),
                          *((f"problems.curriculum.{name}", getattr(recipe.problems.curriculum, name))
                            for name in ("train", "test") if recipe.problems.source == CURRICULUM),

@@ -3,12 +3,25 @@
 This is where the pure search (`search.rollout`) meets the engines: a generation backend opened
 on a checkpoint, the isolated code sandbox, the grader's worker processes and, from round 3, the
 PPM. Prefect tasks and `kaizen rollout` both call `rollout_stage`.
+
+Long stages resume. With `chunk_problems` set, the stage searches its problems that many at a time
+(engines opened once) and saves each finished chunk's trees in a hidden directory next to the
+output (`.nodes-00003.chunks/`); a stage that dies (a lost node, a retry, a `kill -9`) and runs
+again with the same problems, checkpoints and search settings skips the saved chunks. Each tree
+has its own RNG and samples are seeded per prompt, so chunking does not change what a problem's
+search finds (up to the float noise of other batch shapes). The output is written, and the chunks
+deleted, when the last chunk is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,17 +46,25 @@ class RolloutStageConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig, metadata={"help": "code sandbox limits"})
     grader_workers: int = field(default=2, metadata={"help": "grader worker processes"})
     pipeline_groups: int = field(default=2, metadata={"help": "tree groups that take turns so execution overlaps generation"})
+    chunk_problems: int | None = field(
+        default=None,
+        metadata={"help": "problems searched together and saved as one chunk; a stage that dies resumes after its "
+                  "last saved chunk. None: all at once, nothing saved before the end"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.chunk_problems is not None and self.chunk_problems < 1:
+            raise ValueError(f"chunk_problems must be >= 1 (or None), got {self.chunk_problems}")
 
 
-def search_trees(
-    problems: Sequence[Problem],
-    *,
-    model: str | Path,
-    config: RolloutStageConfig | None = None,
-    ppm: str | Path | None = None,
-    on_progress: Callable[[RolloutProgress], None] | None = None,
-) -> RolloutResult:
-    """Search every problem with the policy at `model` (and the PPM at `ppm`); returns the trees."""
+Search = Callable[[Sequence[Problem], "Callable[[RolloutProgress], None] | None"], RolloutResult]
+
+
+@contextmanager
+def open_search(model: str | Path, config: RolloutStageConfig | None = None,
+                ppm: str | Path | None = None) -> Iterator[Search]:
+    """The engines for searching with the policy at `model` (and the PPM at `ppm`), opened once; yields
+    a function that searches a list of problems with them and returns the trees."""
     from search.grading import Grader
     from search.sandbox import Sandbox
 
@@ -57,16 +78,33 @@ def search_trees(
         Sandbox(config.sandbox) as sandbox,
         Grader(workers=config.grader_workers) as grader,
     ):
-        return run_rollouts(
-            problems,
-            config.mcts,
-            generator=generator,
-            executor=sandbox,
-            checker=grader,
-            scorer=scorer,
-            pipeline_groups=config.pipeline_groups,
-            on_progress=on_progress,
-        )
+        def search(problems: Sequence[Problem],
+                   on_progress: Callable[[RolloutProgress], None] | None = None) -> RolloutResult:
+            return run_rollouts(
+                problems,
+                config.mcts,
+                generator=generator,
+                executor=sandbox,
+                checker=grader,
+                scorer=scorer,
+                pipeline_groups=config.pipeline_groups,
+                on_progress=on_progress,
+            )
+
+        yield search
+
+
+def search_trees(
+    problems: Sequence[Problem],
+    *,
+    model: str | Path,
+    config: RolloutStageConfig | None = None,
+    ppm: str | Path | None = None,
+    on_progress: Callable[[RolloutProgress], None] | None = None,
+) -> RolloutResult:
+    """Search every problem with the policy at `model` (and the PPM at `ppm`); returns the trees."""
+    with open_search(model, config, ppm) as search:
+        return search(problems, on_progress)
 
 
 def rollout_stage(
@@ -80,18 +118,104 @@ def rollout_stage(
     round_number: int = 0,
     on_progress: Callable[[RolloutProgress], None] | None = None,
 ) -> RolloutStats:
-    """Search every problem and write all trees to `out` (the `nodes` table, atomically)."""
+    """Search every problem and write all trees to `out` (the `nodes` table, atomically); with
+    `config.chunk_problems`, chunk by chunk, resuming after the chunks an earlier attempt saved."""
     import pyarrow as pa
 
     from data_store.parquet import write_table
     from data_store.schema import NODES
 
+    config = config or RolloutStageConfig()
     if not problems:  # a shard can be empty when a round has fewer problems than shards
         write_table(NODES.empty_table(), out, table="nodes")
         return RolloutStats()
-    result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
-    write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
-    return result.stats
+    if config.chunk_problems is None:
+        result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
+        write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
+        return result.stats
+    return _chunked_rollout_stage(problems, model=model, out=Path(out), config=config, ppm=ppm, run=run,
+                                  round_number=round_number, on_progress=on_progress)
+
+
+def chunk_directory(out: Path) -> Path:
+    """Where a chunked stage writing `out` saves its finished chunks until the output is written."""
+    return out.parent / f".{out.stem}.chunks"
+
+
+def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, out: Path, config: RolloutStageConfig,
+                           ppm: str | Path | None, run: str, round_number: int,
+                           on_progress: Callable[[RolloutProgress], None] | None) -> RolloutStats:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_store.parquet import write_json, write_table
+    from data_store.schema import NODES
+
+    size = config.chunk_problems or len(problems)
+    chunks = [problems[start:start + size] for start in range(0, len(problems), size)]
+    saved = chunk_directory(out)
+    identity = _search_identity(problems, model, ppm, config, run, round_number)
+    manifest = saved / "manifest.json"
+    if saved.exists() and not (manifest.is_file() and json.loads(manifest.read_text()).get("identity") == identity):
+        shutil.rmtree(saved)  # another search's chunks: other problems, checkpoints or settings
+    saved.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, {"identity": identity, "chunks": len(chunks)})
+    stats: list[RolloutStats] = []
+    trees_before = 0
+    with ExitStack() as engines:
+        search: Search | None = None  # opened for the first chunk not saved yet: a finished stage loads nothing
+        for index, chunk in enumerate(chunks):
+            table_path, stats_path = saved / f"chunk-{index:05d}.parquet", saved / f"chunk-{index:05d}.json"
+            if not table_path.is_file():
+                search = search or engines.enter_context(open_search(model, config, ppm))
+                result = search(chunk, _offset_progress(on_progress, trees_before, len(problems)))
+                write_json(stats_path, dataclasses.asdict(result.stats))
+                # The table last: its presence marks the chunk done.
+                write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), table_path,
+                            table="nodes")
+            stats.append(RolloutStats(**json.loads(stats_path.read_text())))
+            trees_before += len(chunk)
+    tables = [pq.read_table(saved / f"chunk-{index:05d}.parquet") for index in range(len(chunks))]
+    write_table(pa.concat_tables(tables), out, table="nodes")
+    shutil.rmtree(saved)
+    return _sum_stats(stats)
+
+
+def _offset_progress(on_progress: Callable[[RolloutProgress], None] | None, trees_before: int,
+                     trees_total: int) -> Callable[[RolloutProgress], None] | None:
+    """A chunk's progress as progress through the whole stage."""
+    if on_progress is None:
+        return None
+    return lambda progress: on_progress(dataclasses.replace(
+        progress, trees_done=trees_before + progress.trees_done, trees_total=trees_total))
+
+
+def _sum_stats(parts: Sequence[RolloutStats]) -> RolloutStats:
+    return RolloutStats(**{f.name: sum(getattr(part, f.name) for part in parts) for f in dataclasses.fields(RolloutStats)})
+
+
+def _model_fingerprint(model: str | Path | None) -> str | None:
+    """Names a checkpoint's contents cheaply: its files' names, sizes and modification times (a
+    retrained checkpoint at the same path differs); a hub name stands for itself."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return str(model)
+    files = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in path.iterdir() if item.is_file())
+    return hashlib.sha256(json.dumps([str(path.resolve()), files]).encode()).hexdigest()
+
+
+def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | Path | None,
+                     config: RolloutStageConfig, run: str, round_number: int) -> str:
+    """What saved chunks must have been searched with to be reused: the problems, the checkpoints, the
+    search settings and the chunking (not where or how fast: backend, sandbox and worker counts)."""
+    document = {
+        "problems": [[p.problem_id, p.question, p.answer] for p in problems],
+        "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm),
+        "mcts": repr(config.mcts), "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
+    }
+    return hashlib.sha256(json.dumps(document, default=str).encode()).hexdigest()
 
 
 def search_problems(table: "pa.Table") -> list[Problem]:
@@ -142,6 +266,9 @@ def cli_rollout(argv: list[str]) -> int:
                         help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk-problems", type=int, default=None,
+                        help="search this many problems at a time, saving each chunk: run again after a crash, it "
+                             "resumes after the last saved chunk (default: all at once)")
     parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
@@ -149,6 +276,8 @@ def cli_rollout(argv: list[str]) -> int:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.round_number < 0:
         parser.error(f"--round must be >= 0, got {args.round_number}")
+    if args.chunk_problems is not None and args.chunk_problems < 1:
+        parser.error(f"--chunk-problems must be >= 1, got {args.chunk_problems}")
 
     from data_store.home import check_name
     from data_store.parquet import check_output_directory
@@ -176,7 +305,7 @@ def cli_rollout(argv: list[str]) -> int:
         seed=args.seed,
         step_format=args.step_format,
     )
-    config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend))
+    config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend), chunk_problems=args.chunk_problems)
     update, close = tqdm_progress("rollouts")
     try:
         stats = rollout_stage(

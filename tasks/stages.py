@@ -67,7 +67,7 @@ KEY_LEAVES_OUT = (
     "backend.device", "backend.ppm_device", "backend.batch_size", "backend.concurrency", "backend.vllm_url",
     "backend.prefix_cache_mb",
     *(f"backend.vllm.{name}" for name in _VLLM_PLACEMENT),
-    "sandbox.workers", "search.grader_workers", "search.pipeline_groups",
+    "sandbox.workers", "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
     *(f"training.{kind}.{name}" for kind in ("sft", "ppm", "rl") for name in RUN_ONLY_KEYS),
