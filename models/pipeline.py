@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
@@ -328,12 +329,18 @@ class Pipeline:
     def drop_stale_shards(self, round_number: int) -> None:
         """Delete the round's nodes files of shards beyond the recipe's count (left by an earlier attempt with
         more shards): the `nodes` view reads every file, and would count their trees as this round's."""
+        from models.rollout import chunk_directory
+
         wanted = {self.layout.table_path(self.run, round_number, "nodes", shard=shard)
                   for shard in range(self.recipe.search.shards)}
         for path in next(iter(wanted)).parent.glob("nodes-*.parquet"):
             if path not in wanted:
                 log.info("round %d: removing %s, a shard this recipe no longer has", round_number, path.name)
                 path.unlink()
+        # Chunks saved by a shard that died, of a shard this recipe no longer has, would never be collected.
+        for path in next(iter(wanted)).parent.glob(".nodes-*.chunks"):
+            if path not in {chunk_directory(shard) for shard in wanted}:
+                shutil.rmtree(path, ignore_errors=True)
 
     # --- mining and training ----------------------------------------------------------------
 

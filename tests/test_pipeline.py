@@ -78,6 +78,17 @@ def test_shards_beyond_the_recipes_count_are_dropped(tmp_path: Path) -> None:
     assert [path.exists() for path in shard.values()] == [True, True, False]
 
 
+def test_saved_chunks_of_shards_beyond_the_recipes_count_are_dropped(tmp_path: Path) -> None:
+    from models.rollout import chunk_directory
+
+    pipeline = curriculum_pipeline(tmp_path, **{"search.shards": 2})
+    chunks = [chunk_directory(pipeline.layout.table_path("demo", 1, "nodes", shard=index)) for index in range(3)]
+    for path in chunks:
+        path.mkdir(parents=True)
+    pipeline.drop_stale_shards(1)
+    assert [path.exists() for path in chunks] == [True, True, False]
+
+
 def test_ppm_under_init_from_previous_is_given_the_last_rounds_ppm(tmp_path: Path, monkeypatch) -> None:
     import models.training
 
