@@ -644,9 +644,12 @@ def _log_training(kind: str, round_number: int, checkpoint: Path) -> None:
     from models.training import PROVENANCE_FILE
 
     metrics = json.loads((Path(checkpoint) / PROVENANCE_FILE).read_text(encoding="utf-8")).get("metrics", {})
-    log.info("round %d %s: train loss %.4f over %d tokens in %.0f s (%.0f tokens/s) -> %s", round_number, kind,
-             metrics.get("train_loss", float("nan")), metrics.get("num_input_tokens_seen", 0),
-             metrics.get("train_runtime", 0.0), metrics.get("tokens_per_second", 0.0), checkpoint)
+    # A value may be null: no steady-state throughput in a run of a few steps.
+    figure = {name: metrics.get(name) if metrics.get(name) is not None else float("nan")
+              for name in ("train_loss", "num_input_tokens_seen", "train_runtime", "tokens_per_second")}
+    log.info("round %d %s: train loss %.4f over %.0f tokens in %.0f s (%.0f tokens/s) -> %s", round_number, kind,
+             figure["train_loss"], figure["num_input_tokens_seen"], figure["train_runtime"],
+             figure["tokens_per_second"], checkpoint)
 
 
 def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:

@@ -12,9 +12,13 @@ Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as t
 set), a run that fails, times out, is interrupted or dies with its machine leaves its staging
 directory behind; the next run of the same request (the same data, start model and training
 settings; RUN_ONLY_KEYS may differ) adopts it and continues from its last complete checkpoint
-(model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`).
-Any other run for that output deletes such leftovers. The intermediate checkpoints are removed
-before the output is published.
+(model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`;
+measured on CPU, SFT and PPM runs so resumed end bit for bit as uninterrupted ones, GRPO's sampling
+does not continue the same stream). A checkpoint counts only once `ResumableCheckpoints` has synced
+and marked it, after the Trainer's whole save; one that fails to resume is dropped after that one
+attempt, so a damaged checkpoint cannot fail every retry. Any other run for that output deletes
+such leftovers. The intermediate checkpoints are removed before the output is published; the
+published provenance's `train_loss` and `train_runtime` cover the steps after `resumed_from_step`.
 
 Each round trains from the base model on all verified data so far (`init_from: base`, as
 rStar-Math does) unless the recipe says `init_from: previous`. The PPM starts from this round's
@@ -73,8 +77,9 @@ FAILURE_FILE = "failure.txt"
 RUNNER_FILE = "runner.pid"  # which process trains into a staging directory (models.lifetime.process_identity)
 INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's intermediate checkpoints, inside the staging directory
-TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
-RUN_ONLY_KEYS = ("timeout_s", "save_strategy", "save_steps", "save_total_limit", "logging_steps", "report_to")
+RESUMABLE_FILE = "kaizen-resumable"  # written (and synced) after the Trainer saved a whole checkpoint
+RUN_ONLY_KEYS = ("timeout_s", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps",
+                 "logging_strategy", "logging_first_step", "report_to", "disable_tqdm", "log_level")
 """Training settings that say how a run is watched and kept, not what it computes: they leave cache
 keys alone, and a run may resume another's checkpoint when only these differ."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -460,6 +465,7 @@ class RunRequest:
         """What must match for this run to continue another's checkpoint: everything but RUN_ONLY_KEYS."""
         fields_ = dataclasses.asdict(self)
         fields_["config"] = {key: value for key, value in self.config.items() if key not in RUN_ONLY_KEYS}
+        fields_.pop("overwrite")  # what to do with an existing output, not how to train it
         return json.dumps(fields_, sort_keys=True, default=str)
 
     @classmethod
@@ -686,6 +692,11 @@ class TrainingRun:
         """Delete the staging directory unless it holds a checkpoint to resume from; say which in words
         for the error message."""
         checkpoints = complete_checkpoints(self.staging_dir)
+        if checkpoints and self.resumed_from is not None and checkpoints[-1] == self.resumed_from:
+            # It failed again before saving anything newer: the checkpoint itself may be what fails.
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            return (f"; resuming from its checkpoint at step {_checkpoint_step(checkpoints[-1])} failed too, so it "
+                    "was deleted and the next run starts afresh")
         if not checkpoints:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
             return ""
@@ -698,22 +709,47 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 
 def complete_checkpoints(staging: Path) -> list[Path]:
-    """The Trainer's intermediate checkpoints in a staging directory that it finished writing, oldest first."""
+    """The Trainer's intermediate checkpoints in a staging directory that a run can resume from, oldest
+    first: whole (ResumableCheckpoints marked them after the Trainer's save, on disk) and with their
+    optimizer state (`save_only_model` checkpoints have none)."""
     found = [path for path in staging.glob(f"{CHECKPOINT_PREFIX}*")
-             if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / TRAINER_STATE_FILE).is_file()]
+             if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / RESUMABLE_FILE).is_file()]
     return sorted(found, key=_checkpoint_step)
+
+
+class ResumableCheckpoints(TrainerCallback):
+    """Marks each intermediate checkpoint resumable once the Trainer has saved all of it, and syncs it to
+    disk first: a checkpoint cut off by a lost machine must not be taken for a whole one (the Trainer's
+    own files are written in place and not synced)."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if args.save_only_model or not state.is_world_process_zero or not checkpoint.is_dir():
+            return
+        for path in sorted(checkpoint.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        with open(checkpoint / RESUMABLE_FILE, "w", encoding="utf-8") as marker:
+            marker.write(f"{state.global_step}\n")
+            marker.flush()
+            os.fsync(marker.fileno())
 
 
 def _wait_for_runners(stagings: Sequence[Path], timeout_s: float = 30.0) -> None:
     """Wait for the training processes of earlier attempts to end: a `kaizen` killed outright leaves
-    its child writing for a few seconds more, until it notices (`models.lifetime`)."""
+    its child writing for a few seconds more, until it notices (`models.lifetime`). TrainingRunError
+    if one still runs then (another process is training this output)."""
     deadline = time.monotonic() + timeout_s
     for staging in stagings:
         try:
             runner = (staging / RUNNER_FILE).read_text(encoding="utf-8").strip()
         except OSError:
             continue
-        while runner and process_is_running(runner) and time.monotonic() < deadline:
+        while runner and process_is_running(runner):
+            if time.monotonic() > deadline:
+                raise TrainingRunError(f"another training process (pid {runner.partition(':')[0]}) is still writing "
+                                       f"{staging}; stop it or wait for it to end")
             time.sleep(0.5)
 
 
@@ -936,7 +972,9 @@ def _apply_lora(kind: str, config: Any, model: Any, new_tokens: int) -> Any:
     the LM head's `bias`, which TRL's fused LM head reads; whole-matrix `modules_to_save` works.
     """
     from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import set_seed
 
+    set_seed(config.seed)  # the adapters' initialisation; the Trainer seeds only after this
     causal = kind in ("sft", "rl")
     embeddings = ["embed_tokens", "lm_head"] if causal else ["embed_tokens"]
     lora = LoraConfig(
@@ -1107,7 +1145,8 @@ def run_training(request: RunRequest, staging: Path) -> None:
         config.max_length = model.config.max_position_embeddings
     dataset = _load_dataset(request.kind, [table.path for table in request.tables])
     throughput = ThroughputCallback()
-    trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset, [throughput])
+    trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset,
+                             [throughput, ResumableCheckpoints()])
     checkpoints = complete_checkpoints(staging)  # left by an earlier attempt at this request (TrainingRun)
     resume_from = checkpoints[-1] if checkpoints else None
     train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics

@@ -70,7 +70,8 @@ KEY_LEAVES_OUT = (
     "sandbox.workers", "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
-    *(f"training.{kind}.{name}" for kind in ("sft", "ppm", "rl") for name in RUN_ONLY_KEYS),
+    *(f"{section}.{name}" for section in ("training.sft", "training.ppm", "training.rl", "bootstrap.training")
+      for name in RUN_ONLY_KEYS),
 )
 
 

@@ -339,6 +339,24 @@ def test_settings_that_only_watch_and_keep_a_training_run_leave_its_key_alone(tm
     assert sft_digest(curriculum_pipeline(tmp_path, **setting)) == sft_digest(curriculum_pipeline(tmp_path))
 
 
+def test_settings_that_only_watch_the_bootstrap_training_leave_its_key_alone(tmp_path: Path) -> None:
+    def digest(pipeline: Pipeline) -> str:
+        return pipeline.recipe.digest(*STAGE_SECTIONS["bootstrap"], leave_out=KEY_LEAVES_OUT)
+
+    assert digest(curriculum_pipeline(tmp_path, **{"bootstrap.training.timeout_s": 600})) \
+        == digest(curriculum_pipeline(tmp_path))
+
+
+def test_a_training_log_line_takes_figures_a_short_run_lacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from models.pipeline import _log_training
+    from models.training import PROVENANCE_FILE
+
+    (tmp_path / PROVENANCE_FILE).write_text(json.dumps({"metrics": {"train_loss": 1.5, "tokens_per_second": None}}))
+    with caplog.at_level("INFO", logger="models.pipeline"):
+        _log_training("sft", 1, tmp_path)
+    assert "(nan tokens/s)" in caplog.records[-1].getMessage()
+
+
 def test_a_training_setting_changes_its_key(tmp_path: Path) -> None:
     changed = curriculum_pipeline(tmp_path, **{"training.sft.learning_rate": 1e-4})
     assert sft_digest(changed) != sft_digest(curriculum_pipeline(tmp_path))

@@ -22,11 +22,14 @@ from models.lifetime import process_identity, process_is_running
 from models.ppm import PPMScorer, ScoringContract, cli_score, encode_texts
 from models.training import (
     PROVENANCE_FILE,
+    RESUMABLE_FILE,
     RUN_ONLY_KEYS,
+    ResumableCheckpoints,
     SFTTrainingConfig,
     TrainingInputError,
     TrainingRunError,
     cast_saved_weights,
+    complete_checkpoints,
     file_sha256,
     load_training_config,
     prepare_run,
@@ -488,7 +491,7 @@ def kill_after_first_checkpoint(output: Path, tiny_model: Path, sft_table: Path)
     """Start a checkpointing run, SIGKILL it once it has saved a checkpoint; return its staging directory."""
     run = start_run(sft_request(output, tiny_model, sft_table))
     deadline = time.monotonic() + 120
-    while not list(run.staging_dir.glob("checkpoint-*/trainer_state.json")):
+    while not list(run.staging_dir.glob(f"checkpoint-*/{RESUMABLE_FILE}")):
         assert run.process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     os.kill(run.process.pid, signal.SIGKILL)
@@ -510,6 +513,61 @@ def test_a_training_setting_stops_a_run_resuming(tmp_path: Path, tiny_model: Pat
     first = sft_request(tmp_path / "policy", tiny_model, sft_table)
     changed = sft_request(tmp_path / "policy", tiny_model, sft_table, learning_rate=1e-4)
     assert changed.resume_identity() != first.resume_identity()
+
+
+def test_whether_to_overwrite_an_output_does_not_stop_a_run_resuming(tmp_path: Path, tiny_model: Path,
+                                                                    sft_table: Path) -> None:
+    first = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    again = prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "policy", base_model=str(tiny_model),
+                        overrides=CHECKPOINTED_SFT, overwrite=True)
+    assert again.resume_identity() == first.resume_identity()
+
+
+def save_checkpoint_as_the_trainer_does(staging: Path, step: int, save_only_model: bool = False) -> Path:
+    from types import SimpleNamespace
+
+    checkpoint = staging / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    ResumableCheckpoints().on_save(SimpleNamespace(output_dir=str(staging), save_only_model=save_only_model),
+                                   SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+    return checkpoint
+
+
+def test_a_saved_checkpoint_is_resumable(tmp_path: Path) -> None:
+    checkpoint = save_checkpoint_as_the_trainer_does(tmp_path, 4)
+    assert complete_checkpoints(tmp_path) == [checkpoint]
+
+
+def test_a_checkpoint_cut_off_before_its_save_ended_is_not_resumable(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")  # the Trainer's own last file
+    assert complete_checkpoints(tmp_path) == []
+
+
+def test_a_checkpoint_without_optimizer_state_is_not_resumable(tmp_path: Path) -> None:
+    save_checkpoint_as_the_trainer_does(tmp_path, 4, save_only_model=True)
+    assert complete_checkpoints(tmp_path) == []
+
+
+def test_an_output_another_process_still_trains_is_refused(tmp_path: Path) -> None:
+    from models.training import RUNNER_FILE, _wait_for_runners
+
+    (tmp_path / RUNNER_FILE).write_text(process_identity(os.getpid()))
+    with pytest.raises(TrainingRunError, match=rf"another training process \(pid {os.getpid()}\) is still writing"):
+        _wait_for_runners([tmp_path], timeout_s=0.2)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_fails_to_resume_is_dropped_after_one_attempt(tmp_path: Path, tiny_model: Path,
+                                                                        sft_table: Path) -> None:
+    output = tmp_path / "policy"
+    staging = kill_after_first_checkpoint(output, tiny_model, sft_table)
+    for optimizer in staging.glob("checkpoint-*/optimizer.pt"):
+        optimizer.write_bytes(optimizer.read_bytes()[:100])  # damaged after its save was marked whole
+    with pytest.raises(TrainingRunError, match="failed too, so it was deleted and the next run starts afresh"):
+        start_run(sft_request(output, tiny_model, sft_table)).wait()
+    assert not staging.exists()
 
 
 @pytest.mark.slow
