@@ -1,0 +1,147 @@
+"""`kaizen status`: where a run stands, read from its files alone (no Prefect, no model loaded).
+
+For a multi-day run on a remote machine: which process holds the run now, which round is promoted
+and which comes next, and per round its gate decision and held-out accuracy, which stages have
+written their outputs, and what an interrupted stage left to resume from (saved rollout chunks,
+training checkpoints). It says what the files say; a stage whose output exists may still be
+re-executed by the next round if its inputs changed (Prefect's cache decides that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.pipeline import Pipeline
+from search.arguments import OneLineParser
+
+# The checkpoint directory each training stage writes (models.pipeline), in stage order.
+TRAINED = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
+
+
+@dataclass
+class RoundStatus:
+    round: int
+    state: str  # promoted | stale: <why> | gate failed | not finished
+    accuracy: float | None  # the gate's benchmark and mode
+    done: list[str] = field(default_factory=list)
+    resumable: list[str] = field(default_factory=list)
+
+
+def _round_stages(pipeline: Pipeline, round_number: int) -> tuple[str, ...]:
+    if round_number == 0:
+        return ("bootstrap", "evaluate", "gate")
+    rl = ("rl",) if pipeline.recipe.rl.enabled else ()
+    return ("select", "rollout", "mine", "sft", *rl, "ppm", "evaluate", "gate")
+
+
+def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None:
+    """The stage as it appears in the done list (with a shard count when some shards are missing), or None."""
+    layout, run = pipeline.layout, pipeline.run
+    if stage == "rollout":
+        shards = pipeline.recipe.search.shards
+        written = sum(layout.table_path(run, round_number, "nodes", shard=s).is_file() for s in range(shards))
+        return None if written == 0 else "rollout" if written == shards else f"rollout ({written} of {shards} shards)"
+    if stage in TRAINED:
+        from models.training import PROVENANCE_FILE
+
+        return stage if (layout.checkpoint_dir(run, round_number, TRAINED[stage]) / PROVENANCE_FILE).is_file() else None
+    output = {
+        "select": layout.table_path(run, round_number, "problems", stage="problems"),
+        "mine": layout.stage_dir(run, round_number, "mine") / "pairs.parquet",
+        "evaluate": layout.table_path(run, round_number, "eval"),
+        "gate": layout.table_path(run, round_number, "rounds"),
+    }[stage]
+    return stage if output.is_file() else None
+
+
+def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -> list[str]:
+    """What interrupted stages of the round left to resume from."""
+    from models.rollout import chunk_directory
+    from models.training import complete_checkpoints
+
+    layout, run, found = pipeline.layout, pipeline.run, []
+    if "rollout" in stages:
+        for shard in range(pipeline.recipe.search.shards):
+            saved = chunk_directory(layout.table_path(run, round_number, "nodes", shard=shard))
+            if saved.is_dir():
+                chunks = len(list(saved.glob("chunk-*.parquet")))
+                try:
+                    total = json.loads((saved / "manifest.json").read_text(encoding="utf-8"))["chunks"]
+                except (OSError, ValueError, KeyError):
+                    total = "?"
+                found.append(f"rollout shard {shard}: {chunks} of {total} chunks saved")
+    for stage in dict.fromkeys(s for s in stages if s in TRAINED):
+        output = layout.checkpoint_dir(run, round_number, TRAINED[stage])
+        for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):
+            checkpoints = complete_checkpoints(staging)
+            step = checkpoints[-1].name.removeprefix("checkpoint-") if checkpoints else None
+            found.append(f"{stage}: checkpoint at step {step} saved" if step else f"{stage}: an attempt with no "
+                         "checkpoint saved (it starts afresh)")
+    return found
+
+
+def run_status(pipeline: Pipeline) -> list[RoundStatus]:
+    """One entry per round directory of the run, in round order."""
+    from models.report import round_figures
+
+    run_dir = pipeline.layout.run_dir(pipeline.run)
+    numbers = sorted(int(path.name.removeprefix("round-")) for path in run_dir.glob("round-[0-9]*") if path.is_dir())
+    gate = pipeline.recipe.gate
+    figures = {row.round: row for row in round_figures(pipeline.layout, pipeline.run)}
+    rounds = []
+    for number in numbers:
+        stages = _round_stages(pipeline, number)
+        stale = pipeline.stale_since(number)
+        recorded = figures.get(number)
+        if stale:
+            state = f"stale: {stale}"
+        elif pipeline.promotion(number) is not None:
+            state = "promoted"
+        elif recorded is not None and recorded.gate_passed is False:
+            state = "gate failed"
+        else:
+            state = "not finished"
+        accuracy = recorded.accuracy.get(f"{gate.benchmark}/{gate.mode}") if recorded else None
+        done = [text for text in (_stage_done(pipeline, number, stage) for stage in stages) if text]
+        rounds.append(RoundStatus(number, state, accuracy, done, _resumable(pipeline, number, stages)))
+    return rounds
+
+
+def format_status(pipeline: Pipeline) -> str:
+    layout, run = pipeline.layout, pipeline.run
+    holder = layout.run_holder(run)
+    current = pipeline.current()
+    lines = [
+        f"run {run!r} in {layout.home}",
+        f"  in use by {holder}" if holder else "  idle (no process holds it)",
+        f"  promoted: round {current.round}" if current else "  promoted: none yet",
+        f"  next: round {pipeline.next_round()}",
+    ]
+    rounds = run_status(pipeline)
+    if not rounds:
+        return "\n".join([*lines, "  no round has started"])
+    gate = pipeline.recipe.gate
+    lines.append(f"round  {'state':<14} {gate.mode + ' ' + gate.benchmark:<24} stages with outputs")
+    for entry in rounds:
+        accuracy = f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-"
+        state = entry.state if len(entry.state) <= 14 else "stale"
+        lines.append(f"{entry.round:>5}  {state:<14} {accuracy:<24} {', '.join(entry.done) or '-'}")
+        if entry.state.startswith("stale:"):
+            lines.append(f"{'':7}{entry.state}")
+        lines += [f"{'':7}to resume: {text}" for text in entry.resumable]
+    return "\n".join(lines)
+
+
+def cli_status(argv: list[str]) -> int:
+    parser = OneLineParser(prog="kaizen status", description="Where a run stands: rounds, stages, what can resume.")
+    parser.add_argument("--recipe", required=True, help="recipe name (deployments/recipes) or YAML path")
+    parser.add_argument("--home", type=Path, default=None, help="data home (default: $KAIZEN_HOME or ./kaizen_home)")
+    args = parser.parse_args(argv)
+
+    from data_store.home import Layout, get_home
+    from models.recipe import load_recipe
+
+    print(format_status(Pipeline(load_recipe(args.recipe), Layout(get_home(args.home)))))
+    return 0

@@ -1,0 +1,87 @@
+"""`kaizen status`: a run's state read from its files, for each kind of state a run can be in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_store.home import Layout
+from flows.cli import main
+from models.pipeline import Pipeline
+from models.recipe import load_recipe
+from models.rollout import chunk_directory
+from models.status import format_status
+from models.training import PROVENANCE_FILE, RESUMABLE_FILE
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Pipeline:
+    return Pipeline(load_recipe("demo", {"search.shards": 2}), Layout(tmp_path))
+
+
+def status_lines(pipeline: Pipeline) -> list[str]:
+    return [line.strip() for line in format_status(pipeline).splitlines()]
+
+
+def touch(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def promote(pipeline: Pipeline, round_number: int) -> None:
+    policy = pipeline.layout.checkpoint_dir("demo", round_number, "policy")
+    touch(policy / PROVENANCE_FILE, "{}")
+    touch(pipeline.layout.round_dir("demo", round_number) / "promoted.json",
+          json.dumps({"round": round_number, "policy": {"path": str(policy), "digest": "d"}, "ppm": None}))
+
+
+def test_a_new_run_has_no_rounds(pipeline: Pipeline) -> None:
+    assert status_lines(pipeline)[1:] == ["idle (no process holds it)", "promoted: none yet", "next: round 0",
+                                          "no round has started"]
+
+
+def test_a_held_run_names_its_holder(pipeline: Pipeline, tmp_path: Path, hold_run_elsewhere) -> None:
+    holder = hold_run_elsewhere(tmp_path, "demo")
+    assert status_lines(pipeline)[1].startswith(f"in use by a test holder (pid {holder.pid} ")
+
+
+def test_the_round_after_the_promoted_one_is_next(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    assert "next: round 1" in status_lines(pipeline)
+
+
+def test_a_round_lists_the_stages_that_wrote_their_outputs(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    layout = pipeline.layout
+    touch(layout.table_path("demo", 1, "problems", stage="problems"))
+    touch(layout.table_path("demo", 1, "nodes", shard=0))
+    assert status_lines(pipeline)[-1] == "1  not finished   -                        select, rollout (1 of 2 shards)"
+
+
+def test_saved_rollout_chunks_are_offered_for_resuming(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    saved = chunk_directory(pipeline.layout.table_path("demo", 1, "nodes", shard=1))
+    touch(saved / "manifest.json", json.dumps({"identity": "x", "chunks": 3}))
+    touch(saved / "chunk-00000.parquet")
+    assert "to resume: rollout shard 1: 1 of 3 chunks saved" in status_lines(pipeline)
+
+
+def test_a_saved_training_checkpoint_is_offered_for_resuming(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
+    touch(policy.parent / f".{policy.name}.partial-abc" / "checkpoint-40" / RESUMABLE_FILE)
+    assert "to resume: sft: checkpoint at step 40 saved" in status_lines(pipeline)
+
+
+def test_a_stale_round_says_why(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
+    assert "stale: its bootstrap stage was re-run after its gate" in status_lines(pipeline)
+
+
+def test_the_command_prints_the_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", "--recipe", "demo", "--home", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"run 'demo' in {tmp_path}\n")
