@@ -77,8 +77,7 @@ def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -
         for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):
             checkpoints = complete_checkpoints(staging)
             step = checkpoints[-1].name.removeprefix("checkpoint-") if checkpoints else None
-            found.append(f"{stage}: checkpoint at step {step} saved" if step else f"{stage}: an attempt with no "
-                         "checkpoint saved (it starts afresh)")
+            found.append(f"{stage}: checkpoint at step {step} saved" if step else f"{stage}: no checkpoint saved")
     return found
 
 
@@ -130,7 +129,8 @@ def format_status(pipeline: Pipeline) -> str:
         lines.append(f"{entry.round:>5}  {state:<14} {accuracy:<24} {', '.join(entry.done) or '-'}")
         if entry.state.startswith("stale:"):
             lines.append(f"{'':7}{entry.state}")
-        lines += [f"{'':7}to resume: {text}" for text in entry.resumable]
+        # While a process holds the run, what a stage has saved is its progress, not something to resume.
+        lines += [f"{'':7}{'in progress' if holder else 'to resume'}: {text}" for text in entry.resumable]
     return "\n".join(lines)
 
 

@@ -76,6 +76,14 @@ def test_a_saved_training_checkpoint_is_offered_for_resuming(pipeline: Pipeline)
     assert "to resume: sft: checkpoint at step 40 saved" in status_lines(pipeline)
 
 
+def test_what_a_held_run_saved_is_its_progress(pipeline: Pipeline, tmp_path: Path, hold_run_elsewhere) -> None:
+    promote(pipeline, 0)
+    policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
+    (policy.parent / f".{policy.name}.partial-abc").mkdir(parents=True)
+    hold_run_elsewhere(tmp_path, "demo")
+    assert "in progress: sft: no checkpoint saved" in status_lines(pipeline)
+
+
 def test_a_stale_round_says_why(pipeline: Pipeline) -> None:
     promote(pipeline, 0)
     pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
