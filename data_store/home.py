@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,27 +142,12 @@ class Layout:
     def lock_path(self, run: str) -> Path:
         return self.run_dir(run) / ".lock"
 
-    @contextmanager
-    def hold_run(self, run: str, what: str) -> Iterator[None]:
+    def hold_run(self, run: str, what: str) -> AbstractContextManager[None]:
         """Hold the run for this process while the block runs; RunBusyError at once if another has it.
 
         `what` says what holds it (a flow's name), for the message another process gets."""
         path = self.lock_path(run)
-        with _held_locks_guard:
-            if path in _held_locks:
-                descriptor, depth = _held_locks[path]
-                _held_locks[path] = (descriptor, depth + 1)
-            else:
-                _held_locks[path] = (_take_lock(path, what), 1)
-        try:
-            yield
-        finally:
-            with _held_locks_guard:
-                descriptor, depth = _held_locks.pop(path)
-                if depth > 1:
-                    _held_locks[path] = (descriptor, depth - 1)
-                else:
-                    os.close(descriptor)  # releases the flock
+        return hold_lock(path, what, f"run {run!r} in {self.home}")
 
     def run_holder(self, run: str) -> str | None:
         """Who holds the run now (`hold_run`'s words: what, pid, host, since when), or None when nobody does."""
@@ -204,7 +189,29 @@ class Layout:
         return sorted(path for path in files if not path.name.startswith("."))
 
 
-def _take_lock(path: Path, what: str) -> int:
+@contextmanager
+def hold_lock(path: Path, what: str, subject: str) -> Iterator[None]:
+    """Hold the lock file `path` for this process while the block runs (an exclusive flock, dropped by
+    the kernel when the process dies; a process may hold it again inside itself). RunBusyError at
+    once, naming `subject` and the holder, when another process holds it."""
+    with _held_locks_guard:
+        if path in _held_locks:
+            descriptor, depth = _held_locks[path]
+            _held_locks[path] = (descriptor, depth + 1)
+        else:
+            _held_locks[path] = (_take_lock(path, what, subject), 1)
+    try:
+        yield
+    finally:
+        with _held_locks_guard:
+            descriptor, depth = _held_locks.pop(path)
+            if depth > 1:
+                _held_locks[path] = (descriptor, depth - 1)
+            else:
+                os.close(descriptor)  # releases the flock
+
+
+def _take_lock(path: Path, what: str, subject: str) -> int:
     """An exclusive flock on `path`, its descriptor, and who holds it written inside; RunBusyError if taken."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -213,9 +220,7 @@ def _take_lock(path: Path, what: str) -> int:
     except BlockingIOError:
         holder = Path(path).read_text(encoding="utf-8", errors="replace").strip() or "another process"
         os.close(descriptor)
-        raise RunBusyError(
-            f"run {path.parent.name!r} in {path.parents[2]} is in use by {holder}; wait for it to end or stop it"
-        ) from None
+        raise RunBusyError(f"{subject} is in use by {holder}; wait for it to end or stop it") from None
     except BaseException:
         os.close(descriptor)
         raise

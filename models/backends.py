@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from models.vllm_server import PLACEMENT_FIELDS as VLLM_PLACEMENT_FIELDS
 from models.vllm_server import VLLMServerConfig
 from search.policy import Generator, StepScorer
 
@@ -48,6 +50,25 @@ class BackendConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
+
+
+PLACEMENT_FIELDS = ("device", "ppm_device", "batch_size", "concurrency", "vllm_url", "prefix_cache_mb")
+"""BackendConfig fields that say where and how fast generation runs, not what it generates. A
+device's kind does count (`device_kinds`), as it sets the precision models load in."""
+
+
+def device_kinds(config: BackendConfig) -> str:
+    """The kinds of device the policy and the PPM load on (cpu: float32, cuda: bfloat16), None resolved
+    as the backend resolves it: an index (cuda:3) does not change results, a kind does."""
+    return ",".join((device or default_device()).partition(":")[0] for device in (config.device, config.ppm_device))
+
+
+def generation_settings(config: BackendConfig) -> dict[str, Any]:
+    """The backend settings that decide what is generated: all but the placement fields, device kinds
+    in place of devices."""
+    settings = {name: value for name, value in asdict(config).items() if name not in PLACEMENT_FIELDS}
+    settings["vllm"] = {name: value for name, value in settings["vllm"].items() if name not in VLLM_PLACEMENT_FIELDS}
+    return {**settings, "devices": device_kinds(config)}
 
 
 @contextmanager

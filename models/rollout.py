@@ -7,10 +7,13 @@ PPM. Prefect tasks and `kaizen rollout` both call `rollout_stage`.
 Long stages resume. With `chunk_problems` set, the stage searches its problems that many at a time
 (engines opened once) and saves each finished chunk's trees in a hidden directory next to the
 output (`.nodes-00003.chunks/`); a stage that dies (a lost node, a retry, a `kill -9`) and runs
-again with the same problems, checkpoints and search settings skips the saved chunks. Each tree
-has its own RNG and samples are seeded per prompt, so chunking does not change what a problem's
-search finds (up to the float noise of other batch shapes). The output is written, and the chunks
-deleted, when the last chunk is done.
+again with the same problems, checkpoints and settings (those Prefect's cache key counts: not
+devices, worker counts or batch sizes) skips the saved chunks, and searches again any it cannot
+read. Each tree has its own RNG and samples are seeded per prompt (problems with the same text
+share a chunk, so their sample counts never restart in a resumed process), so chunking does not
+change what a problem's search finds (up to the float noise of other batch shapes). The output is
+written, and the chunks deleted, when the last chunk is done. One process at a time writes an
+output (a lock file next to it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
+from models.backends import (
+    BACKENDS,
+    BackendConfig,
+    generation_settings,
+    open_generator,
+    open_ppm_scorer,
+    require_policy_tokens,
+)
 from search.arguments import OneLineParser
 from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
@@ -125,16 +135,23 @@ def rollout_stage(
     from data_store.parquet import write_table
     from data_store.schema import NODES
 
-    config = config or RolloutStageConfig()
+    config, out = config or RolloutStageConfig(), Path(out)
     if not problems:  # a shard can be empty when a round has fewer problems than shards
         write_table(NODES.empty_table(), out, table="nodes")
-        return RolloutStats()
-    if config.chunk_problems is None:
+        stats = RolloutStats()
+    elif config.chunk_problems is None:
         result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
         write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
-        return result.stats
-    return _chunked_rollout_stage(problems, model=model, out=Path(out), config=config, ppm=ppm, run=run,
-                                  round_number=round_number, on_progress=on_progress)
+        stats = result.stats
+    else:
+        return _chunked_rollout_stage(problems, model=model, out=out, config=config, ppm=ppm, run=run,
+                                      round_number=round_number, on_progress=on_progress)
+    shutil.rmtree(chunk_directory(out), ignore_errors=True)  # an earlier, chunked attempt's
+    return stats
+
+
+CHUNK_FORMAT = 1
+"""Version of the saved chunks' layout; chunks of another version are searched again."""
 
 
 def chunk_directory(out: Path) -> Path:
@@ -142,56 +159,96 @@ def chunk_directory(out: Path) -> Path:
     return out.parent / f".{out.stem}.chunks"
 
 
+def problem_chunks(problems: Sequence[Problem], size: int) -> list[list[Problem]]:
+    """The problems in chunks of about `size`, in order, except that problems with the same text share
+    their first one's chunk: the generator's per-prompt sample counts (`search.policy.PromptSeeds`)
+    must not start again for a twin in a later chunk that a resumed process searches."""
+    first_index: dict[str, int] = {}
+    chunks: list[list[Problem]] = [[] for _ in range(-(-len(problems) // size))]
+    for index, problem in enumerate(problems):
+        chunks[first_index.setdefault(problem.question, index) // size].append(problem)
+    return [chunk for chunk in chunks if chunk]
+
+
 def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, out: Path, config: RolloutStageConfig,
                            ppm: str | Path | None, run: str, round_number: int,
                            on_progress: Callable[[RolloutProgress], None] | None) -> RolloutStats:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from data_store.home import hold_lock
     from data_store.parquet import write_json, write_table
     from data_store.schema import NODES
 
-    size = config.chunk_problems or len(problems)
-    chunks = [problems[start:start + size] for start in range(0, len(problems), size)]
+    chunks = problem_chunks(problems, config.chunk_problems or len(problems))
     saved = chunk_directory(out)
     identity = _search_identity(problems, model, ppm, config, run, round_number)
-    manifest = saved / "manifest.json"
-    if saved.exists() and not (manifest.is_file() and json.loads(manifest.read_text()).get("identity") == identity):
-        shutil.rmtree(saved)  # another search's chunks: other problems, checkpoints or settings
-    saved.mkdir(parents=True, exist_ok=True)
-    write_json(manifest, {"identity": identity, "chunks": len(chunks)})
-    stats: list[RolloutStats] = []
-    trees_before = 0
-    with ExitStack() as engines:
-        search: Search | None = None  # opened for the first chunk not saved yet: a finished stage loads nothing
-        for index, chunk in enumerate(chunks):
-            table_path, stats_path = saved / f"chunk-{index:05d}.parquet", saved / f"chunk-{index:05d}.json"
-            if not table_path.is_file():
-                search = search or engines.enter_context(open_search(model, config, ppm))
-                result = search(chunk, _offset_progress(on_progress, trees_before, len(problems)))
-                write_json(stats_path, dataclasses.asdict(result.stats))
-                # The table last: its presence marks the chunk done.
-                write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), table_path,
-                            table="nodes")
-            stats.append(RolloutStats(**json.loads(stats_path.read_text())))
-            trees_before += len(chunk)
-    tables = [pq.read_table(saved / f"chunk-{index:05d}.parquet") for index in range(len(chunks))]
-    write_table(pa.concat_tables(tables), out, table="nodes")
-    shutil.rmtree(saved)
+    # Two processes writing one output would delete or overwrite each other's chunks.
+    with hold_lock(out.parent / f".{out.stem}.lock", "a rollout stage", str(out)):
+        if _saved_identity(saved) != identity:
+            shutil.rmtree(saved, ignore_errors=True)  # another search's chunks, or none
+        saved.mkdir(parents=True, exist_ok=True)
+        write_json(saved / "manifest.json", {"identity": identity, "chunks": len(chunks)})
+        tables: list[pa.Table] = []
+        stats: list[RolloutStats] = []
+        with ExitStack() as engines:
+            search: Search | None = None  # opened for the first chunk not saved yet: a finished stage loads nothing
+            for index, chunk in enumerate(chunks):
+                table_path, stats_path = saved / f"chunk-{index:05d}.parquet", saved / f"chunk-{index:05d}.json"
+                loaded = _load_chunk(table_path, stats_path, chunk)
+                if loaded is None:
+                    search = search or engines.enter_context(open_search(model, config, ppm))
+                    result = search(chunk, _offset_progress(on_progress, _sum_stats(stats), len(problems)))
+                    loaded = (pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), result.stats)
+                    write_json(stats_path, dataclasses.asdict(result.stats))
+                    write_table(loaded[0], table_path, table="nodes")  # the table last: it marks the chunk done
+                tables.append(loaded[0])
+                stats.append(loaded[1])
+        write_table(pa.concat_tables(tables), out, table="nodes")
+        shutil.rmtree(saved)
     return _sum_stats(stats)
 
 
-def _offset_progress(on_progress: Callable[[RolloutProgress], None] | None, trees_before: int,
+def _saved_identity(saved: Path) -> str | None:
+    try:
+        return json.loads((saved / "manifest.json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):  # none, or unreadable: search again
+        return None
+
+
+def _load_chunk(table_path: Path, stats_path: Path, chunk: Sequence[Problem]) -> tuple[pa.Table, RolloutStats] | None:
+    """A saved chunk's trees and stats, or None when it is not saved or not readable as this chunk."""
+    import pyarrow.parquet as pq
+
+    from data_store.schema import schema_problems
+
+    if not table_path.is_file():
+        return None
+    try:
+        table = pq.read_table(table_path)
+        stats = RolloutStats(**json.loads(stats_path.read_text(encoding="utf-8")))
+        ids = set(table.column("problem_id").to_pylist())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if schema_problems(table.schema, "nodes") or ids != {p.problem_id for p in chunk}:
+        return None
+    return table, stats
+
+
+def _offset_progress(on_progress: Callable[[RolloutProgress], None] | None, before: RolloutStats,
                      trees_total: int) -> Callable[[RolloutProgress], None] | None:
-    """A chunk's progress as progress through the whole stage."""
+    """A chunk's progress as progress through the whole stage (`before`: the chunks done already)."""
     if on_progress is None:
         return None
     return lambda progress: on_progress(dataclasses.replace(
-        progress, trees_done=trees_before + progress.trees_done, trees_total=trees_total))
+        progress, trees_done=before.trees + progress.trees_done, trees_total=trees_total,
+        nodes=before.nodes + progress.nodes, tokens_generated=before.tokens_generated + progress.tokens_generated))
 
 
 def _sum_stats(parts: Sequence[RolloutStats]) -> RolloutStats:
-    return RolloutStats(**{f.name: sum(getattr(part, f.name) for part in parts) for f in dataclasses.fields(RolloutStats)})
+    """The chunks' stats as one stage's: counts and times add up (times are search time, the saved
+    chunks' from the attempt that searched them); passes are the most any chunk made."""
+    summed = {f.name: sum(getattr(part, f.name) for part in parts) for f in dataclasses.fields(RolloutStats)}
+    return RolloutStats(**{**summed, "passes": max((part.passes for part in parts), default=0)})
 
 
 def _model_fingerprint(model: str | Path | None) -> str | None:
@@ -203,19 +260,25 @@ def _model_fingerprint(model: str | Path | None) -> str | None:
     if not path.is_dir():
         return str(model)
     files = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in path.iterdir() if item.is_file())
-    return hashlib.sha256(json.dumps([str(path.resolve()), files]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | Path | None,
                      config: RolloutStageConfig, run: str, round_number: int) -> str:
-    """What saved chunks must have been searched with to be reused: the problems, the checkpoints, the
-    search settings and the chunking (not where or how fast: backend, sandbox and worker counts)."""
+    """What saved chunks must have been searched with to be reused: the problems, the checkpoints and
+    every setting that decides what a search finds (the search's, the sandbox's and the backend's),
+    as Prefect's cache key counts them: not where or how fast (devices by kind, no worker counts)."""
+    from search.sandbox import SANDBOX_PLACEMENT_FIELDS
+
+    sandbox = {name: value for name, value in dataclasses.asdict(config.sandbox).items()
+               if name not in SANDBOX_PLACEMENT_FIELDS}
     document = {
-        "problems": [[p.problem_id, p.question, p.answer] for p in problems],
-        "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm),
-        "mcts": repr(config.mcts), "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
+        "format": CHUNK_FORMAT, "problems": [[p.problem_id, p.question, p.answer] for p in problems],
+        "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm), "mcts": repr(config.mcts),
+        "backend": generation_settings(config.backend), "sandbox": sandbox,
+        "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
     }
-    return hashlib.sha256(json.dumps(document, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def search_problems(table: "pa.Table") -> list[Problem]:

@@ -163,6 +163,12 @@ def _root_cause(log: str) -> str:
     return "no exception in the log"
 
 
+PLACEMENT_FIELDS = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
+                    "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
+"""VLLMServerConfig fields that say where and how fast the server runs, not what it generates (its
+dtype, context length and extra arguments do count)."""
+
+
 @dataclass
 class VLLMServerConfig:
     """How to run the server; the defaults suit this CPU machine and a small model."""

@@ -144,6 +144,10 @@ class ExecResult:
                 "timed_out": self.timed_out, "memory_exceeded": self.memory_exceeded}
 
 
+SANDBOX_PLACEMENT_FIELDS = ("workers",)
+"""SandboxConfig fields that say how fast programs run, not what they may do or print."""
+
+
 @dataclass
 class SandboxConfig:
     """Limits and worker settings of a `Sandbox`."""

@@ -27,8 +27,12 @@ from prefect.context import TaskRunContext
 from models.pipeline import (
     LOGGER_NAME, Artifact, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
 )
+from models.backends import PLACEMENT_FIELDS as BACKEND_PLACEMENT_FIELDS
+from models.backends import device_kinds
 from models.tiny import ModelLoadError
 from models.training import RUN_ONLY_KEYS, TrainingInputError
+from models.vllm_server import PLACEMENT_FIELDS as VLLM_PLACEMENT_FIELDS
+from search.sandbox import SANDBOX_PLACEMENT_FIELDS
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -57,17 +61,15 @@ STAGES = tuple(STAGE_SECTIONS)
 # checkpoints: models.training.RUN_ONLY_KEYS). Sampling is seeded per prompt, so batching changes
 # results only by float rounding (one exception: two problems with the same text share their
 # prompts' counts, and the grouping decides which gets which samples). Devices count by kind only
-# (`_device_kinds`: the kind sets the precision models load in); the server's dtype, context
-# length and extra arguments count. The search settings count as the round resolves them
-# (`_round_search`), so a later round's round_overrides entry leaves the earlier rounds' rollouts
-# alone.
-_VLLM_PLACEMENT = ("host", "port", "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size",
-                   "data_parallel_size", "chunked_prefill", "enforce_eager", "startup_timeout_s", "stop_timeout_s")
+# (`models.backends.device_kinds`: the kind sets the precision models load in); the server's
+# dtype, context length and extra arguments count. The search settings count as the round resolves
+# them (`_round_search`), so a later round's round_overrides entry leaves the earlier rounds'
+# rollouts alone.
 KEY_LEAVES_OUT = (
-    "backend.device", "backend.ppm_device", "backend.batch_size", "backend.concurrency", "backend.vllm_url",
-    "backend.prefix_cache_mb",
-    *(f"backend.vllm.{name}" for name in _VLLM_PLACEMENT),
-    "sandbox.workers", "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
+    *(f"backend.{name}" for name in BACKEND_PLACEMENT_FIELDS),
+    *(f"backend.vllm.{name}" for name in VLLM_PLACEMENT_FIELDS),
+    *(f"sandbox.{name}" for name in SANDBOX_PLACEMENT_FIELDS),
+    "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
     *(f"{section}.{name}" for section in ("training.sft", "training.ppm", "training.rl", "bootstrap.training")
@@ -95,13 +97,7 @@ def _round_search(pipeline: Pipeline, round_number: int) -> str:
 
 
 def _device_kinds(pipeline: Pipeline) -> str:
-    """The kinds of device the policy and the PPM load on (cpu: float32, cuda: bfloat16), None
-    resolved as the backend resolves it: an index (cuda:3) does not change results, a kind does."""
-    from models.backends import default_device
-
-    backend = pipeline.recipe.backend
-    return "devices=" + ",".join((device or default_device()).partition(":")[0]
-                                 for device in (backend.device, backend.ppm_device))
+    return "devices=" + device_kinds(pipeline.recipe.backend)
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import models.rollout
-from models.rollout import RolloutStageConfig, chunk_directory, rollout_stage
+from models.rollout import RolloutStageConfig, _search_identity, chunk_directory, problem_chunks, rollout_stage
 from search.mcts import MCTSConfig, Tree
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats
 
@@ -128,20 +131,119 @@ def test_a_resumed_stage_counts_the_saved_chunks_in_its_stats(tmp_path: Path, st
     assert (stats.trees, stats.tokens_generated) == (5, 50)
 
 
+def fail_after_first_chunk(out: Path, stand_in) -> None:
+    stand_in(fail_on_call=1)
+    with pytest.raises(RuntimeError, match="lost"):
+        run_stage(out)
+
+
+def test_a_damaged_saved_chunk_is_searched_again(tmp_path: Path, stand_in) -> None:
+    out = tmp_path / "nodes.parquet"
+    fail_after_first_chunk(out, stand_in)
+    (chunk_directory(out) / "chunk-00000.parquet").write_bytes(b"PAR1 cut off")
+    again = stand_in()
+    run_stage(out)
+    assert again.searched == [p.problem_id for p in PROBLEMS]
+
+
+def test_an_unreadable_manifest_means_nothing_is_reused(tmp_path: Path, stand_in) -> None:
+    out = tmp_path / "nodes.parquet"
+    fail_after_first_chunk(out, stand_in)
+    (chunk_directory(out) / "manifest.json").write_text('{"identity": ')
+    again = stand_in()
+    run_stage(out)
+    assert again.searched == [p.problem_id for p in PROBLEMS]
+
+
+def test_a_run_without_chunks_clears_an_earlier_attempts_chunks(tmp_path: Path, stand_in) -> None:
+    out = tmp_path / "nodes.parquet"
+    fail_after_first_chunk(out, stand_in)
+    stand_in()
+    rollout_stage(PROBLEMS, model="policy-a", out=out, config=RolloutStageConfig())
+    assert out.is_file() and not chunk_directory(out).exists()
+
+
+@pytest.mark.parametrize("change", [{"timeout_s": 60.0}, {"memory_mb": 4096}])
+def test_a_sandbox_setting_is_part_of_what_chunks_were_searched_with(change: dict) -> None:
+    from dataclasses import replace
+
+    changed = replace(CHUNKED, sandbox=replace(CHUNKED.sandbox, **change))
+    assert _search_identity(PROBLEMS, "m", None, changed, "r", 1) != _search_identity(PROBLEMS, "m", None, CHUNKED, "r", 1)
+
+
+@pytest.mark.parametrize("change", [{"sandbox": {"workers": 9}}, {"backend": {"batch_size": 7, "concurrency": 3}}])
+def test_how_fast_a_search_runs_is_not_part_of_what_chunks_were_searched_with(change: dict) -> None:
+    from dataclasses import replace
+
+    changed = replace(CHUNKED, **{name: replace(getattr(CHUNKED, name), **values) for name, values in change.items()})
+    assert _search_identity(PROBLEMS, "m", None, changed, "r", 1) == _search_identity(PROBLEMS, "m", None, CHUNKED, "r", 1)
+
+
+def test_problems_with_the_same_text_share_a_chunk() -> None:
+    twins = [Problem("a", "q1", "1"), Problem("b", "q2", "2"), Problem("c", "q3", "3"), Problem("d", "q1", "1")]
+    assert [[p.problem_id for p in chunk] for chunk in problem_chunks(twins, 2)] == [["a", "b", "d"], ["c"]]
+
+
+def test_progress_counts_the_nodes_and_tokens_of_earlier_chunks(tmp_path: Path, stand_in) -> None:
+    stand_in()
+    tokens: list[int] = []
+    run_stage(tmp_path / "nodes.parquet", on_progress=lambda p: tokens.append(p.tokens_generated))
+    assert tokens == [10, 30, 50]
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from data_store.home import hold_lock
+with hold_lock(Path(sys.argv[1]), "another rollout", "test"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_an_output_another_process_writes_is_refused(tmp_path: Path, stand_in) -> None:
+    from data_store.home import RunBusyError
+
+    out = tmp_path / "nodes.parquet"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / ".nodes.lock")], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stand_in()
+        with pytest.raises(RunBusyError, match=f"{out} is in use by another rollout"):
+            run_stage(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_chunk_sizes_below_one_are_refused() -> None:
     with pytest.raises(ValueError, match="chunk_problems must be >= 1"):
         RolloutStageConfig(chunk_problems=0)
 
 
+@pytest.fixture(scope="module")
+def step_policy(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A tiny policy that writes the step format (trained on `a plus b` solutions), so trees grow past one step."""
+    from test_training import FAST_SFT, sft_rows, write_table
+
+    from models.training import train_sft
+
+    table = write_table(tmp_path_factory.mktemp("sft") / "sft.parquet", sft_rows())
+    return train_sft([table], tmp_path_factory.mktemp("policy") / "policy", base_model=str(tiny_model),
+                     overrides={**FAST_SFT, "num_train_epochs": 30})
+
+
 @pytest.mark.slow
-def test_chunking_does_not_change_what_the_search_finds(tmp_path: Path, tiny_model: Path) -> None:
+def test_chunking_does_not_change_what_the_search_finds(tmp_path: Path, step_policy: Path) -> None:
     """Each tree has its own RNG and samples are seeded per prompt: a real policy's trees are the
     same searched in chunks of 2 or all at once."""
-    mcts = MCTSConfig(rollouts=2, width=2, max_depth=3, max_step_tokens=24, seed=3)
+    problems = [Problem(f"p{a}", f"What is {a} plus {a + 1}?", str(2 * a + 1)) for a in range(5)]
+    mcts = MCTSConfig(rollouts=3, width=2, max_depth=4, max_step_tokens=32, temperature=1.0, seed=3)
     tables = {}
     for chunk_problems in (None, 2):
         out = tmp_path / f"nodes-{chunk_problems}.parquet"
-        rollout_stage(PROBLEMS, model=tiny_model, out=out,
+        rollout_stage(problems, model=step_policy, out=out,
                       config=RolloutStageConfig(mcts=mcts, chunk_problems=chunk_problems))
         tables[chunk_problems] = pq.read_table(out).to_pylist()
-    assert len(tables[None]) > len(PROBLEMS) and tables[2] == tables[None]  # trees beyond their roots
+    assert max(row["depth"] for row in tables[None]) >= 2 and tables[2] == tables[None]
