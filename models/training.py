@@ -8,8 +8,8 @@ when a run ends and a hung run can be killed as a process group. The child train
 staging directory next to the output, writes `provenance.json` last, and the parent renames the
 directory into place only when the child succeeded: a directory at the output path is complete.
 
-Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as the GPU recipes
-set), a run that fails, times out, is interrupted or dies with its machine leaves its staging
+Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as the GPU recipes'
+comments suggest), a run that fails, times out, is interrupted or dies with its machine leaves its staging
 directory behind; the next run of the same request (the same data, start model and training
 settings; RUN_ONLY_KEYS may differ) adopts it and continues from its last complete checkpoint
 (model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`;
