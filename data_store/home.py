@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -211,20 +212,29 @@ def hold_lock(path: Path, what: str, subject: str) -> Iterator[None]:
                 os.close(descriptor)  # releases the flock
 
 
-def _take_lock(path: Path, what: str, subject: str) -> int:
-    """An exclusive flock on `path`, its descriptor, and who holds it written inside; RunBusyError if taken."""
+def _take_lock(path: Path, what: str, subject: str, patience_s: float = 0.5) -> int:
+    """An exclusive flock on `path`, its descriptor, and who holds it written inside; RunBusyError if
+    another process holds it for `patience_s` (a `kaizen status` looking at it holds it for a moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = Path(path).read_text(encoding="utf-8", errors="replace").strip() or "another process"
-        os.close(descriptor)
-        raise RunBusyError(f"{subject} is in use by {holder}; wait for it to end or stop it") from None
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = Path(path).read_text(encoding="utf-8", errors="replace").strip() or "another process"
+                    raise RunBusyError(f"{subject} is in use by {holder}; wait for it to end or stop it") from None
+                time.sleep(0.02)
+            except OSError as err:
+                raise HomeError(f"cannot lock {path}: {err.strerror or err} (the data home's filesystem must "
+                                "support flock)") from None
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
     except BaseException:
-        os.close(descriptor)
+        os.close(descriptor)  # also releases a lock taken before the failure
         raise
-    since = datetime.now(UTC).isoformat(timespec="seconds")
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{what} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
     return descriptor

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kaizen {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kaizen status | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
     except Terminated:
         print(f"kaizen {name}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -10,12 +10,14 @@ re-executed by the next round if its inputs changed (Prefect's cache decides tha
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.pipeline import Pipeline
 from search.arguments import OneLineParser
 
+ROUND_DIR = re.compile(r"round-(\d+)")
 # The checkpoint directory each training stage writes (models.pipeline), in stage order.
 TRAINED = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
 
@@ -25,6 +27,7 @@ class RoundStatus:
     round: int
     state: str  # promoted | stale: <why> | gate failed | not finished
     accuracy: float | None  # the gate's benchmark and mode
+    gate_reason: str = ""
     done: list[str] = field(default_factory=list)
     resumable: list[str] = field(default_factory=list)
 
@@ -65,8 +68,8 @@ def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -
     if "rollout" in stages:
         for shard in range(pipeline.recipe.search.shards):
             saved = chunk_directory(layout.table_path(run, round_number, "nodes", shard=shard))
-            if saved.is_dir():
-                chunks = len(list(saved.glob("chunk-*.parquet")))
+            chunks = len(list(saved.glob("chunk-*.parquet")))
+            if chunks:
                 try:
                     total = json.loads((saved / "manifest.json").read_text(encoding="utf-8"))["chunks"]
                 except (OSError, ValueError, KeyError):
@@ -75,9 +78,9 @@ def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -
     for stage in dict.fromkeys(s for s in stages if s in TRAINED):
         output = layout.checkpoint_dir(run, round_number, TRAINED[stage])
         for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):
-            checkpoints = complete_checkpoints(staging)
-            step = checkpoints[-1].name.removeprefix("checkpoint-") if checkpoints else None
-            found.append(f"{stage}: checkpoint at step {step} saved" if step else f"{stage}: no checkpoint saved")
+            checkpoints = complete_checkpoints(staging)  # none: nothing to resume, the next attempt deletes it
+            if checkpoints:
+                found.append(f"{stage}: checkpoint at step {checkpoints[-1].name.removeprefix('checkpoint-')} saved")
     return found
 
 
@@ -86,7 +89,8 @@ def run_status(pipeline: Pipeline) -> list[RoundStatus]:
     from models.report import round_figures
 
     run_dir = pipeline.layout.run_dir(pipeline.run)
-    numbers = sorted(int(path.name.removeprefix("round-")) for path in run_dir.glob("round-[0-9]*") if path.is_dir())
+    numbers = sorted(int(match[1]) for path in run_dir.glob("round-*")
+                     if path.is_dir() and (match := ROUND_DIR.fullmatch(path.name)))  # not a copy like round-001.bak
     gate = pipeline.recipe.gate
     figures = {row.round: row for row in round_figures(pipeline.layout, pipeline.run)}
     rounds = []
@@ -104,7 +108,8 @@ def run_status(pipeline: Pipeline) -> list[RoundStatus]:
             state = "not finished"
         accuracy = recorded.accuracy.get(f"{gate.benchmark}/{gate.mode}") if recorded else None
         done = [text for text in (_stage_done(pipeline, number, stage) for stage in stages) if text]
-        rounds.append(RoundStatus(number, state, accuracy, done, _resumable(pipeline, number, stages)))
+        rounds.append(RoundStatus(number, state, accuracy, recorded.gate_reason if recorded else "", done,
+                                  _resumable(pipeline, number, stages)))
     return rounds
 
 
@@ -112,10 +117,12 @@ def format_status(pipeline: Pipeline) -> str:
     layout, run = pipeline.layout, pipeline.run
     holder = layout.run_holder(run)
     current = pipeline.current()
+    promoted = "none yet" if current is None else f"round {current.round}" + (
+        " (stale: a later `kaizen round` runs it again)" if pipeline.stale_since(current.round) else "")
     lines = [
         f"run {run!r} in {layout.home}",
         f"  in use by {holder}" if holder else "  idle (no process holds it)",
-        f"  promoted: round {current.round}" if current else "  promoted: none yet",
+        f"  promoted: {promoted}",
         f"  next: round {pipeline.next_round()}",
     ]
     rounds = run_status(pipeline)
@@ -129,8 +136,11 @@ def format_status(pipeline: Pipeline) -> str:
         lines.append(f"{entry.round:>5}  {state:<14} {accuracy:<24} {', '.join(entry.done) or '-'}")
         if entry.state.startswith("stale:"):
             lines.append(f"{'':7}{entry.state}")
-        # While a process holds the run, what a stage has saved is its progress, not something to resume.
-        lines += [f"{'':7}{'in progress' if holder else 'to resume'}: {text}" for text in entry.resumable]
+        if entry.state == "gate failed" and entry.gate_reason:
+            lines.append(f"{'':7}gate: {entry.gate_reason}")
+        # While a process holds the run, what the round it works on has saved is progress, not something to resume.
+        working = holder is not None and entry is rounds[-1]
+        lines += [f"{'':7}{'in progress' if working else 'to resume'}: {text}" for text in entry.resumable]
     return "\n".join(lines)
 
 
@@ -143,5 +153,14 @@ def cli_status(argv: list[str]) -> int:
     from data_store.home import Layout, get_home
     from models.recipe import load_recipe
 
-    print(format_status(Pipeline(load_recipe(args.recipe), Layout(get_home(args.home)))))
+    layout = Layout(get_home(args.home))
+    recipe = load_recipe(args.recipe)
+    if not layout.home.is_dir():
+        parser.error(f"data home {layout.home} does not exist (--home, or $KAIZEN_HOME)")
+    if not layout.run_dir(recipe.run).is_dir():
+        runs = sorted(path.name for path in (layout.home / "runs").glob("*") if path.is_dir())
+        print(f"run {recipe.run!r} has not started in {layout.home} "
+              f"(runs there: {', '.join(runs) if runs else 'none'})")
+        return 0
+    print(format_status(Pipeline(recipe, layout)))
     return 0

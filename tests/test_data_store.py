@@ -139,6 +139,21 @@ def test_a_process_may_hold_its_own_run_again_inside_itself(tmp_path: Path) -> N
         pass
 
 
+def test_a_hold_that_fails_to_record_its_holder_releases_the_lock(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import data_store.home
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_store.home.os, "pwrite", disk_full)
+    with pytest.raises(OSError, match="No space left"), Layout(tmp_path).hold_run("demo", "a test"):
+        pass
+    monkeypatch.undo()
+    with Layout(tmp_path).hold_run("demo", "a test"):  # a leaked descriptor would still hold it
+        pass
+
+
 def try_holding_elsewhere(home: Path, run: str) -> str:
     """Whether another process can take the run now: "held" or "busy"."""
     script = ("import sys; from pathlib import Path; from data_store.home import Layout, RunBusyError\n"

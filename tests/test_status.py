@@ -79,9 +79,36 @@ def test_a_saved_training_checkpoint_is_offered_for_resuming(pipeline: Pipeline)
 def test_what_a_held_run_saved_is_its_progress(pipeline: Pipeline, tmp_path: Path, hold_run_elsewhere) -> None:
     promote(pipeline, 0)
     policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
-    (policy.parent / f".{policy.name}.partial-abc").mkdir(parents=True)
+    touch(policy.parent / f".{policy.name}.partial-abc" / "checkpoint-40" / RESUMABLE_FILE)
     hold_run_elsewhere(tmp_path, "demo")
-    assert "in progress: sft: no checkpoint saved" in status_lines(pipeline)
+    assert "in progress: sft: checkpoint at step 40 saved" in status_lines(pipeline)
+
+
+def test_an_attempt_that_saved_nothing_offers_nothing_to_resume(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
+    (policy.parent / f".{policy.name}.partial-abc").mkdir(parents=True)
+    assert not [line for line in status_lines(pipeline) if "resume" in line]
+
+
+def test_a_copy_of_a_round_directory_is_not_a_round(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    (pipeline.layout.run_dir("demo") / "round-000.bak").mkdir()
+    assert [line.split()[0] for line in status_lines(pipeline)[5:]] == ["0"]
+
+
+def test_a_stale_promoted_round_says_so_in_the_header(pipeline: Pipeline) -> None:
+    promote(pipeline, 0)
+    pipeline.mark_stale(0, "bootstrap", ["evaluate", "gate", "promote"])
+    assert status_lines(pipeline)[2] == "promoted: round 0 (stale: a later `kaizen round` runs it again)"
+
+
+def test_a_round_that_failed_its_gate_says_why(tmp_path: Path) -> None:
+    from test_report import RUN, write_rounds_row
+
+    pipeline = Pipeline(load_recipe("demo", {"run": RUN}), Layout(tmp_path))
+    write_rounds_row(pipeline.layout, 1, gate_passed=False)
+    assert "gate: greedy fell by 12.0 points" in status_lines(pipeline)
 
 
 def test_a_stale_round_says_why(pipeline: Pipeline) -> None:
@@ -90,6 +117,37 @@ def test_a_stale_round_says_why(pipeline: Pipeline) -> None:
     assert "stale: its bootstrap stage was re-run after its gate" in status_lines(pipeline)
 
 
-def test_the_command_prints_the_status(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_command_prints_the_status(pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    promote(pipeline, 0)
     assert main(["status", "--recipe", "demo", "--home", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(f"run 'demo' in {tmp_path}\n")
+
+
+def test_a_run_that_has_not_started_is_named_with_the_runs_there(pipeline: Pipeline, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    promote(pipeline, 0)
+    assert main(["status", "--recipe", "astro", "--home", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"run 'astro' has not started in {tmp_path} (runs there: demo)\n"
+
+
+def test_a_home_that_does_not_exist_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", "--recipe", "demo", "--home", str(tmp_path / "typo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [f"kaizen status: error: data home {tmp_path / 'typo'} does not "
+                                                 "exist (--home, or $KAIZEN_HOME)"]
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(pipeline: Pipeline, tmp_path: Path) -> None:
+    """`kaizen status | head -1`."""
+    import os
+    import subprocess
+    import sys
+
+    promote(pipeline, 0)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "status", "--recipe", "demo", "--home", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+    process.stdout.close()  # before it prints
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141 and err == ""
