@@ -137,19 +137,13 @@ def fail_after_first_chunk(out: Path, stand_in) -> None:
         run_stage(out)
 
 
-def test_a_damaged_saved_chunk_is_searched_again(tmp_path: Path, stand_in) -> None:
+@pytest.mark.parametrize("name, damaged", [("chunk-00000.parquet", "PAR1 cut off"), ("manifest.json", '{"identity": ')],
+                         ids=["chunk", "manifest"])
+def test_a_damaged_saved_file_means_its_chunks_are_searched_again(tmp_path: Path, stand_in, name: str,
+                                                                  damaged: str) -> None:
     out = tmp_path / "nodes.parquet"
     fail_after_first_chunk(out, stand_in)
-    (chunk_directory(out) / "chunk-00000.parquet").write_bytes(b"PAR1 cut off")
-    again = stand_in()
-    run_stage(out)
-    assert again.searched == [p.problem_id for p in PROBLEMS]
-
-
-def test_an_unreadable_manifest_means_nothing_is_reused(tmp_path: Path, stand_in) -> None:
-    out = tmp_path / "nodes.parquet"
-    fail_after_first_chunk(out, stand_in)
-    (chunk_directory(out) / "manifest.json").write_text('{"identity": ')
+    (chunk_directory(out) / name).write_text(damaged)
     again = stand_in()
     run_stage(out)
     assert again.searched == [p.problem_id for p in PROBLEMS]
