@@ -144,7 +144,7 @@ class Layout:
         return self.run_dir(run) / ".lock"
 
     def hold_run(self, run: str, what: str) -> AbstractContextManager[None]:
-        """Hold the run for this process while the block runs; RunBusyError at once if another has it.
+        """Hold the run for this process while the block runs; RunBusyError if another holds it (`hold_lock`).
 
         `what` says what holds it (a flow's name), for the message another process gets."""
         path = self.lock_path(run)
@@ -193,8 +193,8 @@ class Layout:
 @contextmanager
 def hold_lock(path: Path, what: str, subject: str) -> Iterator[None]:
     """Hold the lock file `path` for this process while the block runs (an exclusive flock, dropped by
-    the kernel when the process dies; a process may hold it again inside itself). RunBusyError at
-    once, naming `subject` and the holder, when another process holds it."""
+    the kernel when the process dies; a process may hold it again inside itself). RunBusyError,
+    naming `subject` and the holder, when another process holds it (`_take_lock` waits a moment)."""
     with _held_locks_guard:
         if path in _held_locks:
             descriptor, depth = _held_locks[path]
@@ -225,7 +225,7 @@ def _take_lock(path: Path, what: str, subject: str, patience_s: float = 0.5) -> 
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    holder = Path(path).read_text(encoding="utf-8", errors="replace").strip() or "another process"
+                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
                     raise RunBusyError(f"{subject} is in use by {holder}; wait for it to end or stop it") from None
                 time.sleep(0.02)
             except OSError as err:

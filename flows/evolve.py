@@ -49,9 +49,6 @@ from tasks.stages import (
     sft_task,
 )
 
-ROUND0_STAGES = ("problems", "bootstrap", "evaluate")
-
-
 class GateFailed(RuntimeError):
     """A round's evaluation did not pass its gate; evolution stops here."""
 
@@ -306,8 +303,7 @@ def _check_round(pipeline: Pipeline, round_number: int) -> None:
 
 def _check_stage(pipeline: Pipeline, stage: str, round_number: int) -> tuple[str, ...]:
     """The stages of the round, after checking that `stage` is one of them and the round can run."""
-    pipeline_stages = tuple(s for s in STAGES if s != "bootstrap" and (s != "rl" or pipeline.recipe.rl.enabled))
-    order = ROUND0_STAGES if round_number == 0 else pipeline_stages
+    order = pipeline.round_stages(round_number)
     if stage not in order:
         raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
     _check_round(pipeline, round_number)

@@ -41,6 +41,10 @@ from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 _CONTENT_HASH_LIMIT = 64 * 2**20
 _WINDOWS, _WINDOW_BYTES = 256, 16 * 2**10
 PROMOTED_FILE = "promoted.json"
+BOOTSTRAP_ROUND_STAGES = ("problems", "bootstrap", "evaluate")
+SEARCH_ROUND_STAGES = ("problems", "select", "rollout", "mine", "sft", "rl", "ppm", "evaluate")
+CHECKPOINT_OF = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
+"""The checkpoint directory (`Layout.checkpoint_dir`) each training stage writes in its round."""
 RERUN_ROUND = "round"
 """What a STALE record names as re-run when a whole earlier round ran again and changed its promotion."""
 LOGGER_NAME = "kaizen.pipeline"
@@ -271,7 +275,7 @@ class Pipeline:
             for row in bootstrap_sft_rows(teacher_problems, self.recipe.step_format)
         ]
         sft = write_table(pa.Table.from_pylist(rows), self.layout.table_path(self.run, 0, "sft"), table="sft")
-        policy = train_sft([sft], self.layout.checkpoint_dir(self.run, 0, "policy"), recipe=self.recipe.training,
+        policy = train_sft([sft], self.layout.checkpoint_dir(self.run, 0, CHECKPOINT_OF["bootstrap"]), recipe=self.recipe.training,
                            base_model=base, overrides=bootstrap.training, overwrite=True)
         _log_training("bootstrap SFT", 0, policy)
         return Artifact.of(policy)
@@ -333,13 +337,15 @@ class Pipeline:
 
         wanted = {self.layout.table_path(self.run, round_number, "nodes", shard=shard)
                   for shard in range(self.recipe.search.shards)}
-        for path in next(iter(wanted)).parent.glob("nodes-*.parquet"):
+        stage_dir = next(iter(wanted)).parent
+        for path in stage_dir.glob("nodes-*.parquet"):
             if path not in wanted:
                 log.info("round %d: removing %s, a shard this recipe no longer has", round_number, path.name)
                 path.unlink()
         # Chunks saved by a shard that died, of a shard this recipe no longer has, would never be collected.
-        for path in next(iter(wanted)).parent.glob(".nodes-*.chunks"):
-            if path not in {chunk_directory(shard) for shard in wanted}:
+        wanted_chunks = {chunk_directory(shard) for shard in wanted}
+        for path in stage_dir.glob(".nodes-*.chunks"):
+            if path not in wanted_chunks:
                 shutil.rmtree(path, ignore_errors=True)
 
     # --- mining and training ----------------------------------------------------------------
@@ -401,6 +407,13 @@ class Pipeline:
                  "all" if settings.teacher_rows is None else settings.teacher_rows, settings.verified_copies)
         return [write_table(mixed, out, table="sft")]
 
+    def round_stages(self, round_number: int) -> tuple[str, ...]:
+        """The stages round `round_number` runs, in order: round 0 bootstraps, later rounds search (the
+        rl stage only when the recipe enables it)."""
+        if round_number == 0:
+            return BOOTSTRAP_ROUND_STAGES
+        return tuple(stage for stage in SEARCH_ROUND_STAGES if stage != "rl" or self.recipe.rl.enabled)
+
     def continued_from(self, kind: str, previous: Artifact | None) -> Artifact | None:
         """`previous` when the recipe's `training.KIND.init_from` is `previous`, else None: a training
         stage's cache key then covers only the checkpoint it starts from."""
@@ -413,7 +426,7 @@ class Pipeline:
 
         # Under init_from: previous a missing previous policy is an error, not a silent start from the base.
         checkpoint = train_sft(
-            self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, "policy"),
+            self.sft_set(round_number, tables), self.layout.checkpoint_dir(self.run, round_number, CHECKPOINT_OF["sft"]),
             recipe=self.recipe.training, base_model=self.base_model(),
             previous_checkpoint=_model_path(previous_policy, "previous policy") if previous_policy else None,
             overwrite=True,
@@ -432,7 +445,7 @@ class Pipeline:
         prompts = write_rl_prompts(table, self.layout.table_path(self.run, round_number, "rl_prompts", stage="rl"))
         # The reward runs completions in the recipe's sandbox unless training.rl names its own limits.
         sandbox = {} if "sandbox" in self.recipe.training.rl else {"sandbox": asdict(self.recipe.sandbox)}
-        checkpoint = train_rl([prompts], self.layout.checkpoint_dir(self.run, round_number, "policy-rl"),
+        checkpoint = train_rl([prompts], self.layout.checkpoint_dir(self.run, round_number, CHECKPOINT_OF["rl"]),
                               recipe=self.recipe.training, base_model=str(policy.require("SFT policy")),
                               overrides=sandbox, overwrite=True)
         log.info("round %d RL: %d restart prompts -> %s", round_number, table.num_rows, checkpoint)
@@ -448,11 +461,12 @@ class Pipeline:
         from models.training import train_ppm
 
         paths = [table.require("pairs table") for table in tables]
-        if not any(pq.read_metadata(path).num_rows for path in paths):
+        with_pairs = [path for path in paths if pq.read_metadata(path).num_rows]
+        if not with_pairs:
             log.info("round %d: no preference pairs yet, so no PPM is trained", round_number)
             return None
         checkpoint = train_ppm(
-            [path for path in paths if pq.read_metadata(path).num_rows], self.layout.checkpoint_dir(self.run, round_number, "ppm"),
+            with_pairs, self.layout.checkpoint_dir(self.run, round_number, CHECKPOINT_OF["ppm"]),
             recipe=self.recipe.training, base_model=str(policy.require("policy checkpoint")),
             previous_checkpoint=previous_ppm.require("previous PPM") if previous_ppm else None, overwrite=True,
         )

@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import sys
+from stat import S_ISREG
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -259,7 +260,8 @@ def _model_fingerprint(model: str | Path | None) -> str | None:
     path = Path(model).expanduser()
     if not path.is_dir():
         return str(model)
-    files = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in path.iterdir() if item.is_file())
+    stats = ((item.name, item.stat()) for item in path.iterdir())
+    files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats if S_ISREG(stat.st_mode))
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 

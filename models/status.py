@@ -14,12 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.pipeline import Pipeline
+from models.pipeline import CHECKPOINT_OF, Pipeline
 from search.arguments import OneLineParser
 
 ROUND_DIR = re.compile(r"round-(\d+)")
-# The checkpoint directory each training stage writes (models.pipeline), in stage order.
-TRAINED = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
 
 
 @dataclass
@@ -33,10 +31,8 @@ class RoundStatus:
 
 
 def _round_stages(pipeline: Pipeline, round_number: int) -> tuple[str, ...]:
-    if round_number == 0:
-        return ("bootstrap", "evaluate", "gate")
-    rl = ("rl",) if pipeline.recipe.rl.enabled else ()
-    return ("select", "rollout", "mine", "sft", *rl, "ppm", "evaluate", "gate")
+    """The round's stages with outputs of their own in the round: the problems stage's are the run's."""
+    return (*(stage for stage in pipeline.round_stages(round_number) if stage != "problems"), "gate")
 
 
 def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None:
@@ -46,10 +42,11 @@ def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None
         shards = pipeline.recipe.search.shards
         written = sum(layout.table_path(run, round_number, "nodes", shard=s).is_file() for s in range(shards))
         return None if written == 0 else "rollout" if written == shards else f"rollout ({written} of {shards} shards)"
-    if stage in TRAINED:
+    if stage in CHECKPOINT_OF:
         from models.training import PROVENANCE_FILE
 
-        return stage if (layout.checkpoint_dir(run, round_number, TRAINED[stage]) / PROVENANCE_FILE).is_file() else None
+        checkpoint = layout.checkpoint_dir(run, round_number, CHECKPOINT_OF[stage])
+        return stage if (checkpoint / PROVENANCE_FILE).is_file() else None
     output = {
         "select": layout.table_path(run, round_number, "problems", stage="problems"),
         "mine": layout.stage_dir(run, round_number, "mine") / "pairs.parquet",
@@ -62,7 +59,7 @@ def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None
 def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -> list[str]:
     """What interrupted stages of the round left to resume from."""
     from models.rollout import chunk_directory
-    from models.training import complete_checkpoints
+    from models.training import checkpoint_step, complete_checkpoints
 
     layout, run, found = pipeline.layout, pipeline.run, []
     if "rollout" in stages:
@@ -75,12 +72,12 @@ def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -
                 except (OSError, ValueError, KeyError):
                     total = "?"
                 found.append(f"rollout shard {shard}: {chunks} of {total} chunks saved")
-    for stage in dict.fromkeys(s for s in stages if s in TRAINED):
-        output = layout.checkpoint_dir(run, round_number, TRAINED[stage])
+    for stage in (s for s in stages if s in CHECKPOINT_OF):
+        output = layout.checkpoint_dir(run, round_number, CHECKPOINT_OF[stage])
         for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):
             checkpoints = complete_checkpoints(staging)  # none: nothing to resume, the next attempt deletes it
             if checkpoints:
-                found.append(f"{stage}: checkpoint at step {checkpoints[-1].name.removeprefix('checkpoint-')} saved")
+                found.append(f"{stage}: checkpoint at step {checkpoint_step(checkpoints[-1])} saved")
     return found
 
 

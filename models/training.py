@@ -695,16 +695,17 @@ class TrainingRun:
         if checkpoints and self.resumed_from is not None and checkpoints[-1] == self.resumed_from:
             # It failed again before saving anything newer: the checkpoint itself may be what fails.
             shutil.rmtree(self.staging_dir, ignore_errors=True)
-            return (f"; resuming from its checkpoint at step {_checkpoint_step(checkpoints[-1])} failed too, so it "
+            return (f"; resuming from its checkpoint at step {checkpoint_step(checkpoints[-1])} failed too, so it "
                     "was deleted and the next run starts afresh")
         if not checkpoints:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
             return ""
-        return (f"; its checkpoint at step {_checkpoint_step(checkpoints[-1])} is kept in {self.staging_dir}, and "
+        return (f"; its checkpoint at step {checkpoint_step(checkpoints[-1])} is kept in {self.staging_dir}, and "
                 "running the same stage again resumes from it")
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint directory (`checkpoint-N`) was saved at."""
     return int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
 
 
@@ -714,7 +715,7 @@ def complete_checkpoints(staging: Path) -> list[Path]:
     optimizer state (`save_only_model` checkpoints have none)."""
     found = [path for path in staging.glob(f"{CHECKPOINT_PREFIX}*")
              if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / RESUMABLE_FILE).is_file()]
-    return sorted(found, key=_checkpoint_step)
+    return sorted(found, key=checkpoint_step)
 
 
 class ResumableCheckpoints(TrainerCallback):
@@ -1154,7 +1155,7 @@ def run_training(request: RunRequest, staging: Path) -> None:
     if trainer.is_world_process_zero():
         if request.kind == "ppm":
             ScoringContract(max_length=config.max_length).save(staging)
-        resumed_step = _checkpoint_step(resume_from) if resume_from else None
+        resumed_step = checkpoint_step(resume_from) if resume_from else None
         _write_provenance(request, config, trainer, train_metrics, throughput, staging, resumed_step)
 
 

@@ -96,10 +96,6 @@ def _round_search(pipeline: Pipeline, round_number: int) -> str:
     return "mcts=" + _digest_of(mcts)
 
 
-def _device_kinds(pipeline: Pipeline) -> str:
-    return "devices=" + device_kinds(pipeline.recipe.backend)
-
-
 @dataclass
 class StageCache(CachePolicy):
     """Cache key: stage, run, round and shard, the stage's recipe sections, its input artifacts and the
@@ -115,7 +111,7 @@ class StageCache(CachePolicy):
         if stage == "rollout":
             parts.append(_round_search(pipeline, inputs["round_number"]))
         if "backend" in STAGE_SECTIONS[stage]:
-            parts.append(_device_kinds(pipeline))
+            parts.append("devices=" + device_kinds(pipeline.recipe.backend))
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
         parts += [f"{path}={content_digest(path, large_by_mtime=False)}" for path in pipeline.external_files(stage)]
