@@ -253,7 +253,7 @@ def evaluate_flow(
     model: str, benchmarks: list[str], modes: list[str] | None = None, ppm: str | None = None,
     limit: int | None = None, out: str | None = None, backend: str = "hf", seed: int = 0, step_format: str = "rstar",
     temperature: float | None = None, max_step_tokens: int | None = None, max_depth: int | None = None,
-    mcts_width: int | None = None, mcts_rollouts: int | None = None,
+    mcts_width: int | None = None, mcts_rollouts: int | None = None, worked_examples: int = 0,
 ) -> list[dict[str, Any]]:
     """Evaluate any checkpoint (written in `step_format`) on benchmarks; writes the eval table to `out` when given.
 
@@ -267,7 +267,7 @@ def evaluate_flow(
     from models.evaluation import write_eval
 
     search = {"temperature": temperature, "max_step_tokens": max_step_tokens, "max_depth": max_depth,
-              "mcts_width": mcts_width, "mcts_rollouts": mcts_rollouts}
+              "mcts_width": mcts_width, "mcts_rollouts": mcts_rollouts, "worked_examples": worked_examples}
     config, loaded = _evaluation_inputs(benchmarks, modes, limit, backend, seed, step_format, search)
     report = evaluate_checkpoint_task(model, loaded, config, ppm)
     if out:

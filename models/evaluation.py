@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
-from search.arguments import OneLineParser
+from search.arguments import OneLineParser, add_worked_examples_argument
 from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, check_sampling, evaluate_modes, parse_mode
 from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
 from search.sandbox import SandboxConfig
-from search.steps import StepFormat
+from search.policy import with_worked_examples
+from search.steps import StepFormat, render_worked_examples
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -70,6 +71,11 @@ class EvalConfig(EvalSearchConfig):
     grader_workers: int = field(default=2, metadata={"help": "grader worker processes"})
     grader_timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata={"help": "seconds of checking per answer"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N problems of each benchmark"})
+    worked_examples: int = field(
+        default=0,
+        metadata={"help": "worked examples in the step format shown to the policy before every prompt: a base "
+                  "model that never saw the format needs them (search.steps.WORKED_EXAMPLES)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +85,10 @@ class EvalConfig(EvalSearchConfig):
             raise EvalInputError(str(err)) from None
         if self.limit is not None and self.limit < 1:
             raise EvalInputError(f"limit must be >= 1, got {self.limit}")
+        try:
+            render_worked_examples(self.worked_examples)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -277,10 +287,11 @@ def evaluate(
     summary: list[BenchmarkSummary] = []
     with (
         open_ppm_scorer(ppm if needing else None, config.backend) as scorer,
-        open_generator(model, config.backend, seed=config.seed) as generator,
+        open_generator(model, config.backend, seed=config.seed) as engine,
         Sandbox(config.sandbox) as sandbox,
         Grader(workers=config.grader_workers, timeout_s=config.grader_timeout_s) as grader,
     ):
+        generator = with_worked_examples(engine, config.worked_examples)
         for benchmark in benchmarks:
             report_progress = _progress_for(benchmark.name, on_progress)
             results = evaluate_modes(
@@ -408,7 +419,7 @@ class ProgressBars:
 
 
 # The generation settings a command line may set; both `kaizen eval` and `kaizen evaluate` (the flow) take them.
-SEARCH_OPTIONS = ("temperature", "max_step_tokens", "max_depth", "mcts_width", "mcts_rollouts")
+SEARCH_OPTIONS = ("temperature", "max_step_tokens", "max_depth", "mcts_width", "mcts_rollouts", "worked_examples")
 
 
 def add_checkpoint_arguments(parser: OneLineParser) -> None:
@@ -434,6 +445,7 @@ def add_checkpoint_arguments(parser: OneLineParser) -> None:
                         help="mcts: rollouts per problem (default %(default)s)")
     parser.add_argument("--step-format", choices=list(StepFormat), default=defaults.step_format.value,
                         help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
+    add_worked_examples_argument(parser)
 
 
 def check_checkpoint_sources(model: str | Path, ppm: str | Path | None) -> None:

@@ -280,6 +280,15 @@ class Pipeline:
         _log_training("bootstrap SFT", 0, policy)
         return Artifact.of(policy)
 
+    def worked_examples_for(self, policy: Artifact) -> int:
+        """How many worked examples `policy` is shown before every prompt: `bootstrap.worked_examples`
+        while it is round 0's policy under teacher: null (the base model as is, which never saw the
+        step format), none once a round's SFT taught it the format."""
+        bootstrap = self.recipe.bootstrap
+        if not bootstrap.worked_examples or bootstrap.teacher is not None:
+            return 0
+        return bootstrap.worked_examples if policy.path == self.base_model() else 0
+
     # --- search -----------------------------------------------------------------------------
 
     def shard_problems(self, problems: Artifact, shard: int) -> list[Any]:
@@ -290,8 +299,9 @@ class Pipeline:
         all_problems = search_problems(load_problems(problems.require("round problems")))
         return all_problems[shard:: self.recipe.search.shards]
 
-    def rollout_config(self, round_number: int, ppm: Artifact | None) -> Any:
-        """The round's rollout settings; a PPM-augmented round without a PPM yet searches terminal-guided."""
+    def rollout_config(self, round_number: int, ppm: Artifact | None, policy: Artifact) -> Any:
+        """The round's rollout settings for `policy`; a PPM-augmented round without a PPM yet searches
+        terminal-guided."""
         from dataclasses import replace
 
         from models.rollout import RolloutStageConfig
@@ -303,7 +313,7 @@ class Pipeline:
         return RolloutStageConfig(
             mcts=mcts, backend=self.recipe.backend, sandbox=self.recipe.sandbox,
             grader_workers=self.recipe.search.grader_workers, pipeline_groups=self.recipe.search.pipeline_groups,
-            chunk_problems=self.recipe.search.chunk_problems,
+            chunk_problems=self.recipe.search.chunk_problems, worked_examples=self.worked_examples_for(policy),
         )
 
     def search_ppm(self, round_number: int, ppm: Artifact | None) -> Artifact | None:
@@ -318,7 +328,7 @@ class Pipeline:
         """Search one shard of the round's problems with the current policy; writes its `nodes` file."""
         from models.rollout import rollout_stage
 
-        config = self.rollout_config(round_number, ppm)
+        config = self.rollout_config(round_number, ppm, policy)
         out = self.layout.table_path(self.run, round_number, "nodes", shard=shard)
         stats = rollout_stage(
             self.shard_problems(problems, shard), model=_model_path(policy, "policy"), out=out, config=config,
@@ -513,7 +523,7 @@ class Pipeline:
         modes = [mode for mode in settings.modes if ppm is not None or not _needs_ppm(mode)] or ["greedy"]
         config = EvalConfig(
             **{**settings.config, "modes": modes, "seed": self.recipe.seed, "backend": self.recipe.backend,
-               "sandbox": self.recipe.sandbox}
+               "sandbox": self.recipe.sandbox, "worked_examples": self.worked_examples_for(policy)}
         )
         benchmarks = [load_benchmark(spec, limit=settings.limit) for spec in self.benchmark_specs()]
         report = evaluate(

@@ -44,7 +44,7 @@ from search.arguments import OneLineParser
 from search.evaluation import parse_mode
 from search.mcts import MCTSConfig, SearchMode
 from search.sandbox import SandboxConfig
-from search.steps import StepFormat
+from search.steps import StepFormat, render_worked_examples
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 CURRICULUM = "curriculum"
@@ -116,6 +116,12 @@ class BootstrapSettings:
     training: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "training.sft fields that differ in round 0 (a random tiny model needs more epochs)"},
+    )
+    worked_examples: int = field(
+        default=0,
+        metadata={"help": "under teacher: null, worked examples in the step format (search.steps.WORKED_EXAMPLES) "
+                  "shown before every prompt while round 0's policy, the base model as is, generates: its "
+                  "evaluation and the searches it runs (rStar-Math prompted its round-1 teacher few-shot)"},
     )
 
 
@@ -486,6 +492,17 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("bootstrap.teacher", f"{recipe.bootstrap.teacher!r} is not a known teacher (only 'curriculum')")
     if recipe.bootstrap.teacher == CURRICULUM and recipe.problems.source != CURRICULUM:
         fail("bootstrap.teacher", "the curriculum teacher needs problems.source: curriculum")
+    if recipe.bootstrap.worked_examples:
+        if recipe.bootstrap.teacher is not None:
+            fail("bootstrap.worked_examples", "only for a base model used as is (teacher: null); a teacher's "
+                 "fine-tuning teaches the format")
+        if recipe.step_format != StepFormat.RSTAR:
+            fail("bootstrap.worked_examples",
+                 f"the worked examples are written in the rstar step format, not {recipe.step_format.value}")
+        try:
+            render_worked_examples(recipe.bootstrap.worked_examples)
+        except ValueError as err:
+            fail("bootstrap.worked_examples", str(err))
     # Training fields the pipeline sets itself: in a recipe they would be silently replaced.
     set_by_pipeline = {"base_model": "model.base (the PPM and RL start from the round's policy)",
                        "train_tables": "the round's mined tables", "output_dir": "the round's checkpoint directory"}
@@ -505,7 +522,8 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("model.tiny.seed", "the tiny model's seed is the recipe's seed")
     # EvalConfig fields a round's evaluation takes from elsewhere in the recipe: set here they would be ignored.
     for name, where in (("seed", "the recipe's seed"), ("backend", "the backend section"),
-                        ("sandbox", "the sandbox section"), ("modes", "eval.modes")):
+                        ("sandbox", "the sandbox section"), ("modes", "eval.modes"),
+                        ("worked_examples", "bootstrap.worked_examples (shown to round 0's base model only)")):
         if name in recipe.eval.config:
             fail(f"eval.config.{name}", f"a round's evaluation takes it from {where}; set it there")
     from models.evaluation import check_eval_settings

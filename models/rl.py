@@ -37,8 +37,7 @@ from search.coat import (
     render_coat_solution,
     solution_program,
 )
-from search.grading import is_single_value
-from search.rollout import last_printed_line
+from search.rollout import last_printed_line, printed_result
 from search.steps import (
     END_OF_ANSWER,
     SolutionStep,
@@ -48,6 +47,7 @@ from search.steps import (
     parse_trajectory,
     render_prompt,
     render_solution,
+    split_prompt,
 )
 
 if TYPE_CHECKING:
@@ -226,22 +226,27 @@ class SolutionJudge:
         results = dict(zip([index for index, _ in programs],
                            self.executor.run_many([program for _, program in programs]) if programs else [],
                            strict=True))
-        to_grade: list[tuple[int, str, str]] = []  # index, answer text, the program's last printed line
+        # index, answer text, the program's printed result as the reference holds it (None: not held)
+        to_grade: list[tuple[int, str, str | None]] = []
         for index, _, answer_text in runnable:
             result = results[index]  # well-formed solutions end in a final code step, so they have a program
             if not result.ok:
                 verdicts[index] = Verdict(True, False, reason=f"program failed: {result.error}")
             else:
-                # Stricter than the search (search.rollout.printed_answer): any printed result must be
-                # the reference, or a policy could print words to escape the check and guess. Only a
-                # reference of several values or a choice letter is not held to one printed line.
-                to_grade.append((index, answer_text, f"\\boxed{{{last_printed_line(result.stdout)}}}"))
-        pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade for text in (answer_text, printed)]
-        grades = self.checker.grade_many(pairs) if pairs else []
-        for position, (index, _, _) in enumerate(to_grade):
-            answer_grade, output_grade = grades[2 * position], grades[2 * position + 1]
+                # Stricter than the search (search.rollout.printed_answer): whatever the program printed
+                # last must be the reference, or a policy could print words to escape the check and guess.
+                prompt, completion, reference = key[index]
+                question = split_prompt(prompt + completion)[0]  # it parsed as a trajectory above
+                printed = printed_result(last_printed_line(result.stdout), reference, question)
+                to_grade.append((index, answer_text, printed))
+        pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade
+                 for text in (answer_text, printed) if text is not None]
+        grades = iter(self.checker.grade_many(pairs) if pairs else [])
+        for index, _, printed in to_grade:
+            answer_grade = next(grades)
+            output_grade = next(grades) if printed is not None else None
             reason = None if answer_grade.equal else "wrong answer"
-            if answer_grade.equal and not output_grade.equal and is_single_value(key[index][2]):
+            if answer_grade.equal and output_grade is not None and not output_grade.equal:
                 reason = "the answer does not match what the program printed"
             verdicts[index] = Verdict(True, reason is None, answer_grade.pred_answer, reason)
         self._latest = (key, verdicts)  # type: ignore[assignment]  # every slot is filled by now

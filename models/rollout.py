@@ -38,11 +38,12 @@ from models.backends import (
     open_ppm_scorer,
     require_policy_tokens,
 )
-from search.arguments import OneLineParser
+from search.arguments import OneLineParser, add_worked_examples_argument
 from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
 from search.sandbox import SandboxConfig
-from search.steps import StepFormat
+from search.policy import with_worked_examples
+from search.steps import StepFormat, render_worked_examples
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -63,9 +64,16 @@ class RolloutStageConfig:
                   "last saved chunk. None: all at once, nothing saved before the end"},
     )
 
+    worked_examples: int = field(
+        default=0,
+        metadata={"help": "worked examples in the step format shown to the policy before every prompt: a base "
+                  "model that never saw the format needs them (search.steps.WORKED_EXAMPLES)"},
+    )
+
     def __post_init__(self) -> None:
         if self.chunk_problems is not None and self.chunk_problems < 1:
             raise ValueError(f"chunk_problems must be >= 1 (or None), got {self.chunk_problems}")
+        render_worked_examples(self.worked_examples)  # ValueError for a count out of range
 
 
 Search = Callable[[Sequence[Problem], "Callable[[RolloutProgress], None] | None"], RolloutResult]
@@ -85,10 +93,12 @@ def open_search(model: str | Path, config: RolloutStageConfig | None = None,
     require_policy_tokens(model, config.mcts.step_format)
     with (
         open_ppm_scorer(ppm, config.backend) as scorer,
-        open_generator(model, config.backend, seed=config.mcts.seed) as generator,
+        open_generator(model, config.backend, seed=config.mcts.seed) as engine,
         Sandbox(config.sandbox) as sandbox,
         Grader(workers=config.grader_workers) as grader,
     ):
+        generator = with_worked_examples(engine, config.worked_examples)
+
         def search(problems: Sequence[Problem],
                    on_progress: Callable[[RolloutProgress], None] | None = None) -> RolloutResult:
             return run_rollouts(
@@ -279,6 +289,8 @@ def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | 
         "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm), "mcts": repr(config.mcts),
         "backend": generation_settings(config.backend), "sandbox": sandbox,
         "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
+        # only when shown, so chunks saved before the setting existed stay valid
+        **({"worked_examples": config.worked_examples} if config.worked_examples else {}),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -334,6 +346,7 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--chunk-problems", type=int, default=None,
                         help="search this many problems at a time, saving each chunk: run again after a crash, it "
                              "resumes after the last saved chunk (default: all at once)")
+    add_worked_examples_argument(parser)
     parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
@@ -370,7 +383,8 @@ def cli_rollout(argv: list[str]) -> int:
         seed=args.seed,
         step_format=args.step_format,
     )
-    config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend), chunk_problems=args.chunk_problems)
+    config = RolloutStageConfig(mcts=mcts, backend=BackendConfig(backend=args.backend), chunk_problems=args.chunk_problems,
+                                worked_examples=args.worked_examples)
     update, close = tqdm_progress("rollouts")
     try:
         stats = rollout_stage(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+from search.steps import WORKED_EXAMPLES
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a usage error in one line (exit status 2) instead of the usage text;
@@ -17,3 +19,11 @@ class OneLineParser(argparse.ArgumentParser):
 def field_help(config_class: Any, name: str) -> str:
     """A config dataclass field's help string as argparse help (a literal `%` escaped: argparse formats it)."""
     return config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")
+
+
+def add_worked_examples_argument(parser: argparse.ArgumentParser) -> None:
+    """`--worked-examples N`, for the commands that sample from a policy."""
+    parser.add_argument("--worked-examples", type=int, default=0, choices=range(len(WORKED_EXAMPLES) + 1),
+                        metavar=f"{{0..{len(WORKED_EXAMPLES)}}}",
+                        help="worked examples in the step format shown before every prompt, for a base model "
+                             "that never saw the format (default %(default)s)")

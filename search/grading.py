@@ -642,11 +642,23 @@ def answers_equal(pred_answer: str, gold: str) -> bool:
     return verdict if verdict is not None else _checker_equal(pred_answer, gold)
 
 
-def is_single_value(answer: str) -> bool:
-    """Whether an answer is one value (a number or an expression), not a multiple-choice letter nor a
-    tuple, interval, set or list: what one printed number can be held to."""
+@dataclass(frozen=True)
+class PlainNumber:
+    """An answer that is one plain rational number."""
+
+    value: Fraction
+    places: int | None  # decimal places as written (0 for an integer); None for a fraction
+
+
+def plain_number(answer: str) -> PlainNumber | None:
+    """The answer as one plain number (an integer, a decimal or a fraction; a unit, `$` or `x =` aside),
+    or None for words, expressions, infinity, a choice letter, several values or a qualified number:
+    what a program's printed result can be held to."""
     canonical = _canonical(answer)
-    return canonical.choice is None and canonical.brackets is None
+    if canonical.number is None or canonical.choice is not None or canonical.brackets is not None or canonical.qualified:
+        return None
+    places = len(canonical.text.partition(".")[2]) if _DECIMAL_RE.fullmatch(canonical.text) else None
+    return PlainNumber(canonical.number, places)
 
 
 # ---------------------------------------------------------------------------------------------

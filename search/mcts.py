@@ -11,12 +11,13 @@ reached is expanded with up to `width` distinct candidates; the rollout then con
 best new child and ends when an expansion yields only terminal children. The tree is done after
 `rollouts` rollouts or when nothing is left to expand.
 
-Rewards. An answer node gets +1 when it is verified (its answer matches the reference and, when
-its program printed a number, so does that number: `search.rollout.verified`) and -1 otherwise
+Rewards. An answer node gets +1 when it is verified (its answer matches the reference and, when the
+reference is a plain number and its program printed a number, so does that number, rounded to the
+reference's places where the question asks for rounding: `search.rollout.verified`) and -1 otherwise
 (in test-time mode its PPM score instead), back-propagated to the root when the node is created: `q += reward`,
 `N += 1` along the path, `Q = q / N`. Nodes that cannot continue are dropped, as the official rStar
-code does with its structural failures: an `error` node (its program failed in the sandbox, or the
-step is malformed) and a `depth_limit` node (a non-final step at the maximum depth) get `Q = -1`
+code does with its structural failures: an `error` node (its program failed in the sandbox or printed
+an error, `search.rollout.printed_error`, or the step is malformed) and a `depth_limit` node (a non-final step at the maximum depth) get `Q = -1`
 for themselves (`q = -1`, `N = 1`) and change nothing above them, so a step's Q reflects only the
 answers reached through it, not how many broken continuations were sampled below it. An answer the
 grader could not judge (a timeout or a checker failure: `correct` is None) changes nothing either,
@@ -190,7 +191,7 @@ class Candidate:
     at_max_depth: bool
     program_ok: bool | None = None
     output: str | None = None
-    error: str | None = None  # the sandbox's error text when the program failed
+    error: str | None = None  # why the program failed: the sandbox's error, or the error line it printed
     answer: str | None = None
     correct: bool | None = None
     ppm_score: float | None = None

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from search.steps import render_worked_examples
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -37,6 +39,26 @@ class Generator(Protocol):
     ) -> list[list[Completion]]:
         """Return, for every prompt in order, its `n` completions (stop strings included at the end)."""
         ...
+
+
+class ShownExamples:
+    """A Generator whose policy sees `examples` (worked examples, `search.steps.render_worked_examples`)
+    before every prompt. Only what the policy reads changes: trees, mined data and the PPM's texts
+    never hold the examples."""
+
+    def __init__(self, generator: Generator, examples: str) -> None:
+        self.generator, self.examples = generator, examples
+
+    def generate(
+        self, prompts: Sequence[str], *, n: int, stop: Sequence[str], temperature: float, max_tokens: int
+    ) -> list[list[Completion]]:
+        return self.generator.generate([self.examples + prompt for prompt in prompts], n=n, stop=stop,
+                                       temperature=temperature, max_tokens=max_tokens)
+
+
+def with_worked_examples(generator: Generator, count: int) -> Generator:
+    """The generator, showing the first `count` worked examples before every prompt when count > 0."""
+    return ShownExamples(generator, render_worked_examples(count)) if count else generator
 
 
 def check_generation_request(n: int, max_tokens: int, temperature: float) -> None:

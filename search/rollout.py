@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Protocol
 
-from search.grading import JUDGED_STATUSES, is_single_value
+from search.grading import JUDGED_STATUSES, plain_number
 from search.mcts import Candidate, MCTSConfig, Node, Tree
 from search.policy import Generator, StepScorer
 from search.steps import STOP_STRINGS, StepKind
@@ -83,19 +84,53 @@ carries it. A float printed with fewer digits is exact as printed and kept whole
 _NOISY_FLOAT_DIGITS = 16
 
 
-def printed_answer(stdout: str | None, reference: str) -> str | None:
-    """The last line a program printed, boxed to grade like a written answer, when it is a plain number
-    and the reference is one value (a list printed line by line, or a choice letter, is not held to it).
+# A problem that asks for a rounded result, whose program may print the value before rounding.
+_ASKS_TO_ROUND_RE = re.compile(r"\b(?:round(?:ed|ing)?|nearest)\b", re.IGNORECASE)
+
+
+def printed_result(line: str, reference: str, question: str) -> str | None:
+    """A program's printed result (its last line) boxed to grade like a written answer, when the
+    reference is one plain number (`search.grading.plain_number`); None when it is not (words, an
+    expression, infinity, several values or a choice letter), which no printed line is held to.
+
+    Where the question asks for rounding, a printed decimal is rounded half up to the places the
+    reference is written with: the program prints 7.0710678118654755, the answer 7.07.
+    """
+    number = plain_number(reference)
+    if number is None:
+        return None
+    if number.places is not None and _PRINTED_FLOAT_RE.fullmatch(line) and _ASKS_TO_ROUND_RE.search(question):
+        value = Decimal(line)
+        if value.as_tuple().exponent < -number.places:
+            line = format(value.quantize(Decimal(1).scaleb(-number.places), rounding=ROUND_HALF_UP), "f")
+    return f"\\boxed{{{line}}}"
+
+
+def printed_answer(stdout: str | None, reference: str, question: str) -> str | None:
+    """The program's result as its answer is held to (`printed_result`), when it printed a plain number.
 
     A solution's answer step should restate what its program printed; a tiny or weak policy often
     writes some other number, and when that guess happens to be the reference the solution looks
-    verified though its code computed something else. Only numbers are held to this: a symbolic
-    result prints in Python's notation (`sqrt(2)/2`), which need not read as the same LaTeX.
+    verified though its code computed something else. Only printed numbers are held to this: a
+    symbolic result prints in Python's notation (`sqrt(2)/2`), which need not read as the same LaTeX.
     """
     last = last_printed_line(stdout)
-    if not _PRINTED_NUMBER_RE.fullmatch(last) or not is_single_value(reference):
-        return None
-    return f"\\boxed{{{last}}}"
+    return printed_result(last, reference, question) if _PRINTED_NUMBER_RE.fullmatch(last) else None
+
+
+# A program that catches its own exception and prints it (`except Exception as e: print("Error:", e)`)
+# ran without raising but computed nothing: its step is dropped like one whose program raised.
+_PRINTED_ERROR_RE = re.compile(
+    r"^[ \t]*(?:Traceback \(most recent call last\):|(?:[A-Za-z_][\w.]*)?(?:Error|Exception)(?::|[ \t]*$))",
+    re.MULTILINE,
+)
+
+
+def printed_error(stdout: str | None) -> str | None:
+    """The first line of a program's output that reports an error (`Error: ...`, `ValueError: ...`, a
+    traceback), stripped; None when it reports none."""
+    match = _PRINTED_ERROR_RE.search(stdout or "")
+    return stdout[match.start() :].splitlines()[0].strip() if match else None
 
 
 def last_printed_line(stdout: str | None) -> str:
@@ -114,7 +149,8 @@ def last_printed_line(stdout: str | None) -> str:
 
 def verified(answer: AnswerGrade, printed: AnswerGrade | None) -> bool | None:
     """Whether a solution is verified correct: its answer equals the reference and so does the number its
-    program printed (`printed` is None when it printed no plain number). None: the grader could not tell."""
+    program printed (`printed` is None when nothing printed is held to the reference: `printed_answer`).
+    None: the grader could not tell."""
     if answer.status not in JUDGED_STATUSES:
         return None
     if not answer.equal or printed is None:
@@ -343,8 +379,9 @@ class _Driver:
         if runnable:
             results = self.executor.run_many([program for _, program in runnable])
             for (candidate, _), result in zip(runnable, results, strict=True):
-                candidate.program_ok, candidate.output = result.ok, result.stdout
-                candidate.error = None if result.ok else result.error
+                reported = printed_error(result.stdout) if result.ok else None
+                candidate.program_ok, candidate.output = result.ok and reported is None, result.stdout
+                candidate.error = result.error if not result.ok else reported
         # Which candidates the PPM scores depends on their kind, known only once the programs ran.
         to_score = [(e, c) for e in expansions for c in e.candidates if e.tree.needs_ppm_score(c)]
         if to_score:
@@ -359,7 +396,7 @@ class _Driver:
         if not answers:
             return
         # An answer follows the final code step being expanded, whose real output the policy was shown.
-        printed = [printed_answer(e.node.output, e.reference) for e, _ in answers]
+        printed = [printed_answer(e.node.output, e.reference, e.tree.question) for e, _ in answers]
         pairs = [(c.parsed.answer_text or "", e.reference) for e, c in answers]
         pairs += [(text, e.reference) for (e, _), text in zip(answers, printed, strict=True) if text is not None]
         grades = self.checker.grade_many(pairs)

@@ -127,6 +127,41 @@ def render_trajectory(question: str, steps: Sequence[SolutionStep]) -> str:
     return render_prompt(question) + render_solution(steps)
 
 
+# Worked examples for a base model that never saw the format (rStar-Math prompted its round-1 teacher
+# few-shot): complete solutions, each program printing the output it shows.
+WORKED_EXAMPLES: tuple[tuple[str, tuple[SolutionStep, ...]], ...] = (
+    (
+        "A bakery sells muffins for 3 dollars each and cookies for 2 dollars each. Maya buys 4 muffins and "
+        "5 cookies. How many dollars does she spend?",
+        (
+            SolutionStep("# Step 1: The muffins cost 4 times 3 dollars\nmuffins = 4 * 3\n<end_of_step>"),
+            SolutionStep("# Step 2: The cookies cost 5 times 2 dollars\ncookies = 5 * 2\n<end_of_step>"),
+            SolutionStep("# Step 3: She spends the sum of the two\ntotal = muffins + cookies\n<end_of_step>"),
+            SolutionStep("# Now print the final answer\nprint(total)\n<end_of_code>", output="22"),
+            SolutionStep("<answer>Maya spends 12 + 10 = \\boxed{22} dollars.<end_of_answer>"),
+        ),
+    ),
+    (
+        "What is the sum of all values of $x$ such that $x^2 - 5x + 6 = 0$?",
+        (
+            SolutionStep("# Step 1: Solve the quadratic equation for x\nfrom sympy import solve, symbols\n"
+                         "x = symbols('x')\nroots = solve(x**2 - 5*x + 6, x)\n<end_of_step>"),
+            SolutionStep("# Step 2: Add up the solutions\ntotal = sum(roots)\n<end_of_step>"),
+            SolutionStep("# Now print the final answer\nprint(total)\n<end_of_code>", output="5"),
+            SolutionStep("<answer>The solutions are 2 and 3, so their sum is \\boxed{5}.<end_of_answer>"),
+        ),
+    ),
+)
+
+
+def render_worked_examples(count: int) -> str:
+    """The first `count` worked examples as solved prompts, each followed by a blank line: shown before
+    a prompt, they teach a model the format in context."""
+    if not 0 <= count <= len(WORKED_EXAMPLES):
+        raise ValueError(f"worked examples: 0 to {len(WORKED_EXAMPLES)}, got {count}")
+    return "".join(render_trajectory(question, steps) + "\n" for question, steps in WORKED_EXAMPLES[:count])
+
+
 def stop_strings(phase: Phase) -> list[str]:
     return list(STOP_STRINGS[phase])
 
@@ -196,12 +231,19 @@ def parse_solution(solution: str) -> list[SolutionStep]:
     return steps
 
 
-def parse_trajectory(text: str) -> tuple[str, list[SolutionStep]]:
-    """Split a rendered trajectory into its question and steps; ValueError if it is not one."""
+def split_prompt(text: str) -> tuple[str, str]:
+    """A text that starts with a rendered prompt, as its question and what follows the prompt;
+    ValueError if it does not start with one."""
     head, _, tail = PROMPT_TEMPLATE.partition("{question}")
     if not text.startswith(head):
         raise ValueError("text does not start with the prompt template")
     question, found, solution = text[len(head) :].partition(tail)
     if not found:
         raise ValueError("text does not contain the assistant turn of the prompt template")
+    return question, solution
+
+
+def parse_trajectory(text: str) -> tuple[str, list[SolutionStep]]:
+    """Split a rendered trajectory into its question and steps; ValueError if it is not one."""
+    question, solution = split_prompt(text)
     return question, parse_solution(solution)

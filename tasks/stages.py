@@ -72,6 +72,8 @@ KEY_LEAVES_OUT = (
     "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
+    # what round 0's policy is shown while it samples: counted by the stages that sample from it
+    "bootstrap.worked_examples",
     *(f"{section}.{name}" for section in ("training.sft", "training.ppm", "training.rl", "bootstrap.training")
       for name in RUN_ONLY_KEYS),
 )
@@ -112,6 +114,9 @@ class StageCache(CachePolicy):
             parts.append(_round_search(pipeline, inputs["round_number"]))
         if "backend" in STAGE_SECTIONS[stage]:
             parts.append("devices=" + device_kinds(pipeline.recipe.backend))
+        policy = inputs.get("policy") if stage in ("rollout", "evaluate") else None
+        if policy is not None and (shown := pipeline.worked_examples_for(policy)):
+            parts.append(f"worked_examples={shown}")
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
         parts += [f"{path}={content_digest(path, large_by_mtime=False)}" for path in pipeline.external_files(stage)]

@@ -329,6 +329,39 @@ def test_what_a_search_computes_changes_its_key(tmp_path: Path, setting: dict) -
     assert rollout_key(tmp_path, 1, **setting) != rollout_key(tmp_path, 1)
 
 
+BASE = "org/base-model"
+
+
+def base_model_pipeline(home: Path, worked_examples: int) -> Pipeline:
+    return curriculum_pipeline(home, **{"model.base": BASE, "bootstrap.teacher": None,
+                                        "bootstrap.worked_examples": worked_examples})
+
+
+def test_round_zeros_base_model_is_shown_the_worked_examples(tmp_path: Path) -> None:
+    assert base_model_pipeline(tmp_path, 2).worked_examples_for(Artifact(BASE, BASE)) == 2
+
+
+def test_a_policy_trained_in_a_round_is_shown_no_worked_examples(tmp_path: Path) -> None:
+    assert base_model_pipeline(tmp_path, 2).worked_examples_for(Artifact("/home/round-001/policy", "d1")) == 0
+
+
+@pytest.mark.parametrize("stage", ["rollout", "evaluate"])
+def test_worked_examples_change_the_key_of_a_stage_sampling_from_the_base_model(tmp_path: Path, stage: str) -> None:
+    def key(worked_examples: int) -> str:
+        return stage_key(stage, base_model_pipeline(tmp_path, worked_examples), round_number=1,
+                         policy=Artifact(BASE, BASE), ppm=None)
+
+    assert key(2) != key(0)
+
+
+def test_worked_examples_leave_the_key_of_a_trained_policys_search_alone(tmp_path: Path) -> None:
+    def key(worked_examples: int) -> str:
+        return stage_key("rollout", base_model_pipeline(tmp_path, worked_examples), round_number=2,
+                         policy=Artifact("/home/round-001/policy", "d1"), ppm=None)
+
+    assert key(2) == key(0)
+
+
 def sft_digest(pipeline: Pipeline) -> str:
     return pipeline.recipe.digest(*STAGE_SECTIONS["sft"], leave_out=KEY_LEAVES_OUT)
 

@@ -106,6 +106,11 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"problems.curriculum.train": -5}, r"problems\.curriculum\.train: must be >= 1, got -5"),
         ({"problems.curriculum.test": 0}, r"problems\.curriculum\.test: must be >= 1, got 0"),
         ({"bootstrap.teacher": "curriculum", "bootstrap.problems": 0}, r"bootstrap\.problems: must be >= 1, got 0"),
+        ({"bootstrap.teacher": "curriculum", "bootstrap.worked_examples": 2},
+         r"bootstrap\.worked_examples: only for a base model used as is \(teacher: null\)"),
+        ({"bootstrap.worked_examples": 9}, r"bootstrap\.worked_examples: worked examples: 0 to 2, got 9"),
+        ({"bootstrap.worked_examples": 1, "step_format": "coat"}, r"bootstrap\.worked_examples: .* rstar step format"),
+        ({"eval.config": {"worked_examples": 2}}, r"eval\.config\.worked_examples: .* bootstrap\.worked_examples"),
     ],
 )
 def test_bad_field_is_named(changes: dict, message: str) -> None:

@@ -124,6 +124,13 @@ def test_a_choice_reference_is_not_held_to_the_printed_line(judge: SolutionJudge
     assert verdict.correct
 
 
+def test_a_word_reference_is_not_held_to_the_printed_line(judge: SolutionJudge) -> None:
+    """The program computes and prints 6; the question asked whether that is even."""
+    completion = render_solution([APPLES, SHARE, PRINT, SolutionStep("<answer>\\boxed{\\text{even}}<end_of_answer>")])
+    [verdict] = judge.judge([PROMPT], [completion], ["\\text{even}"])
+    assert verdict.correct
+
+
 def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:
     assert OutcomeReward(judge)([PROMPT] * 2, [render_solution([ANSWER]), render_solution([APPLES, ANSWER])],
                                 answer=["6", "6"]) == [-1.0, -1.0]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from search.mcts import MCTSConfig, Node, NodeKind, SearchMode, Tree
-from search.policy import Completion, StepScorer
+from search.policy import Completion, StepScorer, with_worked_examples
 from search.rollout import (
     AnswerChecker,
     Executor,
@@ -26,10 +26,11 @@ from search.rollout import (
     RolloutProgress,
     RolloutResult,
     printed_answer,
+    printed_error,
     run_rollouts,
     verified,
 )
-from search.steps import END_OF_STEP
+from search.steps import END_OF_STEP, WORKED_EXAMPLES, render_prompt, render_worked_examples
 
 QUESTION = "What is 2 + 3?"
 FIRST_STEPS = [
@@ -459,28 +460,74 @@ def test_a_program_that_printed_no_number_leaves_the_answer_to_decide() -> None:
 
 @pytest.mark.parametrize("printed", ["5", "-3", "2.5", "0.5", "1e-06", "7/2", "  12  \n"])
 def test_printed_numbers_are_held_to_the_reference(printed: str) -> None:
-    assert printed_answer(f"some line\n{printed}", "5") == f"\\boxed{{{printed.strip()}}}"
+    assert printed_answer(f"some line\n{printed}", "5", QUESTION) == f"\\boxed{{{printed.strip()}}}"
 
 
 @pytest.mark.parametrize("printed", ["", "sqrt(2)/2", "x = 5", "(1, 2)", "5 apples", "[5]"])
 def test_printed_non_numbers_are_not(printed: str) -> None:
-    assert printed_answer(printed, "5") is None
+    assert printed_answer(printed, "5", QUESTION) is None
 
 
 @pytest.mark.parametrize("printed, shown", [("2.0999999999999996", "2.1"), ("56.99999999999999", "57"),
                                             ("0.30000000000000004", "0.3"), ("2.50", "2.5")])
 def test_a_printed_float_is_held_to_twelve_significant_digits(printed: str, shown: str) -> None:
-    assert printed_answer(printed, "5") == f"\\boxed{{{shown}}}"
+    assert printed_answer(printed, "5", QUESTION) == f"\\boxed{{{shown}}}"
 
 
 @pytest.mark.parametrize("printed, shown", [("1234567890123.0", "1234567890123"), ("123456789012.5", "123456789012.5")])
 def test_a_printed_float_without_binary_rounding_keeps_every_digit(printed: str, shown: str) -> None:
-    assert printed_answer(printed, "5") == f"\\boxed{{{shown}}}"
+    assert printed_answer(printed, "5", QUESTION) == f"\\boxed{{{shown}}}"
 
 
 @pytest.mark.parametrize("reference", ["2, 3", "\\text{(C)}", "(1, 2)", "\\{1, 2\\}"])
 def test_a_reference_of_several_values_or_a_choice_is_not_held_to_one_printed_number(reference: str) -> None:
-    assert printed_answer("2\n3", reference) is None
+    assert printed_answer("2\n3", reference, QUESTION) is None
+
+
+@pytest.mark.parametrize("reference", ["\\text{Evelyn}", "\\text{even}", "x^2+7x+10", "\\infty", "2\\sqrt{3}"])
+def test_a_reference_that_is_not_a_plain_number_is_not_held_to_a_printed_number(reference: str) -> None:
+    """A correct program for "which is even?" or "expand (x+2)(x+5)" need not print the answer's words."""
+    assert printed_answer("10", reference, QUESTION) is None
+
+
+@pytest.mark.parametrize("reference", ["\\frac{7}{2}", "x = 5", "\\$5", "10\\text{ inches}"])
+def test_a_plain_number_written_with_a_fraction_unit_or_name_is_held(reference: str) -> None:
+    assert printed_answer("5", reference, QUESTION) == "\\boxed{5}"
+
+
+@pytest.mark.parametrize("printed, reference, shown", [("7.0710678118654755", "7.07", "7.07"), ("12.5", "13", "13"),
+                                                       ("-2.25", "-2.3", "-2.3"), ("12", "13", "12")])
+def test_where_the_question_asks_for_rounding_a_printed_decimal_is_rounded_to_the_reference(
+    printed: str, reference: str, shown: str
+) -> None:
+    question = "What is the diagonal? Express your answer as a decimal to the nearest hundredth."
+    assert printed_answer(printed, reference, question) == f"\\boxed{{{shown}}}"
+
+
+def test_where_the_question_does_not_ask_for_rounding_a_printed_decimal_is_held_as_printed() -> None:
+    assert printed_answer("12.5", "13", QUESTION) == "\\boxed{12.5}"
+
+
+@pytest.mark.parametrize("stdout", ["Error: division by zero\n", "5\nZeroDivisionError: division by zero\n",
+                                    "Traceback (most recent call last):\n  File x\n", "  ValueError\n",
+                                    "numpy.linalg.LinAlgError: Singular matrix\n"])
+def test_a_printed_error_is_reported(stdout: str) -> None:
+    assert printed_error(stdout) == next(line.strip() for line in stdout.splitlines()
+                                         if "Error" in line or "Traceback" in line)
+
+
+@pytest.mark.parametrize("stdout", ["5\n", "Error rate: 0.05\n", "Errors: 3\n", "the error is 2\n", "", None])
+def test_output_that_reports_no_error_is_not_taken_for_one(stdout: str | None) -> None:
+    assert printed_error(stdout) is None
+
+
+def test_a_step_whose_program_prints_an_error_is_dropped_like_one_that_raises() -> None:
+    """rStar drops a step whose program prints an error: catching the exception computed nothing."""
+    catching = "# Step 2: divide, carefully\ntry:\n    b = a / 0\nexcept Exception as e:\n    print('Error:', e)\n<end_of_step>"
+    menus = ([FIRST_STEPS[0]], [catching], [FINAL_STEP])
+    result = search(toy_problems(1), MCTSConfig(width=1, rollouts=2), ScriptedPolicy(menus))
+    caught = [row for row in result.node_rows("run", 1) if row["step"].startswith("# Step 2")]
+    assert [(row["kind"], row["error"]) for row in caught] == [("error", "Error: division by zero")]
 
 
 def test_a_right_answer_after_a_float_printed_with_binary_rounding_is_verified() -> None:
@@ -494,3 +541,27 @@ def test_a_right_answer_after_a_float_printed_with_binary_rounding_is_verified()
     result = search([Problem("p0", "3 pens at 0.70 each?", "2.1")], MCTSConfig(width=1, rollouts=1),
                     WritesTwoPointOne(menus))
     assert answers_with_printed(result) == [(True, "2.0999999999999996\n")]
+
+
+# --- worked examples: shown to the policy, never stored -----------------------------------------
+
+
+def test_a_policy_shown_worked_examples_reads_them_before_every_prompt() -> None:
+    policy, [problem] = ScriptedPolicy(), toy_problems(1)
+    search([problem], MCTSConfig(width=2, rollouts=2), with_worked_examples(policy, 2))
+    assert policy.calls and all(prompt.startswith(render_worked_examples(2) + render_prompt(problem.question))
+               for call in policy.calls for prompt in call)
+
+
+def test_worked_examples_stay_out_of_the_trees_and_the_ppms_texts() -> None:
+    scorer = StepPreferringScorer()
+    result = search(toy_problems(1), MCTSConfig(width=2, rollouts=3, mode=SearchMode.PPM),
+                    with_worked_examples(ScriptedPolicy(), 2), scorer=scorer)
+    example_question = WORKED_EXAMPLES[0][0]
+    assert not any(example_question in text for call in scorer.calls for text in call)
+    assert not any(example_question in (row["step"] or "") for row in result.node_rows("run", 1))
+
+
+def test_no_worked_examples_leaves_the_generator_as_it_is() -> None:
+    policy = ScriptedPolicy()
+    assert with_worked_examples(policy, 0) is policy

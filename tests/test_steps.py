@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from search.steps import (
@@ -9,6 +12,7 @@ from search.steps import (
     END_OF_CODE,
     END_OF_STEP,
     STEP_SPECIAL_TOKENS,
+    WORKED_EXAMPLES,
     Phase,
     SolutionStep,
     StepKind,
@@ -19,6 +23,7 @@ from search.steps import (
     render_prompt,
     render_solution,
     render_trajectory,
+    render_worked_examples,
     stop_strings,
 )
 
@@ -110,3 +115,28 @@ def test_each_phase_stops_at_its_own_closing_markers() -> None:
 def test_special_tokens_cover_every_stop_string_once() -> None:
     assert len(set(STEP_SPECIAL_TOKENS)) == len(STEP_SPECIAL_TOKENS)
     assert {*stop_strings(Phase.STEP), *stop_strings(Phase.ANSWER)} <= set(STEP_SPECIAL_TOKENS)
+
+
+@pytest.mark.parametrize(("question", "steps"), WORKED_EXAMPLES, ids=lambda value: str(value)[:20])
+def test_a_worked_example_is_a_well_formed_solution(question: str, steps: tuple[SolutionStep, ...]) -> None:
+    kinds = [parse_step(step.text).kind for step in steps]
+    assert kinds == [StepKind.CODE] * (len(steps) - 2) + [StepKind.FINAL_CODE, StepKind.ANSWER]
+
+
+@pytest.mark.parametrize(("question", "steps"), WORKED_EXAMPLES, ids=lambda value: str(value)[:20])
+def test_a_worked_examples_program_prints_the_output_it_shows(question: str, steps: tuple[SolutionStep, ...]) -> None:
+    program = path_program([parse_step(step.text).code for step in steps[:-1]])
+    printed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == steps[-2].output
+
+
+def test_worked_examples_render_as_solved_prompts_before_the_real_one() -> None:
+    shown = render_worked_examples(1)
+    question, steps = WORKED_EXAMPLES[0]
+    assert shown == render_trajectory(question, steps) + "\n"
+
+
+@pytest.mark.parametrize("count", [-1, len(WORKED_EXAMPLES) + 1])
+def test_asking_for_more_worked_examples_than_there_are_is_refused(count: int) -> None:
+    with pytest.raises(ValueError, match="worked examples"):
+        render_worked_examples(count)
