@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -208,8 +208,11 @@ class Pipeline:
 
         table = load_problems(pool.require("problem pool"))
         per_round = self.recipe.problems.per_round
-        if per_round is not None and per_round < table.num_rows:
+        more_rollouts = self.recipe.search.unsolved_rollouts.get(round_number)
+        sampled = per_round is not None and per_round < table.num_rows
+        if sampled or more_rollouts:
             never_solved = set(self.never_solved(round_number) if never_solved is None else never_solved)
+        if sampled:
             ids = table.column("problem_id").to_pylist()
             # A seeded shuffle before the stable sort: pools are often ordered (by level, subject or
             # source), and the first rows of one are a biased sample of it.
@@ -217,13 +220,16 @@ class Pipeline:
             random.Random(f"{self.recipe.seed}/{round_number}").shuffle(order)
             order.sort(key=lambda index: ids[index] not in never_solved)
             table = table.take(sorted(order[:per_round]))
+        if more_rollouts:
+            table = _with_search_rollouts(table, never_solved, more_rollouts)
         out = self.layout.table_path(self.run, round_number, "problems", stage="problems")
         return Artifact.of(write_table(table, out, table="problems"))
 
     def never_solved(self, round_number: int) -> list[str]:
-        """The searched problems no round before `round_number` solved (sorted); empty when the rounds do
-        not sample their problems (`problems.per_round` unset), since then nothing depends on it."""
-        if self.recipe.problems.per_round is None:
+        """The searched problems no round before `round_number` solved (sorted); empty when nothing depends
+        on it: the rounds do not sample their problems (`problems.per_round` unset) and this round gives
+        no problem more rollouts (`search.unsolved_rollouts`)."""
+        if self.recipe.problems.per_round is None and round_number not in self.recipe.search.unsolved_rollouts:
             return []
         from data_store.views import connect, unsolved_problems
 
@@ -674,6 +680,21 @@ def _log_training(kind: str, round_number: int, checkpoint: Path) -> None:
     log.info("round %d %s: train loss %.4f over %.0f tokens in %.0f s (%.0f tokens/s) -> %s", round_number, kind,
              figure["train_loss"], figure["num_input_tokens_seen"], figure["train_runtime"],
              figure["tokens_per_second"], checkpoint)
+
+
+def _with_search_rollouts(table: Any, problem_ids: Collection[str], rollouts: int) -> Any:
+    """The problems table with `rollouts` set as the search budget (models.rollout.SEARCH_ROLLOUTS in
+    metadata) of the problems in `problem_ids`."""
+    import pyarrow as pa
+
+    from models.rollout import SEARCH_ROLLOUTS
+
+    metadata = [
+        json.dumps({**json.loads(text or "{}"), SEARCH_ROLLOUTS: rollouts}) if problem_id in problem_ids else text
+        for problem_id, text in zip(table.column("problem_id").to_pylist(), table.column("metadata").to_pylist(),
+                                    strict=True)
+    ]
+    return table.set_column(table.schema.get_field_index("metadata"), "metadata", pa.array(metadata, pa.string()))
 
 
 def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:

@@ -166,6 +166,11 @@ class SearchSettings:
         default_factory=dict,
         metadata={"help": "MCTSConfig fields for specific rounds, e.g. {1: {rollouts: 8, width: 5}}"},
     )
+    unsolved_rollouts: dict[int, int] = field(
+        default_factory=dict,
+        metadata={"help": "rollouts per problem, by round, for the round's problems that no earlier round solved, "
+                  "e.g. {4: 64} (rStar-Math: 64 or 128 in round 4); the others keep the round's count"},
+    )
     shards: int = field(default=1, metadata={"help": "rollout shards per round (each its own task; Ray can spread them)"})
     pipeline_groups: int = field(
         default=2, metadata={"help": "tree groups that take turns so code execution overlaps generation"}
@@ -474,6 +479,11 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
             fail(where, str(err).removeprefix(f"{where}: ").removeprefix(f"{where}."))
         # The checked values, converted as the section's were ("1e-1" read as text becomes 0.1).
         recipe.search.round_overrides[round_number] = {name: getattr(built, name) for name in overrides}
+    for round_number, rollouts in recipe.search.unsolved_rollouts.items():
+        if round_number < 1:
+            fail("search.unsolved_rollouts", f"rounds are numbers from 1 (round 0 does not search), got {round_number!r}")
+        if rollouts < 1:
+            fail(f"search.unsolved_rollouts.{round_number}", f"must be >= 1, got {rollouts}")
     for where, count in (("search.shards", recipe.search.shards), ("search.chunk_problems", recipe.search.chunk_problems),
                          ("problems.per_round", recipe.problems.per_round),
                          ("problems.limit", recipe.problems.limit), ("eval.limit", recipe.eval.limit),

@@ -285,7 +285,8 @@ def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | 
     sandbox = {name: value for name, value in dataclasses.asdict(config.sandbox).items()
                if name not in SANDBOX_PLACEMENT_FIELDS}
     document = {
-        "format": CHUNK_FORMAT, "problems": [[p.problem_id, p.question, p.answer] for p in problems],
+        "format": CHUNK_FORMAT,
+        "problems": [[p.problem_id, p.question, p.answer, *([p.rollouts] if p.rollouts else [])] for p in problems],
         "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm), "mcts": repr(config.mcts),
         "backend": generation_settings(config.backend), "sandbox": sandbox,
         "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
@@ -295,12 +296,21 @@ def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | 
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
+SEARCH_ROLLOUTS = "search_rollouts"
+"""The metadata key of a round's problem that the round searches with its own rollout count
+(`search.unsolved_rollouts`: the select stage sets it)."""
+
+
 def search_problems(table: "pa.Table") -> list[Problem]:
     """The search's view of a `problems` table."""
-    return [
-        Problem(problem_id=row["problem_id"], question=row["problem"], answer=row["answer"])
-        for row in table.select(["problem_id", "problem", "answer"]).to_pylist()
-    ]
+    problems = []
+    for row in table.select(["problem_id", "problem", "answer", "metadata"]).to_pylist():
+        rollouts = json.loads(row["metadata"] or "{}").get(SEARCH_ROLLOUTS)
+        if rollouts is not None and (type(rollouts) is not int or rollouts < 1):
+            raise ValueError(f"problem {row['problem_id']}: metadata {SEARCH_ROLLOUTS} must be an integer >= 1, "
+                             f"got {rollouts!r}")
+        problems.append(Problem(row["problem_id"], row["problem"], row["answer"], rollouts))
+    return problems
 
 
 def tqdm_progress(description: str) -> tuple[Callable[[RolloutProgress], None], Callable[[], None]]:

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Protocol
 
@@ -177,6 +177,7 @@ class Problem:
     problem_id: str
     question: str
     answer: str  # the reference; rollouts cannot label steps without one
+    rollouts: int | None = None  # this problem's rollout budget, when not the search's (rStar-Math: more for hard ones)
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,11 @@ class _Driver:
         self.checker = checker
         self.scorer = scorer
         self.on_progress = on_progress
-        self.trees = [Tree(p.problem_id, p.question, config, tree_rng(config.seed, p.problem_id)) for p in problems]
+        self.trees = [
+            Tree(p.problem_id, p.question, replace(config, rollouts=p.rollouts) if p.rollouts else config,
+                 tree_rng(config.seed, p.problem_id))
+            for p in problems
+        ]
         self.references = {p.problem_id: p.answer for p in problems}
         self.stats = RolloutStats(trees=len(self.trees))
         self.tokens_by_problem = {tree.problem_id: 0 for tree in self.trees}

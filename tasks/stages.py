@@ -72,8 +72,8 @@ KEY_LEAVES_OUT = (
     "search.grader_workers", "search.pipeline_groups", "search.chunk_problems",
     "eval.config.grader_workers", "eval.config.pipeline_groups",
     "search.mcts", "search.round_overrides", "search.ppm_from_round",
-    # what round 0's policy is shown while it samples: counted by the stages that sample from it
-    "bootstrap.worked_examples",
+    # counted only where they apply (_parts_when_set)
+    "bootstrap.worked_examples", "search.unsolved_rollouts",
     *(f"{section}.{name}" for section in ("training.sft", "training.ppm", "training.rl", "bootstrap.training")
       for name in RUN_ONLY_KEYS),
 )
@@ -98,6 +98,19 @@ def _round_search(pipeline: Pipeline, round_number: int) -> str:
     return "mcts=" + _digest_of(mcts)
 
 
+def _parts_when_set(stage: str, pipeline: Pipeline, inputs: dict[str, Any]) -> list[str]:
+    """Key parts of settings that count only where they apply, so stages they do not touch (and homes
+    from before they existed) keep their keys: the worked examples round 0's base model is shown
+    (`bootstrap.worked_examples`), and a round's rollouts for never-solved problems
+    (`search.unsolved_rollouts`, written by the select stage into the problems the search reads)."""
+    policy = inputs.get("policy") if stage in ("rollout", "evaluate") else None
+    if policy is not None and (shown := pipeline.worked_examples_for(policy)):
+        return [f"worked_examples={shown}"]
+    if stage == "select" and (rollouts := pipeline.recipe.search.unsolved_rollouts.get(inputs.get("round_number"))):
+        return [f"unsolved_rollouts={rollouts}"]
+    return []
+
+
 @dataclass
 class StageCache(CachePolicy):
     """Cache key: stage, run, round and shard, the stage's recipe sections, its input artifacts and the
@@ -114,9 +127,7 @@ class StageCache(CachePolicy):
             parts.append(_round_search(pipeline, inputs["round_number"]))
         if "backend" in STAGE_SECTIONS[stage]:
             parts.append("devices=" + device_kinds(pipeline.recipe.backend))
-        policy = inputs.get("policy") if stage in ("rollout", "evaluate") else None
-        if policy is not None and (shown := pipeline.worked_examples_for(policy)):
-            parts.append(f"worked_examples={shown}")
+        parts += _parts_when_set(stage, pipeline, inputs)
         parts += [f"{name}={_digest_of(value)}" for name, value in sorted(inputs.items())
                   if name not in ("pipeline", "on_progress")]
         parts += [f"{path}={content_digest(path, large_by_mtime=False)}" for path in pipeline.external_files(stage)]

@@ -68,6 +68,51 @@ def test_selection_puts_problems_no_round_solved_first(tmp_path: Path) -> None:
     assert first not in selected
 
 
+def search_budgets(pipeline: Pipeline, round_number: int) -> dict[str, int | None]:
+    from models.rollout import search_problems
+
+    pools = pipeline.prepare_problems()
+    first = load_problems(pools.train.path).column("problem_id")[0].as_py()
+    solved_in_round(pipeline.layout, 1, first)
+    problems = search_problems(load_problems(pipeline.select_problems(round_number, pools.train).path))
+    return {problem.problem_id: problem.rollouts for problem in problems} | {"solved": first}
+
+
+def test_a_round_with_unsolved_rollouts_gives_them_to_the_problems_no_round_solved(tmp_path: Path) -> None:
+    budgets = search_budgets(curriculum_pipeline(tmp_path, **{"search.unsolved_rollouts": {2: 64}}), 2)
+    solved = budgets.pop("solved")
+    assert budgets.pop(solved) is None and set(budgets.values()) == {64}
+
+
+def test_a_round_without_unsolved_rollouts_searches_every_problem_alike(tmp_path: Path) -> None:
+    budgets = search_budgets(curriculum_pipeline(tmp_path, **{"search.unsolved_rollouts": {4: 64}}), 2)
+    budgets.pop("solved")
+    assert set(budgets.values()) == {None}
+
+
+def test_a_bad_search_budget_in_a_problems_metadata_is_refused() -> None:
+    from models.rollout import search_problems
+
+    table = pa.table({"problem_id": ["p1"], "problem": ["1+1?"], "answer": ["2"], "metadata": ['{"search_rollouts": "many"}']})
+    with pytest.raises(ValueError, match="problem p1: metadata search_rollouts must be an integer >= 1, got 'many'"):
+        search_problems(table)
+
+
+def test_the_unsolved_rollouts_budget_is_part_of_that_rounds_select_key(tmp_path: Path) -> None:
+    def key(rollouts: int) -> str:
+        return stage_key("select", curriculum_pipeline(tmp_path, **{"search.unsolved_rollouts": {4: rollouts}}),
+                         round_number=4, pool=Artifact("pool", "d"), never_solved=["p1"])
+
+    assert key(64) != key(128)
+
+
+def test_unsolved_rollouts_leave_the_keys_of_other_rounds_and_of_the_search_alone(tmp_path: Path) -> None:
+    assert rollout_key(tmp_path, 4, **{"search.unsolved_rollouts": {4: 64}}) == rollout_key(tmp_path, 4)
+    with_setting = curriculum_pipeline(tmp_path, **{"search.unsolved_rollouts": {4: 64}})
+    select = {"round_number": 3, "pool": Artifact("pool", "d"), "never_solved": []}
+    assert stage_key("select", with_setting, **select) == stage_key("select", curriculum_pipeline(tmp_path), **select)
+
+
 def test_shards_beyond_the_recipes_count_are_dropped(tmp_path: Path) -> None:
     pipeline = curriculum_pipeline(tmp_path, **{"search.shards": 2})
     shard = {index: pipeline.layout.table_path("demo", 1, "nodes", shard=index) for index in range(3)}

@@ -111,6 +111,8 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"bootstrap.worked_examples": 9}, r"bootstrap\.worked_examples: worked examples: 0 to 2, got 9"),
         ({"bootstrap.worked_examples": 1, "step_format": "coat"}, r"bootstrap\.worked_examples: .* rstar step format"),
         ({"eval.config": {"worked_examples": 2}}, r"eval\.config\.worked_examples: .* bootstrap\.worked_examples"),
+        ({"search.unsolved_rollouts": {0: 64}}, r"search\.unsolved_rollouts: rounds are numbers from 1"),
+        ({"search.unsolved_rollouts": {4: 0}}, r"search\.unsolved_rollouts\.4: must be >= 1, got 0"),
     ],
 )
 def test_bad_field_is_named(changes: dict, message: str) -> None:

@@ -565,3 +565,9 @@ def test_worked_examples_stay_out_of_the_trees_and_the_ppms_texts() -> None:
 def test_no_worked_examples_leaves_the_generator_as_it_is() -> None:
     policy = ScriptedPolicy()
     assert with_worked_examples(policy, 0) is policy
+
+
+def test_a_problem_with_its_own_rollout_budget_is_searched_that_many_times() -> None:
+    usual, [hard] = toy_problems(1), [Problem("hard", QUESTION, "5", rollouts=3)]
+    result = search(usual + [hard], MCTSConfig(width=3, rollouts=1))
+    assert [tree.rollouts_done for tree in result.trees] == [1, 3]
