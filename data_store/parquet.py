@@ -33,7 +33,7 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -53,9 +53,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     temporary = _temporary_name(final)
     try:
         yield temporary
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
         temporary.unlink(missing_ok=True)
 

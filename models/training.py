@@ -10,15 +10,20 @@ directory into place only when the child succeeded: a directory at the output pa
 
 Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as the GPU recipes'
 comments suggest), a run that fails, times out, is interrupted or dies with its machine leaves its staging
-directory behind; the next run of the same request (the same data, start model and training
-settings; RUN_ONLY_KEYS may differ) adopts it and continues from its last complete checkpoint
-(model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`;
-measured on CPU, SFT and PPM runs so resumed end bit for bit as uninterrupted ones, GRPO's sampling
-does not continue the same stream). A checkpoint counts only once `ResumableCheckpoints` has synced
-and marked it, after the Trainer's whole save; one that fails to resume is dropped after that one
-attempt, so a damaged checkpoint cannot fail every retry. Any other run for that output deletes
-such leftovers. The intermediate checkpoints are removed before the output is published; the
-published provenance's `train_loss` and `train_runtime` cover the steps after `resumed_from_step`.
+directory behind; the next run of the same request (the same data and start model by content, the
+same training settings; RUN_ONLY_KEYS and paths may differ, so a home moved or mounted elsewhere
+keeps its checkpoints) adopts it and continues from its last complete checkpoint (model, optimizer,
+scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`; measured on CPU, SFT
+and PPM runs so resumed end bit for bit as uninterrupted ones, GRPO's sampling does not continue the
+same stream). A checkpoint counts only once every process has written it and `ResumableCheckpoints`
+has synced and marked it. A resumed run that fails by itself before it ends its first step from the
+checkpoint (not stopped, killed by a signal, or refused for bad input) drops it, so a damaged
+checkpoint cannot fail every retry. A staging directory whose model was finished when its run died
+while publishing is published by the next run instead of trained again. Any other run for that
+output deletes such leftovers. One run works on an output at a time: it holds `.{output}.lock`
+next to it from its look at the leftovers until it has published. The intermediate checkpoints are
+removed before the output is published; the published provenance's `train_loss` and
+`train_runtime` cover the steps after `resumed_from_step`.
 
 Each round trains from the base model on all verified data so far (`init_from: base`, as
 rStar-Math does) unless the recipe says `init_from: previous`. The PPM starts from this round's
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +57,8 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
-from data_store.parquet import atomic_path, write_json
+from data_store.home import RunBusyError, hold_lock
+from data_store.parquet import fsync_path, atomic_path, write_json
 from models.attention import register_training_attention
 from models.lifetime import process_identity, process_is_running, stop_when_parent_gone, watch_environment
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token
@@ -78,6 +85,7 @@ RUNNER_FILE = "runner.pid"  # which process trains into a staging directory (mod
 INPUT_ERROR_EXIT = 2  # the child's exit status for bad input it found before training
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's intermediate checkpoints, inside the staging directory
 RESUMABLE_FILE = "kaizen-resumable"  # written (and synced) after the Trainer saved a whole checkpoint
+RESUMED_FILE = "kaizen-resumed"  # written by a resumed run once it has ended a step from its checkpoint
 RUN_ONLY_KEYS = ("timeout_s", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "logging_steps",
                  "logging_strategy", "logging_first_step", "report_to", "disable_tqdm", "log_level")
 """Training settings that say how a run is watched and kept, not what it computes: they leave cache
@@ -435,6 +443,13 @@ def describe_model_source(name: str) -> dict[str, Any]:
     raise TrainingInputError(f"model not found: {name!r} (no such directory, and not a hub name)")
 
 
+def _model_content(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A `describe_model_source` record without where the model lies: a hub model is its name, a local
+    one its files' digests."""
+    return dict(record) if record.get("hub") else {key: value for key, value in record.items()
+                                                    if key not in ("name", "path")}
+
+
 def _resolve_file(name: str) -> Path:
     for candidate in (Path(name).expanduser(), REPO_ROOT / name):
         if candidate.is_file():
@@ -462,11 +477,19 @@ class RunRequest:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def resume_identity(self) -> str:
-        """What must match for this run to continue another's checkpoint: everything but RUN_ONLY_KEYS."""
-        fields_ = dataclasses.asdict(self)
-        fields_["config"] = {key: value for key, value in self.config.items() if key not in RUN_ONLY_KEYS}
-        fields_.pop("overwrite")  # what to do with an existing output, not how to train it
-        return json.dumps(fields_, sort_keys=True, default=str)
+        """What must match for this run to continue another's checkpoint: the kind, the settings but
+        RUN_ONLY_KEYS, and the tables and start model by content. Paths are left out (the staging directory
+        is found next to the output), so a home moved or mounted elsewhere keeps its checkpoints; whether
+        to overwrite an existing output is not how to train it."""
+        by_path = ("train_tables", "base_model")  # their content is in `tables` and `start_model_record`
+        config = {key: value for key, value in self.config.items() if key not in (*RUN_ONLY_KEYS, *by_path)}
+        identity = {
+            "kind": self.kind,
+            "config": config,
+            "tables": [(table.rows, table.sha256) for table in self.tables],  # in order: it is the data order
+            "start_model": _model_content(self.start_model_record),
+        }
+        return json.dumps(identity, sort_keys=True, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> RunRequest:
@@ -601,40 +624,62 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
+    fsync_path(target.parent)  # the rename itself survives a lost machine (the child synced the files)
 
 
 class TrainingRun:
-    """A training subprocess in flight; `wait()` publishes its checkpoint or raises TrainingRunError."""
+    """A training subprocess in flight; `wait()` publishes its checkpoint or raises TrainingRunError.
+
+    From its first look at the leftovers until `wait()` ends it holds the output's lock, so that two
+    runs for one output cannot adopt the same staging directory or delete each other's.
+    """
 
     def __init__(self, request: RunRequest) -> None:
         self.request = request
         self.output_dir = Path(request.output_dir)
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.resumed_from: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # stays None when an earlier attempt finished training
+        with ExitStack() as held:  # released here if starting fails, else by wait()
+            try:
+                held.enter_context(hold_lock(self.output_dir.parent / f".{self.output_dir.name}.lock",
+                                             f"{request.kind} training", f"training output {self.output_dir}"))
+            except RunBusyError as err:
+                raise TrainingRunError(str(err)) from None
+            self.staging_dir = self._adopt_or_create()
+            if not (self.staging_dir / PROVENANCE_FILE).is_file():
+                self._start()
+            self._lock = held.pop_all()
+
+    def _adopt_or_create(self) -> Path:
+        """The staging directory of an earlier attempt at this request that left a checkpoint or a finished
+        model, else a new one."""
         staging_prefix = f".{self.output_dir.name}.partial-"
         # A run that failed or was killed outright leaves its staging directory, and one that died
         # while publishing the retired old checkpoint: a 7B checkpoint's worth of disk each. The run
-        # replacing it owns the output now; it keeps only a staging directory it can resume.
+        # replacing it owns the output now; it keeps only a staging directory it can continue.
         leftovers = sorted(self.output_dir.parent.glob(f"{staging_prefix}*"), key=lambda p: p.stat().st_mtime)
         _wait_for_runners(leftovers)
-        adopted = next((d for d in reversed(leftovers) if _resumes(d, request)), None)
+        adopted = next((d for d in reversed(leftovers) if _continues(d, self.request)), None)
         for leftover in [*leftovers, *self.output_dir.parent.glob(f".{self.output_dir.name}.old-*")]:
             if leftover != adopted:
                 shutil.rmtree(leftover, ignore_errors=True)
-        self.resumed_from: Path | None = None
-        if adopted is not None:
-            self.staging_dir = adopted
+        if adopted is None:
+            return Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
+        if not (adopted / PROVENANCE_FILE).is_file():  # else its model is finished: only publishing is left
             self.resumed_from = _prepare_resume(adopted)
-        else:
-            self.staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=self.output_dir.parent))
+        return adopted
+
+    def _start(self) -> None:
         request_path = self.staging_dir / REQUEST_FILE
-        request_path.write_text(request.to_json(), encoding="utf-8")
+        request_path.write_text(self.request.to_json(), encoding="utf-8")
         # A session of its own: killing the group also ends accelerate's worker processes. Not tied
         # to this thread by a preexec_fn as the vLLM server is (with it, a SIGTERM to `kaizen` during
         # bootstrap training was sometimes lost); the child watches this process instead (main()).
         # Its stdout (the Trainer prints log dicts there) goes to stderr: stdout is the caller's
         # (`kaizen train` prints the checkpoint path on it, for `$(kaizen train ...)`).
         self.process = subprocess.Popen(
-            _launch_command(request, request_path), env=_child_environment(), start_new_session=True,
+            _launch_command(self.request, request_path), env=_child_environment(), start_new_session=True,
             stdout=sys.stderr.fileno() if _has_fileno(sys.stderr) else subprocess.DEVNULL,
         )
         (self.staging_dir / RUNNER_FILE).write_text(process_identity(self.process.pid), encoding="utf-8")
@@ -642,6 +687,8 @@ class TrainingRun:
     def kill(self, grace_s: float = 10.0) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after `grace_s`."""
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+            if self.process is None:
+                return
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
@@ -653,32 +700,43 @@ class TrainingRun:
                 continue
 
     def wait(self, timeout_s: float | None = None) -> Path:
-        """Block until the run ends; return the published checkpoint directory."""
+        """Block until the run ends; return the published checkpoint directory. The output's lock is
+        released however this ends."""
+        with self._lock:
+            if self.process is not None:
+                self._wait_for_child(timeout_s)
+            for checkpoint in self.staging_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+                # Unmarked first: one half deleted when this process dies must not pass for a whole one.
+                (checkpoint / RESUMABLE_FILE).unlink(missing_ok=True)
+                shutil.rmtree(checkpoint)  # optimizer states and all: several times the model's size
+            # The request last: while it is there, the next run publishes this model if this process dies.
+            for name in (RESUMED_FILE, RUNNER_FILE, REQUEST_FILE):
+                (self.staging_dir / name).unlink(missing_ok=True)
+            _publish(self.staging_dir, self.output_dir, self.request.overwrite)
+            return self.output_dir
+
+    def _wait_for_child(self, timeout_s: float | None) -> None:
+        """Return once the child has finished the model; raise, keeping or deleting its checkpoint, if not."""
         timeout_s = timeout_s if timeout_s is not None else self.request.config.get("timeout_s")
         try:
             returncode = self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            kept = self._discard()
+            kept = self._discard(suspect_checkpoint=False)
             raise TrainingRunError(
                 f"{self.request.kind} training timed out after {timeout_s:g} s and was killed{kept}"
             ) from None
         except BaseException:
             self.kill()
-            self._discard()
+            self._discard(suspect_checkpoint=False)
             raise
         if returncode != 0 or not (self.staging_dir / PROVENANCE_FILE).is_file():
             reason = self._failure_reason(returncode)
-            kept = self._discard()
+            # A signal came from outside (the OOM killer, a stop), and bad input is no checkpoint's fault.
+            kept = self._discard(suspect_checkpoint=returncode >= 0 and returncode != INPUT_ERROR_EXIT)
             if returncode == INPUT_ERROR_EXIT:
-                raise TrainingInputError(reason)
+                raise TrainingInputError(f"{reason}{kept}")
             raise TrainingRunError(f"{self.request.kind} training failed: {reason}{kept}")
-        for name in (REQUEST_FILE, RUNNER_FILE):
-            (self.staging_dir / name).unlink(missing_ok=True)
-        for checkpoint in self.staging_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(checkpoint)  # optimizer states and all: several times the model's size
-        _publish(self.staging_dir, self.output_dir, self.request.overwrite)
-        return self.output_dir
 
     def _failure_reason(self, returncode: int) -> str:
         failure = self.staging_dir / FAILURE_FILE
@@ -688,15 +746,16 @@ class TrainingRun:
             return f"killed by signal {signal.Signals(-returncode).name}"
         return f"exit status {returncode}" if returncode else "no provenance.json was written"
 
-    def _discard(self) -> str:
+    def _discard(self, suspect_checkpoint: bool) -> str:
         """Delete the staging directory unless it holds a checkpoint to resume from; say which in words
-        for the error message."""
+        for the error message. `suspect_checkpoint`: the child failed by itself, so a checkpoint it
+        resumed from and never got past (no RESUMED_FILE) may be the cause."""
         checkpoints = complete_checkpoints(self.staging_dir)
-        if checkpoints and self.resumed_from is not None and checkpoints[-1] == self.resumed_from:
-            # It failed again before saving anything newer: the checkpoint itself may be what fails.
+        if suspect_checkpoint and self.resumed_from is not None and not (self.staging_dir / RESUMED_FILE).is_file():
+            # Kept, a damaged checkpoint would fail every retry the same way.
             shutil.rmtree(self.staging_dir, ignore_errors=True)
-            return (f"; resuming from its checkpoint at step {checkpoint_step(checkpoints[-1])} failed too, so it "
-                    "was deleted and the next run starts afresh")
+            return (f"; it failed while resuming from its checkpoint at step {checkpoint_step(self.resumed_from)}, "
+                    "so its checkpoints were deleted and the next run starts afresh")
         if not checkpoints:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
             return ""
@@ -718,29 +777,69 @@ def complete_checkpoints(staging: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def _sync_tree(root: Path, leave_out_prefix: str | None = None) -> None:
+    """fsync the files under `root` and the directories listing them (the Trainer and `save_pretrained`
+    write in place and sync nothing), so that what a marker or a rename vouches for survives a lost
+    machine. `root`'s subdirectories named `leave_out_prefix*` are skipped."""
+    for directory, subdirectories, files in os.walk(root):
+        if leave_out_prefix and Path(directory) == root:
+            subdirectories[:] = [name for name in subdirectories if not name.startswith(leave_out_prefix)]
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
+
+
+def _wait_for_every_process() -> None:
+    """A barrier across the processes of a multi-GPU run; nothing to wait for in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class ResumableCheckpoints(TrainerCallback):
     """Marks each intermediate checkpoint resumable once the Trainer has saved all of it, and syncs it to
     disk first: a checkpoint cut off by a lost machine must not be taken for a whole one (the Trainer's
-    own files are written in place and not synced)."""
+    own files are written in place and not synced). Every process writes its part (its RNG state, its
+    optimizer shard), so all of them meet before and after the sync, and the first marks it."""
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if args.save_only_model:
+            return  # nothing to resume from; the same setting in every process, so none waits below
         checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        if args.save_only_model or not state.is_world_process_zero or not checkpoint.is_dir():
+        _wait_for_every_process()  # every process has written its files
+        if state.is_local_process_zero:  # one per machine, for what its processes wrote
+            _sync_tree(checkpoint)
+        _wait_for_every_process()  # every machine has synced them
+        if not state.is_world_process_zero or not checkpoint.is_dir():
             return
-        for path in sorted(checkpoint.rglob("*")):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
         with open(checkpoint / RESUMABLE_FILE, "w", encoding="utf-8") as marker:
             marker.write(f"{state.global_step}\n")
             marker.flush()
             os.fsync(marker.fileno())
+        fsync_path(checkpoint)
+
+
+class ResumeConfirmation(TrainerCallback):
+    """Writes RESUMED_FILE once a resumed run has ended its first step, by when the Trainer has loaded all of
+    the checkpoint (weights, optimizer, scheduler, RNG, data position): a run that fails after that did
+    not fail for its checkpoint, which the launcher then keeps (`TrainingRun._discard`)."""
+
+    def __init__(self) -> None:
+        self.confirmed = False
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if not self.confirmed and state.is_world_process_zero:
+            (Path(args.output_dir) / RESUMED_FILE).write_text(f"{state.global_step}\n", encoding="utf-8")
+        self.confirmed = True
+
+    on_train_end = on_step_end  # a checkpoint saved at the last step resumes into no step at all
 
 
 def _wait_for_runners(stagings: Sequence[Path], timeout_s: float = 30.0) -> None:
-    """Wait for the training processes of earlier attempts to end: a `kaizen` killed outright leaves
-    its child writing for a few seconds more, until it notices (`models.lifetime`). TrainingRunError
-    if one still runs then (another process is training this output)."""
+    """Wait for the training processes of earlier attempts to end: the output's lock is free as soon as
+    the process holding it dies, but a `kaizen` killed outright leaves its child writing for a few
+    seconds more, until it notices (`models.lifetime`). TrainingRunError if one still runs then."""
     deadline = time.monotonic() + timeout_s
     for staging in stagings:
         try:
@@ -754,19 +853,21 @@ def _wait_for_runners(stagings: Sequence[Path], timeout_s: float = 30.0) -> None
             time.sleep(0.5)
 
 
-def _resumes(staging: Path, request: RunRequest) -> bool:
-    """Whether a leftover staging directory is an earlier attempt at this request with a checkpoint."""
+def _continues(staging: Path, request: RunRequest) -> bool:
+    """Whether a leftover staging directory is an earlier attempt at this request that left something to
+    continue: a finished model (its launcher died while publishing) or a checkpoint."""
     try:
         earlier = RunRequest.from_json((staging / REQUEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError, KeyError):
         return False
-    return earlier.resume_identity() == request.resume_identity() and bool(complete_checkpoints(staging))
+    finished = (staging / PROVENANCE_FILE).is_file()  # written last, after the model was synced
+    return earlier.resume_identity() == request.resume_identity() and (finished or bool(complete_checkpoints(staging)))
 
 
 def _prepare_resume(staging: Path) -> Path:
     """Clear what the failed attempt left besides its checkpoints; return the checkpoint to resume from."""
     (staging / FAILURE_FILE).unlink(missing_ok=True)
-    (staging / PROVENANCE_FILE).unlink(missing_ok=True)
+    (staging / RESUMED_FILE).unlink(missing_ok=True)  # that attempt's, from an earlier checkpoint
     complete = complete_checkpoints(staging)
     for path in staging.glob(f"{CHECKPOINT_PREFIX}*"):
         if path not in complete:  # cut off while saving: the Trainer would sort it among the real ones
@@ -1145,16 +1246,19 @@ def run_training(request: RunRequest, staging: Path) -> None:
         # The scorer needs a bound; RewardTrainer's `None` means the model's own limit.
         config.max_length = model.config.max_position_embeddings
     dataset = _load_dataset(request.kind, [table.path for table in request.tables])
-    throughput = ThroughputCallback()
-    trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset,
-                             [throughput, ResumableCheckpoints()])
     checkpoints = complete_checkpoints(staging)  # left by an earlier attempt at this request (TrainingRun)
     resume_from = checkpoints[-1] if checkpoints else None
+    throughput = ThroughputCallback()
+    callbacks = [throughput, ResumableCheckpoints(), *([ResumeConfirmation()] if resume_from else [])]
+    trainer = _build_trainer(request.kind, config, tokenizer, model, new_tokens, dataset, callbacks)
     train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
     _save(trainer, config, tokenizer, staging)
     if trainer.is_world_process_zero():
         if request.kind == "ppm":
             ScoringContract(max_length=config.max_length).save(staging)
+        # On disk before the provenance says the model is finished: a launcher that dies before
+        # publishing leaves it to the next run to publish as it is (TrainingRun).
+        _sync_tree(staging, leave_out_prefix=CHECKPOINT_PREFIX)
         resumed_step = checkpoint_step(resume_from) if resume_from else None
         _write_provenance(request, config, trainer, train_metrics, throughput, staging, resumed_step)
 

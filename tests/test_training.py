@@ -1,4 +1,8 @@
-"""Policy SFT and PPM training on a tiny model: learning, the scorer contract, atomic checkpoints, resuming a killed run, bad input."""
+"""Policy SFT and PPM training on a tiny model: learning, the scorer contract, atomic checkpoints, resuming a killed run, bad input.
+
+Resuming is also tested from the launcher's side, with a stand-in for the training process: what a run that ends
+early keeps, one run per output at a time, a model finished but not published, a home moved elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,10 +29,13 @@ from models.ppm import PPMScorer, ScoringContract, cli_score, encode_texts
 from models.training import (
     PROVENANCE_FILE,
     RESUMABLE_FILE,
+    RESUMED_FILE,
     RUN_ONLY_KEYS,
     ResumableCheckpoints,
+    RunRequest,
     SFTTrainingConfig,
     TrainingInputError,
+    TrainingRun,
     TrainingRunError,
     cast_saved_weights,
     complete_checkpoints,
@@ -462,7 +471,7 @@ def test_killed_run_leaves_no_checkpoint_that_looks_complete(tmp_path: Path, tin
     assert not output.exists() and not (run.staging_dir / PROVENANCE_FILE).exists()
     with pytest.raises(TrainingRunError, match="SIGKILL"):
         run.wait()
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".policy.lock"]
 
 
 @pytest.mark.slow
@@ -530,7 +539,8 @@ def save_checkpoint_as_the_trainer_does(staging: Path, step: int, save_only_mode
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     ResumableCheckpoints().on_save(SimpleNamespace(output_dir=str(staging), save_only_model=save_only_model),
-                                   SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+                                   SimpleNamespace(global_step=step, is_world_process_zero=True,
+                                                   is_local_process_zero=True), None)
     return checkpoint
 
 
@@ -565,7 +575,8 @@ def test_a_checkpoint_that_fails_to_resume_is_dropped_after_one_attempt(tmp_path
     staging = kill_after_first_checkpoint(output, tiny_model, sft_table)
     for optimizer in staging.glob("checkpoint-*/optimizer.pt"):
         optimizer.write_bytes(optimizer.read_bytes()[:100])  # damaged after its save was marked whole
-    with pytest.raises(TrainingRunError, match="failed too, so it was deleted and the next run starts afresh"):
+    with pytest.raises(TrainingRunError, match="failed while resuming from its checkpoint at step [0-9]+, so its "
+                       "checkpoints were deleted and the next run starts afresh"):
         start_run(sft_request(output, tiny_model, sft_table)).wait()
     assert not staging.exists()
 
@@ -593,7 +604,8 @@ def test_a_resumed_run_publishes_no_intermediate_checkpoints(tmp_path: Path, tin
     output = tmp_path / "policy"
     kill_after_first_checkpoint(output, tiny_model, sft_table)
     start_run(sft_request(output, tiny_model, sft_table)).wait()
-    assert not list(output.glob("checkpoint-*")) and sorted(path.name for path in tmp_path.iterdir()) == ["policy"]
+    assert not list(output.glob("checkpoint-*"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".policy.lock", "policy"]
 
 
 @pytest.mark.slow
@@ -604,6 +616,327 @@ def test_a_changed_run_starts_afresh_and_deletes_the_old_attempt(tmp_path: Path,
     start_run(sft_request(output, tiny_model, sft_table, learning_rate=1e-3)).wait()
     provenance = json.loads((output / PROVENANCE_FILE).read_text())
     assert provenance["resumed_from_step"] is None and not old_staging.exists()
+
+
+# --- the launcher's side of resuming, with a stand-in for the training process ----------------
+
+# Ends as argv[2] says, without loading anything: what the launcher does about each ending is what is tested.
+STAND_IN_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+staging, ending, resumed_file = Path(sys.argv[1]).parent, sys.argv[2], sys.argv[3]
+if ending == "finishes":
+    (staging / "model.safetensors").write_bytes(b"weights")
+    (staging / "provenance.json").write_text("{}")
+elif ending == "fails after its first step":
+    (staging / resumed_file).write_text("5")
+    sys.exit(1)
+elif ending == "fails while resuming":
+    sys.exit(1)
+elif ending == "finds bad input":
+    (staging / "failure.txt").write_text("cannot load model 'm': no weights")
+    sys.exit(2)
+elif ending == "is killed by a signal":  # the OOM killer
+    os.kill(os.getpid(), signal.SIGKILL)
+else:
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def stand_in_child(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    def use(ending: str) -> None:
+        monkeypatch.setattr("models.training._launch_command", lambda request, request_path: [
+            sys.executable, "-c", STAND_IN_CHILD, str(request_path), ending, RESUMED_FILE])
+    return use
+
+
+def earlier_attempt(request: RunRequest, finished: bool = False) -> Path:
+    """The staging directory an attempt at `request` left when its launcher was killed: a checkpoint at
+    step 4 and, when `finished`, the final model."""
+    output = Path(request.output_dir)
+    staging = output.parent / f".{output.name}.partial-earlier"
+    staging.mkdir(parents=True)
+    (staging / "request.json").write_text(request.to_json())
+    save_checkpoint_as_the_trainer_does(staging, 4)
+    if finished:
+        (staging / "model.safetensors").write_bytes(b"weights")
+        (staging / PROVENANCE_FILE).write_text("{}")
+    return staging
+
+
+def stop(run: TrainingRun) -> None:
+    run.kill()
+    with pytest.raises(TrainingRunError):
+        run.wait()
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, a SIGTERM turned into an exception, or a cancelled flow run, in the launcher's process."""
+
+
+@contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("ending", ["times out", "is interrupted", "is killed by a signal", "finds bad input",
+                                    "fails after its first step"])
+def test_a_resumed_run_that_ends_early_keeps_its_checkpoint(tmp_path: Path, tiny_model: Path, sft_table: Path,
+                                                           stand_in_child: Callable[[str], None], ending: str) -> None:
+    request = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    staging = earlier_attempt(request)
+    stand_in_child(ending)
+    run = start_run(request)
+    assert run.resumed_from == staging / "checkpoint-4"
+    error = {"is interrupted": Interrupted, "finds bad input": TrainingInputError}.get(ending, TrainingRunError)
+    with pytest.raises(error) as raised, interrupted_after(0.5) if ending == "is interrupted" else nullcontext():
+        run.wait(timeout_s=0.5 if ending == "times out" else None)
+    assert complete_checkpoints(staging) == [staging / "checkpoint-4"]
+    if error is not Interrupted:
+        assert "its checkpoint at step 4 is kept in" in str(raised.value)
+
+
+def test_a_resumed_run_that_fails_before_its_first_step_drops_its_checkpoint(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None]
+) -> None:
+    request = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    staging = earlier_attempt(request)
+    stand_in_child("fails while resuming")
+    with pytest.raises(TrainingRunError, match="it failed while resuming from its checkpoint at step 4, so its "
+                       "checkpoints were deleted and the next run starts afresh"):
+        start_run(request).wait()
+    assert not staging.exists()
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from data_store.home import hold_lock
+with hold_lock(Path(sys.argv[1]), "another sft training", "test"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+LOCK_TAKER = """
+import sys
+from pathlib import Path
+from data_store.home import RunBusyError, hold_lock
+try:
+    with hold_lock(Path(sys.argv[1]), "a test", "test"):
+        print("free")
+except RunBusyError:
+    print("busy")
+"""
+
+
+def lock_is_free(lock: Path) -> bool:
+    """Whether another process could take the lock (this one may take the locks it holds again)."""
+    taker = subprocess.run([sys.executable, "-c", LOCK_TAKER, str(lock)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return taker.stdout.strip() == "free"
+
+
+def test_an_output_another_process_trains_is_refused_in_one_line(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None],
+    capsys: pytest.CaptureFixture
+) -> None:
+    staging = earlier_attempt(sft_request(tmp_path / "policy", tiny_model, sft_table))
+    stand_in_child("runs until stopped")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / ".policy.lock")], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        settings = [argument for key, value in CHECKPOINTED_SFT.items() for argument in ("--set", f"{key}={value}")]
+        code = cli_train(["sft", "--tables", str(sft_table), "--out", str(tmp_path / "policy"), "--base-model",
+                          str(tiny_model), *settings])
+    finally:
+        holder.kill()
+        holder.wait()
+    error = capsys.readouterr().err
+    assert code == 1 and error.count("\n") == 1
+    assert error.startswith(f"kaizen train: error: training output {tmp_path / 'policy'} is in use by another sft "
+                            f"training (pid {holder.pid} ")
+    assert complete_checkpoints(staging) == [staging / "checkpoint-4"]  # the holder's to resume, not deleted
+
+
+@pytest.mark.parametrize("ending", ["finishes", "times out", "cannot start"])
+def test_a_run_holds_its_output_until_it_ends_however_it_ends(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    request = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    lock = tmp_path / ".policy.lock"
+    if ending == "cannot start":
+        monkeypatch.setattr("models.training._launch_command", lambda *_: [str(tmp_path / "no-such-python")])
+        with pytest.raises(FileNotFoundError):
+            start_run(request)
+    else:
+        stand_in_child(ending)
+        run = start_run(request)
+        assert not lock_is_free(lock)
+        with pytest.raises(TrainingRunError, match="timed out") if ending == "times out" else nullcontext():
+            run.wait(timeout_s=0.5 if ending == "times out" else None)
+    assert lock_is_free(lock)
+
+
+class LauncherDied(BaseException):
+    """The launcher's process ending where it stands, as a `kill -9` would end it."""
+
+
+def test_a_checkpoint_half_deleted_while_publishing_is_not_resumable(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    request = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    staging = earlier_attempt(request)
+    stand_in_child("finishes")
+    run = start_run(request)
+
+    def dies_half_way(path: Path, *args: object, **kwargs: object) -> None:
+        for file in sorted(Path(path).iterdir()):
+            if file.name != RESUMABLE_FILE:  # ext4 lists (and so deletes) the big files before the marker
+                file.unlink()
+        raise LauncherDied
+
+    with monkeypatch.context() as patch, pytest.raises(LauncherDied):
+        patch.setattr(shutil, "rmtree", dies_half_way)
+        run.wait()
+    assert complete_checkpoints(staging) == []
+
+
+def test_a_model_finished_by_a_run_killed_while_publishing_is_published_as_it_is(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None]
+) -> None:
+    request = sft_request(tmp_path / "policy", tiny_model, sft_table)
+    earlier_attempt(request, finished=True)
+    stand_in_child("runs until stopped")
+    run = start_run(request)
+    try:
+        assert run.process is None  # nothing trained again
+    finally:
+        run.kill()
+    output = run.wait()
+    assert (output / "model.safetensors").read_bytes() == b"weights" and not list(output.glob("checkpoint-*"))
+    assert sorted(path.name for path in output.iterdir()) == ["model.safetensors", PROVENANCE_FILE]
+
+
+def test_a_published_model_stays_published_when_the_machine_is_lost(
+    tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.training
+
+    synced: list[Path] = []
+    real_fsync = models.training._fsync
+    monkeypatch.setattr(models.training, "_fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
+    stand_in_child("finishes")
+    start_run(sft_request(tmp_path / "policy", tiny_model, sft_table)).wait()
+    assert synced[-1] == tmp_path  # the directory holding the renamed output, after the rename
+
+
+def test_a_home_moved_elsewhere_keeps_its_checkpoints(tmp_path: Path, tiny_model: Path, sft_table: Path,
+                                                      stand_in_child: Callable[[str], None]) -> None:
+    import shutil
+
+    def request_in(home: Path) -> RunRequest:
+        return prepare_run("sft", tables=[home / "sft.parquet"], output_dir=home / "policy",
+                           base_model=str(home / "model"), overrides=CHECKPOINTED_SFT)
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model, home / "model")
+    shutil.copy(sft_table, home / "sft.parquet")
+    earlier_attempt(request_in(home))
+    moved = home.rename(tmp_path / "mounted-elsewhere")
+    stand_in_child("runs until stopped")
+    run = start_run(request_in(moved))
+    try:
+        assert run.resumed_from == moved / ".policy.partial-earlier" / "checkpoint-4"
+    finally:
+        stop(run)
+
+
+def test_a_table_rewritten_in_place_stops_a_run_resuming(tmp_path: Path, tiny_model: Path) -> None:
+    table = write_table(tmp_path / "sft.parquet", sft_rows())
+    first = sft_request(tmp_path / "policy", tiny_model, table)
+    write_table(table, sft_rows(count=6))
+    assert sft_request(tmp_path / "policy", tiny_model, table).resume_identity() != first.resume_identity()
+
+
+# Two processes save their parts of one checkpoint, the second last; the first says whether the second's
+# part was on disk once the checkpoint was marked resumable.
+TWO_PROCESS_SAVE = """
+import os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch.distributed as dist
+from models.training import ResumableCheckpoints, complete_checkpoints
+staging, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+dist.init_process_group("gloo")
+checkpoint = staging / "checkpoint-4"
+checkpoint.mkdir(parents=True, exist_ok=True)
+if rank == 1:
+    time.sleep(2)
+(checkpoint / f"rng_state_{rank}.pth").write_bytes(b"state")
+ResumableCheckpoints().on_save(SimpleNamespace(output_dir=str(staging), save_only_model=False), SimpleNamespace(
+    global_step=4, is_world_process_zero=rank == 0, is_local_process_zero=rank == 0), None)
+if rank == 0:
+    print(complete_checkpoints(staging) == [checkpoint] and (checkpoint / "rng_state_1.pth").exists(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_resumable_only_once_every_process_has_saved_its_part(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "WORLD_SIZE": "2"}
+    processes = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SAVE, str(tmp_path)], stdout=subprocess.PIPE,
+                                  text=True, env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                 for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs[0].strip() == "True"
+
+
+@pytest.mark.slow
+def test_a_finished_model_is_on_disk_before_its_provenance_says_so(tmp_path: Path, tiny_model: Path, sft_table: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher killed after the training process finished leaves the model to be published by the next run."""
+    import models.training
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    synced_before_provenance: set[Path] = set()
+    real_fsync = models.training._fsync
+
+    def recording_fsync(path: Path) -> None:
+        if not (staging / PROVENANCE_FILE).exists():
+            synced_before_provenance.add(Path(path))
+        real_fsync(path)
+
+    monkeypatch.setattr(models.training, "_fsync", recording_fsync)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # set by the training process; put back after the test
+    request = prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "policy", base_model=str(tiny_model),
+                          overrides={**FAST_SFT, "max_steps": 2, "report_to": "none", "dataloader_pin_memory": False})
+    models.training.run_training(request, staging)
+    model_files = {path for path in staging.iterdir() if path.is_file() and path.name != PROVENANCE_FILE}
+    assert {staging / "model.safetensors", staging / "config.json"} <= model_files <= synced_before_provenance
 
 
 # Starts a run as a flow run's worker does and prints the training process's pid once it trains.
