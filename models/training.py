@@ -58,7 +58,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
 from data_store.home import RunBusyError, hold_lock
-from data_store.parquet import fsync_path, atomic_path, write_json
+from data_store.parquet import atomic_path, fsync_path, write_json
 from models.attention import register_training_attention
 from models.lifetime import process_identity, process_is_running, stop_when_parent_gone, watch_environment
 from models.ppm import SCORING_FILE, ScoringContract, attach_value_squash, encode_texts, ensure_distinct_pad_token

@@ -839,8 +839,8 @@ def test_a_published_model_stays_published_when_the_machine_is_lost(
     import models.training
 
     synced: list[Path] = []
-    real_fsync = models.training._fsync
-    monkeypatch.setattr(models.training, "_fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
+    real_fsync = models.training.fsync_path
+    monkeypatch.setattr(models.training, "fsync_path", lambda path: (synced.append(Path(path)), real_fsync(path)))
     stand_in_child("finishes")
     start_run(sft_request(tmp_path / "policy", tiny_model, sft_table)).wait()
     assert synced[-1] == tmp_path  # the directory holding the renamed output, after the rename
@@ -923,14 +923,14 @@ def test_a_finished_model_is_on_disk_before_its_provenance_says_so(tmp_path: Pat
     staging = tmp_path / "staging"
     staging.mkdir()
     synced_before_provenance: set[Path] = set()
-    real_fsync = models.training._fsync
+    real_fsync = models.training.fsync_path
 
     def recording_fsync(path: Path) -> None:
         if not (staging / PROVENANCE_FILE).exists():
             synced_before_provenance.add(Path(path))
         real_fsync(path)
 
-    monkeypatch.setattr(models.training, "_fsync", recording_fsync)
+    monkeypatch.setattr(models.training, "fsync_path", recording_fsync)
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # set by the training process; put back after the test
     request = prepare_run("sft", tables=[sft_table], output_dir=tmp_path / "policy", base_model=str(tiny_model),
                           overrides={**FAST_SFT, "max_steps": 2, "report_to": "none", "dataloader_pin_memory": False})
