@@ -34,6 +34,7 @@ def _temporary_name(path: Path) -> Path:
 
 
 def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (which makes the renames and new names in it durable)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
