@@ -1,4 +1,5 @@
-"""Problem loaders: JSONL, Parquet, or a Hugging Face `datasets` name -> the `problems` table.
+"""Problem loaders: JSONL, Parquet (`shared:NAME` for a file of the shared data directory), or a
+Hugging Face `datasets` name -> the `problems` table.
 
 Every source becomes rows of `problem_id`, `problem`, `answer`, `source`, `metadata` (the source's
 other fields as JSON). Field names are mapped (`fields={"problem": "question"}`); without a mapping
@@ -23,6 +24,7 @@ from data_store.schema import conform
 from search.jsonl import JSONLError, iter_jsonl
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SHARED_PREFIX = "shared:"
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "problem": ("problem", "question"),
     "answer": ("answer", "final_answer"),
@@ -40,6 +42,22 @@ def content_id(problem: str) -> str:
     return "sha256-" + hashlib.sha256(problem.strip().encode("utf-8")).hexdigest()[:16]
 
 
+def problems_file(source: str | Path) -> Path | None:
+    """The file a problems source names, or None for a `datasets` name. `shared:NAME` is NAME in the
+    shared data directory (`data_store.home.shared_data_dir`, as benchmark names are), so a recipe
+    naming it works from any directory and follows `$KAIZEN_SHARED_DATA`."""
+    text = str(source)
+    if text.startswith(SHARED_PREFIX):
+        from data_store.home import shared_data_dir
+
+        return shared_data_dir() / text.removeprefix(SHARED_PREFIX)
+    path = Path(source)
+    # A path whose folder exists here ("data/problems" next to ./data) is meant as a file: looking it
+    # up on the hub instead only fails slowly, naming the hub. (A directory is a `datasets` source.)
+    meant_as_file = not path.exists() and len(path.parts) > 1 and path.parent.is_dir()
+    return path if path.is_file() or path.suffix in FILE_SUFFIXES or meant_as_file else None
+
+
 def load_problems(
     source: str | Path,
     *,
@@ -53,11 +71,8 @@ def load_problems(
     `fields` maps our names (`problem`, `answer`, `id`, `source`) to the source's. With
     `require_answer`, a problem without a reference answer is an error naming it.
     """
-    path = Path(source)
-    # A path whose folder exists here ("data/problems" next to ./data) is meant as a file: looking it
-    # up on the hub instead only fails slowly, naming the hub. (A directory is a `datasets` source.)
-    meant_as_file = not path.exists() and len(path.parts) > 1 and path.parent.is_dir()
-    if path.is_file() or path.suffix in FILE_SUFFIXES or meant_as_file:
+    path = problems_file(source)
+    if path is not None:
         if not path.is_file():
             raise ProblemsError(f"problems file {path} does not exist")
         rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)

@@ -61,12 +61,14 @@ def cli_demo(argv: list[str]) -> int:
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
 
+    from models.pipeline import Pipeline
     from models.recipe import load_recipe
 
     overrides = {"seed": args.seed} if args.seed is not None else None
     recipe = load_recipe(args.recipe, overrides)
     home = check_output_directory(get_home(args.home), "data home")
     layout = Layout(home)
+    Pipeline(recipe, layout).check_problems()  # a bad problems file fails here, in one line
     with layout.hold_run(recipe.run, "kaizen demo"):  # a busy run fails here, before Prefect starts
         return _run_demo(args, recipe, overrides, layout)
 

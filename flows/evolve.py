@@ -350,10 +350,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _checked(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Pipeline]:
-    """The overrides as a dict and the pipeline they give, whose recipe and home are checked on the way
-    (a bad recipe or home fails before Prefect starts)."""
+    """The overrides as a dict and the pipeline they give, whose recipe, problems file and home are
+    checked on the way (bad input fails in one line before Prefect starts)."""
     overrides = dict(args.overrides) or None
     pipeline = open_pipeline(args.recipe, args.home, overrides)
+    pipeline.check_problems()
     _quiet_prefect()
     return overrides, pipeline
 
@@ -428,12 +429,7 @@ def cli_stage(argv: list[str]) -> int:
 
 
 def cli_evaluate(argv: list[str]) -> int:
-    from models.evaluation import (
-        add_checkpoint_arguments,
-        check_checkpoint_sources,
-        check_eval_settings,
-        search_options,
-    )
+    from models.evaluation import add_checkpoint_arguments, check_checkpoint_sources, checked_evaluation, search_options
 
     parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
     add_checkpoint_arguments(parser)
@@ -441,11 +437,15 @@ def cli_evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from data_store.parquet import check_output_directory
 
-    # Names, modes and values only: the flow loads the benchmark files once, and reports a bad one in one line.
-    check_eval_settings(args.benchmarks, args.modes or ["greedy"], {**search_options(args), "limit": args.limit})
-    if args.out:
-        check_output_directory(args.out)
-    check_checkpoint_sources(args.model, args.ppm)  # one line, not a failed flow run's log
+    # Bad input in one line (usage errors, exit 2), not in a failed flow run's log; the flow loads the
+    # benchmark files again, where a deployment's run needs them.
+    try:
+        checked_evaluation(args)
+        if args.out:
+            check_output_directory(args.out)
+    except ValueError as err:
+        parser.error(str(err))
+    check_checkpoint_sources(args.model, args.ppm)
     _quiet_prefect()
     state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
                           args.seed, args.step_format, **search_options(args), return_state=True)

@@ -177,7 +177,8 @@ def _parse_spec(spec: str) -> _Source:
     if not source:
         raise EvalInputError(f"benchmark {name!r} names no source; use {SPEC_FORMS}")
     if not is_dataset and not Path(source).is_file():
-        raise EvalInputError(f"benchmark {name!r}: no such file {source}")
+        raise EvalInputError(f"benchmark {name!r}: {source} is a directory, not a file" if Path(source).is_dir()
+                             else f"benchmark {name!r}: no such file {source}")
     return _Source(name, source, options)
 
 
@@ -450,11 +451,28 @@ def add_checkpoint_arguments(parser: OneLineParser) -> None:
 
 def check_checkpoint_sources(model: str | Path, ppm: str | Path | None) -> None:
     """ModelLoadError, before anything starts, for a policy or PPM path with nothing there (one line)."""
-    from models.tiny import check_policy_source, require_model_source
+    from models.tiny import PPM_SCORING_FILE, ModelLoadError, check_policy_source, require_model_source
 
     check_policy_source(model)
     if ppm is not None:
         require_model_source(ppm, "PPM")
+        path = Path(ppm).expanduser()
+        if path.is_dir() and not (path / PPM_SCORING_FILE).is_file():
+            raise ModelLoadError(f"{ppm} is not a PPM checkpoint (no {PPM_SCORING_FILE}): --ppm takes what "
+                                 "`kaizen train ppm` writes")
+
+
+def checked_evaluation(args: Any) -> tuple[EvalConfig, list[Benchmark]]:
+    """The config and loaded benchmarks of parsed `add_checkpoint_arguments` options; EvalInputError (or
+    ProblemsError) in one line for bad values, a mode needing a PPM without --ppm, or a benchmark that
+    is unknown, missing, malformed or empty. Nothing is loaded but the benchmark files."""
+    config = EvalConfig(
+        modes=args.modes or ["greedy"], **search_options(args), seed=args.seed,
+        backend=BackendConfig(backend=args.backend), limit=args.limit, step_format=args.step_format,
+    )
+    if args.ppm is None and (needing := [mode.name for mode in parse_modes(config.modes) if mode.needs_ppm]):
+        raise EvalInputError(f"mode(s) {', '.join(needing)} need a PPM checkpoint (--ppm)")
+    return config, [load_benchmark(spec, limit=args.limit) for spec in args.benchmarks]
 
 
 def search_options(args: Any) -> dict[str, Any]:
@@ -479,13 +497,7 @@ def cli_eval(argv: list[str]) -> int:
         return code
 
     try:
-        config = EvalConfig(
-            modes=args.modes or ["greedy"], **search_options(args), seed=args.seed,
-            backend=BackendConfig(backend=args.backend), limit=args.limit, step_format=args.step_format,
-        )
-        if args.ppm is None and (needing := [mode.name for mode in parse_modes(config.modes) if mode.needs_ppm]):
-            raise EvalInputError(f"mode(s) {', '.join(needing)} need a PPM checkpoint (--ppm)")
-        benchmarks = [load_benchmark(spec, limit=args.limit) for spec in args.benchmarks]
+        config, benchmarks = checked_evaluation(args)
         check_output_directory(args.out)
     except ValueError as err:
         return fail(str(err), 2)

@@ -195,11 +195,30 @@ class Pipeline:
                 table = problems_table((problem.row() for problem in pool), source=path.stem)
                 pools.append(Artifact.of(write_table(table, path, table="problems")))
             return ProblemPools(*pools)
-        from data_store.problems import load_problems
+        return ProblemPools(Artifact.of(write_table(self._source_problems(), train_path, table="problems")))
 
+    def _source_problems(self) -> Any:
+        """The recipe's problems source as a problems table; ProblemsError when it has none."""
+        from data_store.problems import ProblemsError, load_problems
+
+        problems = self.recipe.problems
         table = load_problems(problems.source.removeprefix("hf:"), fields=problems.fields or None,
                               split=problems.split, limit=problems.limit)
-        return ProblemPools(Artifact.of(write_table(table, train_path, table="problems")))
+        if table.num_rows == 0:
+            raise ProblemsError(f"problems.source {problems.source!r} has no problems")
+        return table
+
+    def check_problems(self) -> None:
+        """ProblemsError, in one line, for a problems file (or local `datasets` directory) that is missing,
+        malformed or empty, before any stage runs. A `datasets` name is left to the problems stage:
+        looking it up may download it."""
+        from data_store.problems import problems_file
+
+        source = self.recipe.problems.source
+        if source == CURRICULUM or source.startswith("hf:"):
+            return
+        if problems_file(source) is not None or Path(source).expanduser().is_dir():
+            self._source_problems()
 
     def select_problems(self, round_number: int, pool: Artifact, never_solved: Sequence[str] | None = None) -> Artifact:
         """This round's search problems: all of the pool, or a seeded sample of `per_round`, never-solved
@@ -495,7 +514,9 @@ class Pipeline:
         A `datasets` name is not among them: its cache is the hub's."""
         sources: list[str] = []
         if stage == "problems" and self.recipe.problems.source != CURRICULUM:
-            sources = [self.recipe.problems.source]
+            from data_store.problems import problems_file
+
+            sources = [str(problems_file(self.recipe.problems.source) or self.recipe.problems.source)]
         elif stage in ("bootstrap", "sft", "ppm") and self.recipe.model.base != TINY:
             sources = [self.recipe.model.base]
         elif stage == "evaluate":
@@ -548,11 +569,14 @@ class Pipeline:
         path = self.layout.round_dir(self.run, round_number) / PROMOTED_FILE
         if not path.exists():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return Current(
-            round=data["round"], policy=Artifact(**data["policy"]),
-            ppm=Artifact(**data["ppm"]) if data.get("ppm") else None, metrics=data.get("metrics", {}),
-        )
+        data = _read_record(path)
+        try:
+            return Current(
+                round=data["round"], policy=Artifact(**data["policy"]),
+                ppm=Artifact(**data["ppm"]) if data.get("ppm") else None, metrics=data.get("metrics", {}),
+            )
+        except (KeyError, TypeError) as err:
+            raise RunStateError(f"{path} is not a promotion record ({type(err).__name__}: {err})") from None
 
     def current(self) -> Current | None:
         """The latest promoted round (the checkpoints in use), or None before round 0 is promoted."""
@@ -587,7 +611,7 @@ class Pipeline:
         path = self.layout.stale_marker(self.run, round_number)
         if not path.exists():
             return None
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = _read_record(path)
         if record.get("in_round") == round_number:
             return "it was run again and has not reached its gate since"
         if record.get("in_round") is None:
@@ -695,6 +719,21 @@ def _with_search_rollouts(table: Any, problem_ids: Collection[str], rollouts: in
                                     strict=True)
     ]
     return table.set_column(table.schema.get_field_index("metadata"), "metadata", pa.array(metadata, pa.string()))
+
+
+class RunStateError(ValueError):
+    """A run's bookkeeping file (a round's promoted.json or STALE marker) cannot be read."""
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A bookkeeping file's JSON object; RunStateError naming the file when it is unreadable or not one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunStateError(f"cannot read {path}: {err}") from None
+    if not isinstance(record, dict):
+        raise RunStateError(f"cannot read {path}: not a JSON object")
+    return record
 
 
 def solved_by_level(status: Any, problems: Any) -> dict[str, list[int]]:

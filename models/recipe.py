@@ -498,6 +498,12 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("problems.fields", str(err))
     if recipe.problems.source == "" or recipe.model.base == "":
         fail("problems.source" if not recipe.problems.source else "model.base", "required")
+    if recipe.problems.source != CURRICULUM and not recipe.problems.source.startswith("hf:"):
+        from data_store.problems import problems_file
+
+        named = problems_file(recipe.problems.source)
+        if named is not None and not named.is_file():
+            fail("problems.source", f"no such file {named}" + (" (a directory)" if named.is_dir() else ""))
     if recipe.bootstrap.teacher not in (None, CURRICULUM):
         fail("bootstrap.teacher", f"{recipe.bootstrap.teacher!r} is not a known teacher (only 'curriculum')")
     if recipe.bootstrap.teacher == CURRICULUM and recipe.problems.source != CURRICULUM:
@@ -722,7 +728,16 @@ def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) ->
         if not isinstance(data, Mapping):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections")
         data = apply_overrides(data, overrides)
-    return parse_recipe(data, source=str(path))
+    try:
+        return parse_recipe(data, source=str(path))
+    except RecipeError as err:
+        # A field an override set is the override's fault: the file does not have it.
+        field_error = str(err).removeprefix(f"{path}: ")
+        where = field_error.partition(":")[0]
+        for key, value in (overrides or {}).items():
+            if where == key or where.startswith(f"{key}.") or key.startswith(f"{where}."):
+                raise RecipeError(f"override {key}={value}: {field_error}") from None
+        raise
 
 
 def cli_check_recipe(argv: list[str]) -> int:

@@ -23,7 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
-    code = main(argv)
+    """The exit status of a command line (a usage error's too) and its stderr lines."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -125,17 +129,17 @@ def test_the_suggested_command_sets_the_values_it_was_given(value: object) -> No
 
 def test_an_unknown_evaluation_mode_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "bogus"], capsys)
-    assert code == 1 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")
+    assert code == 2 and len(err) == 1 and err[0].startswith("kaizen evaluate: error: unknown mode 'bogus'")
 
 
 def test_an_out_of_range_generation_setting_is_refused_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--max-step-tokens", "0"], capsys)
-    assert code == 1 and len(err) == 1 and "max_step_tokens must be >= 1, got 0" in err[0]
+    assert code == 2 and len(err) == 1 and "max_step_tokens must be >= 1, got 0" in err[0]
 
 
 def test_evaluate_refuses_a_limit_below_one_before_the_flow(capsys: pytest.CaptureFixture) -> None:
     code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--limit", "0"], capsys)
-    assert code == 1 and len(err) == 1 and "limit must be >= 1" in err[0]
+    assert code == 2 and len(err) == 1 and "limit must be >= 1" in err[0]
 
 
 def test_evaluate_refuses_a_missing_policy_before_the_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -288,3 +292,21 @@ def test_every_commands_help_is_shown(command: list[str], capsys: pytest.Capture
     except SystemExit as exit_:  # argparse's own exit, where the command does not catch it
         code = exit_.code
     assert code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_ppm_mode_without_a_ppm_before_the_flow(capsys: pytest.CaptureFixture) -> None:
+    code, err = run(["evaluate", "--model", "tiny", "--benchmark", "aime24", "--mode", "ppm@4"], capsys)
+    assert code == 2 and err == ["kaizen evaluate: error: mode(s) ppm@4 need a PPM checkpoint (--ppm)"]
+
+
+def test_evaluate_refuses_an_empty_benchmark_file_before_the_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    code, err = run(["evaluate", "--model", "tiny", "--benchmark", f"mine={tmp_path / 'empty.jsonl'}"], capsys)
+    assert code == 2 and len(err) == 1 and "has no problems" in err[0]
+
+
+def test_evaluate_refuses_a_ppm_that_is_not_one_before_the_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    code, err = run(["evaluate", "--model", str(tmp_path), "--ppm", str(tmp_path), "--mode", "ppm@2",
+                     "--benchmark", "aime24"], capsys)
+    assert code == 1 and len(err) == 1 and "is not a PPM checkpoint" in err[0]

@@ -350,6 +350,14 @@ def test_a_normalised_table_reads_back_unchanged(tmp_path: Path) -> None:
     assert load_problems(tmp_path / "once.parquet").to_pylist() == once.to_pylist()
 
 
+def test_a_shared_problems_source_is_read_from_the_shared_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pool.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
+    monkeypatch.setenv("KAIZEN_SHARED_DATA", str(tmp_path))
+    assert load_problems("shared:pool.jsonl").column("answer").to_pylist() == ["2"]
+
+
 def test_problems_without_an_id_get_a_stable_content_hash(tmp_path: Path) -> None:
     first = write_jsonl(tmp_path / "a.jsonl", [{"problem": "What is 1+1?", "answer": "2"}])
     second = write_jsonl(tmp_path / "b.jsonl", [{"problem": "  What is 1+1?\n", "answer": "2", "source": "x"}])

@@ -113,6 +113,29 @@ def test_unsolved_rollouts_leave_the_keys_of_other_rounds_and_of_the_search_alon
     assert stage_key("select", with_setting, **select) == stage_key("select", curriculum_pipeline(tmp_path), **select)
 
 
+@pytest.mark.parametrize(("content", "message"), [("", "has no problems"), ('{"problem": "1+1?"}\n', "no answer")])
+def test_a_bad_problems_file_is_refused_before_any_stage(tmp_path: Path, content: str, message: str) -> None:
+    from data_store.problems import ProblemsError
+
+    source = tmp_path / "pool.jsonl"
+    source.write_text(content)
+    pipeline = curriculum_pipeline(tmp_path, **{"problems.source": str(source), "bootstrap.teacher": None})
+    with pytest.raises(ProblemsError, match=message):
+        pipeline.check_problems()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"round": 0}'])
+def test_an_unreadable_promotion_record_is_named(tmp_path: Path, content: str) -> None:
+    from models.pipeline import RunStateError
+
+    pipeline = curriculum_pipeline(tmp_path)
+    record = pipeline.layout.round_dir("demo", 0) / "promoted.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(content)
+    with pytest.raises(RunStateError, match=str(record)):
+        pipeline.promotion(0)
+
+
 def test_shards_beyond_the_recipes_count_are_dropped(tmp_path: Path) -> None:
     pipeline = curriculum_pipeline(tmp_path, **{"search.shards": 2})
     shard = {index: pipeline.layout.table_path("demo", 1, "nodes", shard=index) for index in range(3)}

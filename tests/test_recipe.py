@@ -112,6 +112,7 @@ def test_yaml_exponent_strings_become_numbers() -> None:
         ({"bootstrap.worked_examples": 1, "step_format": "coat"}, r"bootstrap\.worked_examples: .* rstar step format"),
         ({"eval.config": {"worked_examples": 2}}, r"eval\.config\.worked_examples: .* bootstrap\.worked_examples"),
         ({"search.unsolved_rollouts": {0: 64}}, r"search\.unsolved_rollouts: rounds are numbers from 1"),
+        ({"problems.source": "/nonexistent/pool.jsonl"}, r"problems\.source: no such file /nonexistent/pool\.jsonl"),
         ({"search.unsolved_rollouts": {4: 0}}, r"search\.unsolved_rollouts\.4: must be >= 1, got 0"),
     ],
 )
@@ -251,3 +252,8 @@ def test_an_unknown_step_format_is_named() -> None:
 def test_an_rl_stage_without_a_reward_fails_at_load() -> None:
     with pytest.raises(RecipeError, match=r"training\.rl: an RL stage needs at least one reward function"):
         parse_recipe(recipe_with(**{"rl.enabled": True, "training.rl.rewards": []}))
+
+
+def test_a_bad_field_set_by_an_override_is_blamed_on_the_override() -> None:
+    with pytest.raises(RecipeError, match=r"^override search\.mcts\.widht=3: search\.mcts\.widht: unknown key"):
+        load_recipe("demo", {"search.mcts.widht": 3})
