@@ -731,7 +731,7 @@ def write_mined(result: MiningResult, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _help(name: str) -> str:
-    return field_help(MiningConfig, name)
+    return field_help(MiningConfig, name) + " (default %(default)s)"
 
 
 def cli_mine(argv: list[str]) -> int:
@@ -767,6 +767,12 @@ def cli_mine(argv: list[str]) -> int:
     )
     parser.add_argument("--sft-format", choices=SFT_FORMATS, default=defaults.sft_format, help=_help("sft_format"))
     args = parser.parse_args(argv)
+    # MiningConfig refuses these too, but under its field names, and in one message for all of them.
+    if not 0 <= args.margin < math.inf:  # also refuses NaN
+        parser.error(f"--margin must be a finite number >= 0, got {args.margin}")
+    for flag, value in (("--min-edit-distance", args.min_edit_distance), ("--sft-per-problem", args.sft_per_problem)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value}")
 
     from data_store.problems import ProblemsError, load_problems  # noqa: PLC0415 - keep `--help` fast
 

@@ -188,11 +188,16 @@ class PPMScorer:
             torch.cuda.empty_cache()
 
 
-def _read_jsonl_texts(path: Path, text_field: str) -> tuple[list[Any], list[str]]:
-    """Rows of a JSONL file and the text of each: the row itself when it is a string, else `row[text_field]`."""
+def _read_jsonl_texts(path: str, text_field: str) -> tuple[list[Any], list[str]]:
+    """Rows of a JSONL file (`-`: stdin, as `kaizen grade` reads it) and the text of each: the row itself when
+    it is a string, else `row[text_field]`."""
     rows, texts = [], []
-    with path.open("rb") as lines:
-        for where, row in iter_jsonl(lines, str(path)):
+    try:
+        stream = sys.stdin.buffer if path == "-" else Path(path).open("rb")
+    except OSError as err:  # the reason in words: "No such file or directory", "Is a directory"
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    with stream as lines:
+        for where, row in iter_jsonl(lines, path):
             text = row if isinstance(row, str) else row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{where}: expected a string or an object with a string {text_field!r}")
@@ -205,7 +210,8 @@ def cli_score(argv: list[str]) -> int:
     """`kaizen score --ppm DIR --jsonl FILE`: print each row with its PPM value as JSON lines."""
     parser = OneLineParser(prog="kaizen score", description="Score texts with a PPM checkpoint.")
     parser.add_argument("--ppm", required=True, type=Path, help="PPM checkpoint directory (from `kaizen train ppm`)")
-    parser.add_argument("--jsonl", required=True, type=Path, help="input: one JSON string or object per line")
+    parser.add_argument("--jsonl", required=True, metavar="FILE",
+                        help="input: one JSON string or object per line; - for stdin")
     parser.add_argument("--field", default="text", help="object field holding the text (default: text)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--max-batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
@@ -215,8 +221,6 @@ def cli_score(argv: list[str]) -> int:
         print(f"kaizen score: error: {message}", file=sys.stderr)
         return 2
 
-    if not args.jsonl.is_file():
-        return fail(f"no such file: {args.jsonl}")
     try:
         rows, texts = _read_jsonl_texts(args.jsonl, args.field)
         scorer = PPMScorer(args.ppm, device=args.device, max_batch_tokens=args.max_batch_tokens)

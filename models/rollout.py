@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import sys
 from stat import S_ISREG
@@ -346,13 +347,15 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--rollouts", type=int, default=MCTSConfig.rollouts, help="rollouts per problem (default %(default)s)")
     parser.add_argument("--width", type=int, default=MCTSConfig.width, help="candidates per expansion (default %(default)s)")
     parser.add_argument("--max-depth", type=int, default=MCTSConfig.max_depth, help="deepest step (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=MCTSConfig.temperature, help="sampling temperature")
-    parser.add_argument("--max-step-tokens", type=int, default=256, help="token cap per step (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=MCTSConfig.temperature,
+                        help="sampling temperature (default %(default)s)")
+    parser.add_argument("--max-step-tokens", type=int, default=MCTSConfig.max_step_tokens,
+                        help="token cap per step (default %(default)s, as recipes)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint: PPM-augmented MCTS (round 3+)")
     parser.add_argument("--step-format", choices=list(StepFormat), default=StepFormat.RSTAR.value,
                         help="the policy's step format (default %(default)s; coat: chain-of-action-thought)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=MCTSConfig.seed, help="sampling seed (default %(default)s)")
     parser.add_argument("--chunk-problems", type=int, default=None,
                         help="search this many problems at a time, saving each chunk: run again after a crash, it "
                              "resumes after the last saved chunk (default: all at once)")
@@ -360,12 +363,15 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    # MCTSConfig refuses these too, but under its own field names and only after the problems load.
+    for flag in ("--limit", "--rollouts", "--width", "--max-depth", "--max-step-tokens", "--chunk-problems"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.temperature < math.inf:  # also refuses NaN
+        parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
     if args.round_number < 0:
         parser.error(f"--round must be >= 0, got {args.round_number}")
-    if args.chunk_problems is not None and args.chunk_problems < 1:
-        parser.error(f"--chunk-problems must be >= 1, got {args.chunk_problems}")
 
     from data_store.home import check_name
     from data_store.parquet import check_output_directory

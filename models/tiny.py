@@ -367,7 +367,7 @@ def cli_tiny_model(argv: list[str]) -> int:
             type=type(default),
             default=default,
             choices=ARCHITECTURES if option.name == "architecture" else None,
-            help=field_help(TinyModelConfig, option.name),
+            help=field_help(TinyModelConfig, option.name) + " (default %(default)s)",
         )
     args = parser.parse_args(argv)
     try:
@@ -375,7 +375,10 @@ def cli_tiny_model(argv: list[str]) -> int:
         config = TinyModelConfig(**{option.name: getattr(args, option.name) for option in fields(TinyModelConfig)})
         out_dir = build_tiny_model(args.out, config=config, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:
-        print(f"kaizen tiny-model: error: {err}", file=sys.stderr)
+        # build_tiny_model's refusal of an existing directory also names its Python argument.
+        message = (f"{args.out} already exists (pass --overwrite to replace it)"
+                   if isinstance(err, FileExistsError) else err)
+        print(f"kaizen tiny-model: error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {out_dir}")
     return 0

@@ -338,15 +338,19 @@ def load_training_config(source: str | Path | Mapping[str, Any] | TrainingSettin
         return TrainingSettings()
     if isinstance(source, TrainingSettings):
         return source
+    what = "a training recipe"
     if isinstance(source, (str, Path)):
         from models.recipe import RecipeError, read_recipe_yaml, resolve_recipe_path  # it builds on this module
 
         try:  # a YAML path, or a bundled recipe's name
-            source = read_recipe_yaml(resolve_recipe_path(source)) or {}
+            path = resolve_recipe_path(source)
+            source = read_recipe_yaml(path)
         except RecipeError as err:
             raise TrainingInputError(str(err)) from None
+        # An empty file too: it is no recipe to `kaizen check-recipe`, so training must not run on defaults.
+        what = f"{path}: a recipe"
     if not isinstance(source, Mapping):
-        raise TrainingInputError("a training recipe must be a mapping")
+        raise TrainingInputError(f"{what} must be a mapping of sections")
     section = source.get("training", source)
     if not isinstance(section, Mapping):
         raise TrainingInputError("recipe key 'training' must be a mapping")
@@ -425,8 +429,9 @@ def check_tables(kind: str, paths: Sequence[str | Path]) -> list[TableInfo]:
     return infos
 
 
-def describe_model_source(name: str) -> dict[str, Any]:
-    """Provenance of the model a run starts from; TrainingInputError if it is neither a model directory nor a hub name."""
+def describe_model_source(name: str, what: str = "model") -> dict[str, Any]:
+    """Provenance of the model a run starts from; TrainingInputError, naming it `what`, if it is neither a model
+    directory nor a hub name."""
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -440,7 +445,7 @@ def describe_model_source(name: str) -> dict[str, Any]:
         return record
     if is_hub_name(name):
         return {"name": name, "hub": True}
-    raise TrainingInputError(f"model not found: {name!r} (no such directory, and not a hub name)")
+    raise TrainingInputError(f"{what} not found: {name!r} (no such directory, and not a hub name)")
 
 
 def _model_content(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,13 +516,19 @@ def prepare_run(
 ) -> RunRequest:
     """Merge recipe, call arguments and overrides, and check all of it; nothing is trained or written.
 
-    `previous_checkpoint` is last round's output of the same kind; it is the starting point only under
-    `init_from: previous`. Raises TrainingInputError.
+    `previous_checkpoint` is last round's output of the same kind, the starting point under
+    `init_from: previous`; given under `init_from: base` it is refused. Raises TrainingInputError.
     """
     if kind not in KINDS:
         raise TrainingInputError(f"unknown training kind {kind!r} (expected one of {', '.join(KINDS)})")
     config = load_training_config(recipe).for_kind(kind)
     config.update(check_config_keys(kind, overrides or {}, where="overrides"))
+    init_from = config.get("init_from", "base")
+    if previous_checkpoint is not None and init_from != "previous":
+        # Ignored, it would leave a run from the base model where the caller asked to continue one.
+        raise TrainingInputError(f"previous checkpoint {previous_checkpoint} given, but training.{kind}.init_from "
+                                 f"is {init_from!r} (start from the base model): set init_from: previous to continue "
+                                 "from it")
     if tables is not None:
         config["train_tables"] = [str(Path(table)) for table in tables]
     if base_model is not None:
@@ -531,16 +542,15 @@ def prepare_run(
         config["accelerate_config"] = str(_resolve_file(config["accelerate_config"]))
     _check_lora_placement(kind, config)
     _check_liger_installed(config)
-    table_infos = check_tables(kind, config.get("train_tables", []))
     base_record = describe_model_source(config["base_model"])
-    start = config["base_model"]
-    if config.get("init_from", "base") == "previous" and previous_checkpoint is not None:
-        start = str(previous_checkpoint)
-    start_record = base_record if start == config["base_model"] else describe_model_source(start)
+    start = config["base_model"] if previous_checkpoint is None else str(previous_checkpoint)
+    start_record = (base_record if start == config["base_model"]
+                    else describe_model_source(start, "previous checkpoint"))
     if kind != "ppm" and (Path(start).expanduser() / SCORING_FILE).is_file():
         # It would load as a causal LM with only a warning, its score head dropped and, on models whose
         # LM head is not tied to the embeddings, a random LM head in its place.
         raise TrainingInputError(f"{start} is a PPM checkpoint ({SCORING_FILE}); {kind} trains a policy")
+    table_infos = check_tables(kind, config.get("train_tables", []))
     if kind == "rl":
         _check_rl_run(config, table_infos)
     _check_coat_tokens(kind, config, start)

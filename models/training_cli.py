@@ -36,12 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sft: policy on `sft` tables; ppm: PPM on `pairs` tables; rl: GRPO on `rl_prompts` tables")
     parser.add_argument("--tables", nargs="+", type=Path, required=True, help="Parquet tables (all verified data so far)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
+    # Without a recipe the config classes' defaults apply; they are TRL's, written out here because `--help`
+    # does not import TRL (tests/test_training.py checks them against the classes).
     parser.add_argument("--recipe", default=None,
-                        help="recipe name (deployments/recipes) or YAML path; its `training` section is used")
+                        help="recipe name (deployments/recipes) or YAML path; its `training` section is used. "
+                             "Without --recipe, TRL's defaults apply: learning_rate 2e-5 (sft), 1e-4 (ppm), "
+                             "1e-6 (rl); num_train_epochs 3; per_device_train_batch_size 8 (change them with --set)")
     parser.add_argument("--base-model", default=None, help="model to start from (default: the recipe's); for ppm, "
                         "this round's SFT checkpoint")
     parser.add_argument("--previous", type=Path, default=None,
-                        help="last round's checkpoint (the start under init_from: previous)")
+                        help="last round's checkpoint to continue from; needs init_from: previous (in the recipe, "
+                             "or --set init_from=previous)")
     parser.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set learning_rate=1e-5 (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

@@ -310,3 +310,137 @@ def test_evaluate_refuses_a_ppm_that_is_not_one_before_the_flow(tmp_path: Path, 
     code, err = run(["evaluate", "--model", str(tmp_path), "--ppm", str(tmp_path), "--mode", "ppm@2",
                      "--benchmark", "aime24"], capsys)
     assert code == 1 and len(err) == 1 and "is not a PPM checkpoint" in err[0]
+
+
+# --- the command line as a new user meets it -----------------------------------------------------
+
+
+def usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """The exit status and stderr lines of a command, whether it returns its status or argparse exits."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def option_help(command: str, option: str, capsys: pytest.CaptureFixture) -> str:
+    """The help text of one option of `kaizen COMMAND --help`, on one line."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.lstrip().startswith(f"{option} "))
+    end = next((index for index in range(start + 1, len(lines)) if lines[index].lstrip().startswith("-")), len(lines))
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+def train_sft_argv(tmp_path: Path, *options: str) -> list[str]:
+    return ["train", "sft", "--tables", str(tmp_path / "sft.parquet"), "--out", str(tmp_path / "out"),
+            "--base-model", "org/model", *options]
+
+
+def test_train_refuses_a_previous_checkpoint_the_run_would_not_start_from(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    code, err = usage_error(train_sft_argv(tmp_path, "--previous", str(tmp_path)), capsys)
+    assert code == 2 and err == [f"kaizen train: error: previous checkpoint {tmp_path} given, but training.sft."
+                                 "init_from is 'base' (start from the base model): set init_from: previous to "
+                                 "continue from it"]
+
+
+def test_train_refuses_a_previous_checkpoint_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = usage_error(train_sft_argv(tmp_path, "--set", "init_from=previous", "--previous",
+                                           str(tmp_path / "none")), capsys)
+    assert code == 2 and err == [f"kaizen train: error: previous checkpoint not found: '{tmp_path / 'none'}' "
+                                 "(no such directory, and not a hub name)"]
+
+
+def test_train_refuses_an_empty_recipe_as_check_recipe_does(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    code, err = usage_error(train_sft_argv(tmp_path, "--recipe", str(empty)), capsys)
+    assert code == 2 and err == [f"kaizen train: error: {empty}: a recipe must be a mapping of sections"]
+
+
+def test_rollout_caps_steps_at_mctsconfigs_default_as_eval_and_recipes_do(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.rollout
+    from search.mcts import MCTSConfig
+
+    received: dict = {}
+
+    def stage(*args: object, config: models.rollout.RolloutStageConfig, **kwargs: object) -> None:
+        received["mcts"] = config.mcts
+        raise SystemExit(0)
+
+    monkeypatch.setattr(models.rollout, "rollout_stage", stage)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"id": "p1", "problem": "What is 2 + 2?", "answer": "4"}\n')
+    with pytest.raises(SystemExit):
+        main(["rollout", "--model", "m", "--problems", str(problems), "--out", str(tmp_path / "out")])
+    assert received["mcts"].max_step_tokens == MCTSConfig().max_step_tokens
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    ("rollout", "--temperature"), ("rollout", "--seed"), ("rollout", "--max-step-tokens"),
+    ("mine", "--margin"), ("mine", "--min-edit-distance"), ("mine", "--sft-per-problem"),
+    *[("tiny-model", option) for option in ("--vocab-size", "--hidden-size", "--num-layers", "--num-heads",
+                                            "--intermediate-size", "--max-positions", "--seed")],
+])
+def test_an_options_help_shows_its_default(command: str, option: str, capsys: pytest.CaptureFixture) -> None:
+    assert "(default " in option_help(command, option, capsys)
+
+
+OUT_OF_RANGE = [
+    ("rollout", "--rollouts", "0", "must be >= 1, got 0"),
+    ("rollout", "--width", "0", "must be >= 1, got 0"),
+    ("rollout", "--max-depth", "-2", "must be >= 1, got -2"),
+    ("rollout", "--max-step-tokens", "0", "must be >= 1, got 0"),
+    ("rollout", "--temperature", "-0.5", "must be finite and >= 0, got -0.5"),
+    ("rollout", "--temperature", "nan", "must be finite and >= 0, got nan"),
+    ("mine", "--margin", "-1", "must be a finite number >= 0, got -1.0"),
+    ("mine", "--min-edit-distance", "-1", "must be >= 0, got -1"),
+    ("mine", "--sft-per-problem", "-1", "must be >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value", "reason"), OUT_OF_RANGE,
+                         ids=[" ".join(case[:3]) for case in OUT_OF_RANGE])
+def test_a_search_or_mining_setting_out_of_range_is_a_usage_error_naming_the_flag(
+    command: str, option: str, value: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    required = {"rollout": ["--model", "m", "--problems", "p.jsonl"],
+                "mine": ["--nodes", "n.parquet", "--problems", "p.jsonl"]}
+    code, err = usage_error([command, *required[command], "--out", str(tmp_path / "out"), option, value], capsys)
+    assert code == 2 and err == [f"kaizen {command}: error: {option} {reason}"]
+
+
+def test_score_says_that_a_jsonl_path_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = usage_error(["score", "--ppm", str(tmp_path), "--jsonl", str(tmp_path)], capsys)
+    assert code == 2 and err == [f"kaizen score: error: cannot read {tmp_path}: Is a directory"]
+
+
+def test_score_reads_stdin_for_a_dash_as_grade_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import io
+    import json
+
+    import models.ppm
+
+    class Scorer:  # a stand-in PPM: the test is about where the texts come from
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def score(self, texts: list[str]) -> list[float]:
+            return [float(len(text)) for text in texts]
+
+    monkeypatch.setattr(models.ppm, "PPMScorer", Scorer)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'"ab"\n{"text": "abc", "id": 7}\n')))
+    assert main(["score", "--ppm", str(tmp_path), "--jsonl", "-"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{"text": "ab", "ppm_score": 2.0}, {"text": "abc", "id": 7, "ppm_score": 3.0}]
+
+
+def test_tiny_model_refusing_an_existing_out_names_only_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = usage_error(["tiny-model", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err == [f"kaizen tiny-model: error: {tmp_path} already exists "
+                                 "(pass --overwrite to replace it)"]

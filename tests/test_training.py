@@ -32,6 +32,8 @@ from models.training import (
     RESUMED_FILE,
     RUN_ONLY_KEYS,
     ResumableCheckpoints,
+    PPMTrainingConfig,
+    RLTrainingConfig,
     RunRequest,
     SFTTrainingConfig,
     TrainingInputError,
@@ -366,7 +368,21 @@ def test_a_scoring_contract_the_scorer_does_not_implement_is_refused(tmp_path: P
 
 def test_cli_score_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_score(["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "none.jsonl")]) == 2
-    assert capsys.readouterr().err.startswith("kaizen score: error: no such file")
+    assert capsys.readouterr().err == (f"kaizen score: error: cannot read {tmp_path / 'none.jsonl'}: "
+                                       "No such file or directory\n")
+
+
+def test_cli_train_help_states_the_defaults_that_apply_without_a_recipe(capsys: pytest.CaptureFixture) -> None:
+    """The help writes them out (it does not import TRL): they must be the config classes' own."""
+    with pytest.raises(SystemExit):
+        cli_train(["sft", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    configs = {"sft": SFTTrainingConfig, "ppm": PPMTrainingConfig, "rl": RLTrainingConfig}
+    stated = {kind: float(rate) for rate, kind in re.findall(r"(\d[\d.e+-]*) \((sft|ppm|rl)\)", text)}
+    assert stated == {kind: config.learning_rate for kind, config in configs.items()}
+    assert all(f"num_train_epochs {config.num_train_epochs:g};" in text
+               and f"per_device_train_batch_size {config.per_device_train_batch_size} " in text
+               for config in configs.values())
 
 
 # --- training (slow) ---------------------------------------------------------------------------
