@@ -152,20 +152,7 @@ class Layout:
 
     def run_holder(self, run: str) -> str | None:
         """Who holds the run now (`hold_run`'s words: what, pid, host, since when), or None when nobody does."""
-        path = self.lock_path(run)
-        if path in _held_locks:
-            return path.read_text(encoding="utf-8", errors="replace").strip()
-        try:
-            descriptor = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless someone holds it
-        except BlockingIOError:
-            return path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
-        finally:
-            os.close(descriptor)
-        return None
+        return lock_holder(self.lock_path(run))
 
     def checkpoint_dir(self, run: str, round_number: int, name: str) -> Path:
         return self.round_dir(run, round_number) / "checkpoints" / check_name(name, "checkpoint")
@@ -188,6 +175,24 @@ class Layout:
             rounds.glob(f"*/round-*/{stage}/{table}-[0-9]*.parquet")
         )
         return sorted(path for path in files if not path.name.startswith("."))
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file `path` now (`hold_lock`'s words: what, pid, host, since when), or None when
+    nobody does."""
+    if path in _held_locks:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless someone holds it
+    except BlockingIOError:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+    finally:
+        os.close(descriptor)
+    return None
 
 
 @contextmanager

@@ -195,7 +195,7 @@ def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, ou
     saved = chunk_directory(out)
     identity = _search_identity(problems, model, ppm, config, run, round_number)
     # Two processes writing one output would delete or overwrite each other's chunks.
-    with hold_lock(out.parent / f".{out.stem}.lock", "a rollout stage", str(out)):
+    with hold_lock(rollout_lock(out), "a rollout stage", str(out)):
         if _saved_identity(saved) != identity:
             shutil.rmtree(saved, ignore_errors=True)  # another search's chunks, or none
         saved.mkdir(parents=True, exist_ok=True)
@@ -274,6 +274,11 @@ def _model_fingerprint(model: str | Path | None) -> str | None:
     stats = ((item.name, item.stat()) for item in path.iterdir())
     files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats if S_ISREG(stat.st_mode))
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def rollout_lock(out: Path) -> Path:
+    """The lock a rollout stage holds while it writes the nodes file `out` (and its chunks)."""
+    return out.parent / f".{out.stem}.lock"
 
 
 def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | Path | None,

@@ -57,27 +57,34 @@ def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None
 
 
 def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -> list[str]:
-    """What interrupted stages of the round left to resume from."""
-    from models.rollout import chunk_directory
-    from models.training import checkpoint_step, complete_checkpoints
+    """What interrupted stages of the round left to resume from, each marked `in progress` while a process
+    holds the lock of the stage that saved it (it is working on it now) and `to resume` otherwise."""
+    from data_store.home import lock_holder
+    from models.rollout import chunk_directory, rollout_lock
+    from models.training import checkpoint_step, complete_checkpoints, output_lock
+
+    def state(lock: Path) -> str:
+        return "in progress" if lock_holder(lock) else "to resume"
 
     layout, run, found = pipeline.layout, pipeline.run, []
     if "rollout" in stages:
         for shard in range(pipeline.recipe.search.shards):
-            saved = chunk_directory(layout.table_path(run, round_number, "nodes", shard=shard))
+            nodes = layout.table_path(run, round_number, "nodes", shard=shard)
+            saved = chunk_directory(nodes)
             chunks = len(list(saved.glob("chunk-*.parquet")))
             if chunks:
                 try:
                     total = json.loads((saved / "manifest.json").read_text(encoding="utf-8"))["chunks"]
                 except (OSError, ValueError, KeyError):
                     total = "?"
-                found.append(f"rollout shard {shard}: {chunks} of {total} chunks saved")
+                found.append(f"{state(rollout_lock(nodes))}: rollout shard {shard}: {chunks} of {total} chunks saved")
     for stage in (s for s in stages if s in CHECKPOINT_OF):
         output = layout.checkpoint_dir(run, round_number, CHECKPOINT_OF[stage])
         for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):
             checkpoints = complete_checkpoints(staging)  # none: nothing to resume, the next attempt deletes it
             if checkpoints:
-                found.append(f"{stage}: checkpoint at step {checkpoint_step(checkpoints[-1])} saved")
+                found.append(f"{state(output_lock(output))}: {stage}: checkpoint at step "
+                             f"{checkpoint_step(checkpoints[-1])} saved")
     return found
 
 
@@ -135,9 +142,7 @@ def format_status(pipeline: Pipeline) -> str:
             lines.append(f"{'':7}{entry.state}")
         if entry.state == "gate failed" and entry.gate_reason:
             lines.append(f"{'':7}gate: {entry.gate_reason}")
-        # While a process holds the run, what the round it works on has saved is progress, not something to resume.
-        working = holder is not None and entry is rounds[-1]
-        lines += [f"{'':7}{'in progress' if working else 'to resume'}: {text}" for text in entry.resumable]
+        lines += [f"{'':7}{text}" for text in entry.resumable]
     return "\n".join(lines)
 
 

@@ -637,6 +637,11 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
     fsync_path(target.parent)  # the rename itself survives a lost machine (the child synced the files)
 
 
+def output_lock(output_dir: Path) -> Path:
+    """The lock a training holds from its look at the leftovers of `output_dir` until it has published."""
+    return output_dir.parent / f".{output_dir.name}.lock"
+
+
 class TrainingRun:
     """A training subprocess in flight; `wait()` publishes its checkpoint or raises TrainingRunError.
 
@@ -652,7 +657,7 @@ class TrainingRun:
         self.process: subprocess.Popen[bytes] | None = None  # stays None when an earlier attempt finished training
         with ExitStack() as held:  # released here if starting fails, else by wait()
             try:
-                held.enter_context(hold_lock(self.output_dir.parent / f".{self.output_dir.name}.lock",
+                held.enter_context(hold_lock(output_lock(self.output_dir),
                                              f"{request.kind} training", f"training output {self.output_dir}"))
             except RunBusyError as err:
                 raise TrainingRunError(str(err)) from None

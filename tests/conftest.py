@@ -20,7 +20,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus=corpus, num_layers=2, vocab_size=1024)
 
 
-_HOLDER = """
+_RUN_HOLDER = """
 import sys, time
 from pathlib import Path
 from data_store.home import Layout
@@ -29,14 +29,23 @@ with Layout(Path(sys.argv[1])).hold_run(sys.argv[2], "a test holder"):
     time.sleep(300)
 """
 
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from data_store.home import hold_lock
+with hold_lock(Path(sys.argv[1]), sys.argv[2], sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
 
 @pytest.fixture
-def hold_run_elsewhere() -> Iterator[Callable[[Path, str], subprocess.Popen]]:
-    """Starts processes that hold a run of a home (`Layout.hold_run`) until killed; kills them at the end."""
+def hold_elsewhere() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts a process that runs a holder script (its arguments given) until killed; kills them all at the end."""
     holders: list[subprocess.Popen] = []
 
-    def hold(home: Path, run: str) -> subprocess.Popen:
-        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(home), run], stdout=subprocess.PIPE, text=True,
+    def hold(script: str, *arguments: str) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         holders.append(holder)
         assert holder.stdout.readline().strip() == "held"
@@ -46,3 +55,15 @@ def hold_run_elsewhere() -> Iterator[Callable[[Path, str], subprocess.Popen]]:
     for holder in holders:
         holder.kill()
         holder.wait()
+
+
+@pytest.fixture
+def hold_run_elsewhere(hold_elsewhere: Callable[..., subprocess.Popen]) -> Callable[[Path, str], subprocess.Popen]:
+    """Starts processes that hold a run of a home (`Layout.hold_run`) until killed."""
+    return lambda home, run: hold_elsewhere(_RUN_HOLDER, str(home), run)
+
+
+@pytest.fixture
+def hold_lock_elsewhere(hold_elsewhere: Callable[..., subprocess.Popen]) -> Callable[..., subprocess.Popen]:
+    """Starts processes that hold a lock file (`data_store.home.hold_lock`, as `what`) until killed."""
+    return lambda path, what="a test holder": hold_elsewhere(_LOCK_HOLDER, str(path), what)

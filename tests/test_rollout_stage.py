@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,30 +182,14 @@ def test_progress_counts_the_nodes_and_tokens_of_earlier_chunks(tmp_path: Path, 
     assert tokens == [10, 30, 50]
 
 
-LOCK_HOLDER = """
-import sys, time
-from pathlib import Path
-from data_store.home import hold_lock
-with hold_lock(Path(sys.argv[1]), "another rollout", "test"):
-    print("held", flush=True)
-    time.sleep(120)
-"""
-
-
-def test_an_output_another_process_writes_is_refused(tmp_path: Path, stand_in) -> None:
+def test_an_output_another_process_writes_is_refused(tmp_path: Path, stand_in, hold_lock_elsewhere) -> None:
     from data_store.home import RunBusyError
 
     out = tmp_path / "nodes.parquet"
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / ".nodes.lock")], text=True,
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        stand_in()
-        with pytest.raises(RunBusyError, match=f"{out} is in use by another rollout"):
-            run_stage(out)
-    finally:
-        holder.kill()
-        holder.wait()
+    hold_lock_elsewhere(tmp_path / ".nodes.lock", "another rollout")
+    stand_in()
+    with pytest.raises(RunBusyError, match=f"{out} is in use by another rollout"):
+        run_stage(out)
 
 
 def test_chunk_sizes_below_one_are_refused() -> None:

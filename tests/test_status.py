@@ -13,7 +13,7 @@ from models.pipeline import Pipeline
 from models.recipe import load_recipe
 from models.rollout import chunk_directory
 from models.status import format_status
-from models.training import PROVENANCE_FILE, RESUMABLE_FILE
+from models.training import PROVENANCE_FILE, RESUMABLE_FILE, output_lock
 
 
 @pytest.fixture
@@ -76,12 +76,22 @@ def test_a_saved_training_checkpoint_is_offered_for_resuming(pipeline: Pipeline)
     assert "to resume: sft: checkpoint at step 40 saved" in status_lines(pipeline)
 
 
-def test_what_a_held_run_saved_is_its_progress(pipeline: Pipeline, tmp_path: Path, hold_run_elsewhere) -> None:
+def test_what_a_training_at_work_saved_is_its_progress(pipeline: Pipeline, hold_lock_elsewhere) -> None:
+    promote(pipeline, 0)
+    policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
+    touch(policy.parent / f".{policy.name}.partial-abc" / "checkpoint-40" / RESUMABLE_FILE)
+    hold_lock_elsewhere(output_lock(policy))
+    assert "in progress: sft: checkpoint at step 40 saved" in status_lines(pipeline)
+
+
+def test_what_a_held_run_saved_in_a_stage_not_at_work_is_to_resume(pipeline: Pipeline, tmp_path: Path,
+                                                                      hold_run_elsewhere) -> None:
+    """The run's holder may be at work on another round or stage (a `kaizen stage` on an older round)."""
     promote(pipeline, 0)
     policy = pipeline.layout.checkpoint_dir("demo", 1, "policy")
     touch(policy.parent / f".{policy.name}.partial-abc" / "checkpoint-40" / RESUMABLE_FILE)
     hold_run_elsewhere(tmp_path, "demo")
-    assert "in progress: sft: checkpoint at step 40 saved" in status_lines(pipeline)
+    assert "to resume: sft: checkpoint at step 40 saved" in status_lines(pipeline)
 
 
 def test_an_attempt_that_saved_nothing_offers_nothing_to_resume(pipeline: Pipeline) -> None:

@@ -734,15 +734,6 @@ def test_a_resumed_run_that_fails_before_its_first_step_drops_its_checkpoint(
     assert not staging.exists()
 
 
-LOCK_HOLDER = """
-import sys, time
-from pathlib import Path
-from data_store.home import hold_lock
-with hold_lock(Path(sys.argv[1]), "another sft training", "test"):
-    print("held", flush=True)
-    time.sleep(120)
-"""
-
 LOCK_TAKER = """
 import sys
 from pathlib import Path
@@ -764,20 +755,14 @@ def lock_is_free(lock: Path) -> bool:
 
 def test_an_output_another_process_trains_is_refused_in_one_line(
     tmp_path: Path, tiny_model: Path, sft_table: Path, stand_in_child: Callable[[str], None],
-    capsys: pytest.CaptureFixture
+    capsys: pytest.CaptureFixture, hold_lock_elsewhere: Callable[..., subprocess.Popen]
 ) -> None:
     staging = earlier_attempt(sft_request(tmp_path / "policy", tiny_model, sft_table))
     stand_in_child("runs until stopped")
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / ".policy.lock")], text=True,
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        settings = [argument for key, value in CHECKPOINTED_SFT.items() for argument in ("--set", f"{key}={value}")]
-        code = cli_train(["sft", "--tables", str(sft_table), "--out", str(tmp_path / "policy"), "--base-model",
-                          str(tiny_model), *settings])
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = hold_lock_elsewhere(tmp_path / ".policy.lock", "another sft training")
+    settings = [argument for key, value in CHECKPOINTED_SFT.items() for argument in ("--set", f"{key}={value}")]
+    code = cli_train(["sft", "--tables", str(sft_table), "--out", str(tmp_path / "policy"), "--base-model",
+                      str(tiny_model), *settings])
     error = capsys.readouterr().err
     assert code == 1 and error.count("\n") == 1
     assert error.startswith(f"kaizen train: error: training output {tmp_path / 'policy'} is in use by another sft "
