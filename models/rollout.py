@@ -147,19 +147,23 @@ def rollout_stage(
     from data_store.parquet import write_table
     from data_store.schema import NODES
 
+    from data_store.home import hold_lock
+
     config, out = config or RolloutStageConfig(), Path(out)
-    if not problems:  # a shard can be empty when a round has fewer problems than shards
-        write_table(NODES.empty_table(), out, table="nodes")
-        stats = RolloutStats()
-    elif config.chunk_problems is None:
-        result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
-        write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
-        stats = result.stats
-    else:
-        return _chunked_rollout_stage(problems, model=model, out=out, config=config, ppm=ppm, run=run,
-                                      round_number=round_number, on_progress=on_progress)
-    shutil.rmtree(chunk_directory(out), ignore_errors=True)  # an earlier, chunked attempt's
-    return stats
+    # One process at a time writes an output: two would delete or overwrite each other's chunks.
+    with hold_lock(rollout_lock(out), "a rollout stage", str(out)):
+        if not problems:  # a shard can be empty when a round has fewer problems than shards
+            write_table(NODES.empty_table(), out, table="nodes")
+            stats = RolloutStats()
+        elif config.chunk_problems is None:
+            result = search_trees(problems, model=model, config=config, ppm=ppm, on_progress=on_progress)
+            write_table(pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), out, table="nodes")
+            stats = result.stats
+        else:
+            return _chunked_rollout_stage(problems, model=model, out=out, config=config, ppm=ppm, run=run,
+                                          round_number=round_number, on_progress=on_progress)
+        shutil.rmtree(chunk_directory(out), ignore_errors=True)  # an earlier, chunked attempt's
+        return stats
 
 
 CHUNK_FORMAT = 1
@@ -185,38 +189,36 @@ def problem_chunks(problems: Sequence[Problem], size: int) -> list[list[Problem]
 def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, out: Path, config: RolloutStageConfig,
                            ppm: str | Path | None, run: str, round_number: int,
                            on_progress: Callable[[RolloutProgress], None] | None) -> RolloutStats:
+    """`rollout_stage` with chunks, under the output's lock it holds."""
     import pyarrow as pa
 
-    from data_store.home import hold_lock
     from data_store.parquet import write_json, write_table
     from data_store.schema import NODES
 
     chunks = problem_chunks(problems, config.chunk_problems or len(problems))
     saved = chunk_directory(out)
     identity = _search_identity(problems, model, ppm, config, run, round_number)
-    # Two processes writing one output would delete or overwrite each other's chunks.
-    with hold_lock(rollout_lock(out), "a rollout stage", str(out)):
-        if _saved_identity(saved) != identity:
-            shutil.rmtree(saved, ignore_errors=True)  # another search's chunks, or none
-        saved.mkdir(parents=True, exist_ok=True)
-        write_json(saved / "manifest.json", {"identity": identity, "chunks": len(chunks)})
-        tables: list[pa.Table] = []
-        stats: list[RolloutStats] = []
-        with ExitStack() as engines:
-            search: Search | None = None  # opened for the first chunk not saved yet: a finished stage loads nothing
-            for index, chunk in enumerate(chunks):
-                table_path, stats_path = saved / f"chunk-{index:05d}.parquet", saved / f"chunk-{index:05d}.json"
-                loaded = _load_chunk(table_path, stats_path, chunk)
-                if loaded is None:
-                    search = search or engines.enter_context(open_search(model, config, ppm))
-                    result = search(chunk, _offset_progress(on_progress, _sum_stats(stats), len(problems)))
-                    loaded = (pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), result.stats)
-                    write_json(stats_path, dataclasses.asdict(result.stats))
-                    write_table(loaded[0], table_path, table="nodes")  # the table last: it marks the chunk done
-                tables.append(loaded[0])
-                stats.append(loaded[1])
-        write_table(pa.concat_tables(tables), out, table="nodes")
-        shutil.rmtree(saved)
+    if _saved_identity(saved) != identity and saved.exists():
+        shutil.rmtree(saved)  # another search's chunks: left half-deleted, they must not pass for this one's
+    saved.mkdir(parents=True, exist_ok=True)
+    write_json(saved / "manifest.json", {"identity": identity, "chunks": len(chunks)})
+    tables: list[pa.Table] = []
+    stats: list[RolloutStats] = []
+    with ExitStack() as engines:
+        search: Search | None = None  # opened for the first chunk not saved yet: a finished stage loads nothing
+        for index, chunk in enumerate(chunks):
+            table_path, stats_path = saved / f"chunk-{index:05d}.parquet", saved / f"chunk-{index:05d}.json"
+            loaded = _load_chunk(table_path, stats_path, chunk)
+            if loaded is None:
+                search = search or engines.enter_context(open_search(model, config, ppm))
+                result = search(chunk, _offset_progress(on_progress, _sum_stats(stats), len(problems)))
+                loaded = (pa.Table.from_pylist(result.node_rows(run, round_number), schema=NODES), result.stats)
+                write_json(stats_path, dataclasses.asdict(result.stats))
+                write_table(loaded[0], table_path, table="nodes")  # the table last: it marks the chunk done
+            tables.append(loaded[0])
+            stats.append(loaded[1])
+    write_table(pa.concat_tables(tables), out, table="nodes")
+    shutil.rmtree(saved)
     return _sum_stats(stats)
 
 
