@@ -72,7 +72,7 @@ def test_a_deployed_flow_refuses_a_run_another_process_has(flow_name: str, argum
         getattr(flows.evolve, flow_name).fn("demo", home=str(tmp_path), **arguments)
 
 
-def test_an_empty_round_range_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_empty_round_range_is_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--recipe", "demo", "--rounds", "5:3", "--home", str(tmp_path)])
     assert exit_info.value.code == 2 and "needs 0 <= START <= END" in capsys.readouterr().err
@@ -315,15 +315,6 @@ def test_evaluate_refuses_a_ppm_that_is_not_one_before_the_flow(tmp_path: Path, 
 # --- the command line as a new user meets it -----------------------------------------------------
 
 
-def usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
-    """The exit status and stderr lines of a command, whether it returns its status or argparse exits."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 def option_help(command: str, option: str, capsys: pytest.CaptureFixture) -> str:
     """The help text of one option of `kaizen COMMAND --help`, on one line."""
     with pytest.raises(SystemExit):
@@ -341,14 +332,14 @@ def train_sft_argv(tmp_path: Path, *options: str) -> list[str]:
 
 def test_train_refuses_a_previous_checkpoint_the_run_would_not_start_from(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    code, err = usage_error(train_sft_argv(tmp_path, "--previous", str(tmp_path)), capsys)
+    code, err = run(train_sft_argv(tmp_path, "--previous", str(tmp_path)), capsys)
     assert code == 2 and err == [f"kaizen train: error: previous checkpoint {tmp_path} given, but training.sft."
                                  "init_from is 'base' (start from the base model): set init_from: previous to "
                                  "continue from it"]
 
 
 def test_train_refuses_a_previous_checkpoint_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, err = usage_error(train_sft_argv(tmp_path, "--set", "init_from=previous", "--previous",
+    code, err = run(train_sft_argv(tmp_path, "--set", "init_from=previous", "--previous",
                                            str(tmp_path / "none")), capsys)
     assert code == 2 and err == [f"kaizen train: error: previous checkpoint not found: '{tmp_path / 'none'}' "
                                  "(no such directory, and not a hub name)"]
@@ -357,7 +348,7 @@ def test_train_refuses_a_previous_checkpoint_that_does_not_exist(tmp_path: Path,
 def test_train_refuses_an_empty_recipe_as_check_recipe_does(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    code, err = usage_error(train_sft_argv(tmp_path, "--recipe", str(empty)), capsys)
+    code, err = run(train_sft_argv(tmp_path, "--recipe", str(empty)), capsys)
     assert code == 2 and err == [f"kaizen train: error: {empty}: a recipe must be a mapping of sections"]
 
 
@@ -410,12 +401,12 @@ def test_a_search_or_mining_setting_out_of_range_is_a_usage_error_naming_the_fla
 ) -> None:
     required = {"rollout": ["--model", "m", "--problems", "p.jsonl"],
                 "mine": ["--nodes", "n.parquet", "--problems", "p.jsonl"]}
-    code, err = usage_error([command, *required[command], "--out", str(tmp_path / "out"), option, value], capsys)
+    code, err = run([command, *required[command], "--out", str(tmp_path / "out"), option, value], capsys)
     assert code == 2 and err == [f"kaizen {command}: error: {option} {reason}"]
 
 
 def test_score_says_that_a_jsonl_path_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, err = usage_error(["score", "--ppm", str(tmp_path), "--jsonl", str(tmp_path)], capsys)
+    code, err = run(["score", "--ppm", str(tmp_path), "--jsonl", str(tmp_path)], capsys)
     assert code == 2 and err == [f"kaizen score: error: cannot read {tmp_path}: Is a directory"]
 
 
@@ -441,6 +432,6 @@ def test_score_reads_stdin_for_a_dash_as_grade_does(tmp_path: Path, monkeypatch:
 
 
 def test_tiny_model_refusing_an_existing_out_names_only_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, err = usage_error(["tiny-model", "--out", str(tmp_path)], capsys)
+    code, err = run(["tiny-model", "--out", str(tmp_path)], capsys)
     assert code == 2 and err == [f"kaizen tiny-model: error: {tmp_path} already exists "
                                  "(pass --overwrite to replace it)"]
