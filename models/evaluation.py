@@ -89,6 +89,8 @@ class EvalConfig(EvalSearchConfig):
             render_worked_examples(self.worked_examples)
         except ValueError as err:
             raise EvalInputError(str(err)) from None
+        if self.worked_examples and self.step_format != StepFormat.RSTAR:
+            raise EvalInputError(f"the worked examples are written in the rstar step format, not {self.step_format}")
 
 
 @dataclass(frozen=True)
@@ -465,7 +467,8 @@ def check_checkpoint_sources(model: str | Path, ppm: str | Path | None) -> None:
 def checked_evaluation(args: Any) -> tuple[EvalConfig, list[Benchmark]]:
     """The config and loaded benchmarks of parsed `add_checkpoint_arguments` options; EvalInputError (or
     ProblemsError) in one line for bad values, a mode needing a PPM without --ppm, or a benchmark that
-    is unknown, missing, malformed or empty. Nothing is loaded but the benchmark files."""
+    is unknown, missing, malformed or empty. Nothing is loaded but the benchmarks (an `hf:` one through
+    `datasets`, which caches it for the flow)."""
     config = EvalConfig(
         modes=args.modes or ["greedy"], **search_options(args), seed=args.seed,
         backend=BackendConfig(backend=args.backend), limit=args.limit, step_format=args.step_format,

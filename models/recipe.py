@@ -498,12 +498,6 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         fail("problems.fields", str(err))
     if recipe.problems.source == "" or recipe.model.base == "":
         fail("problems.source" if not recipe.problems.source else "model.base", "required")
-    if recipe.problems.source != CURRICULUM and not recipe.problems.source.startswith("hf:"):
-        from data_store.problems import problems_file
-
-        named = problems_file(recipe.problems.source)
-        if named is not None and not named.is_file():
-            fail("problems.source", f"no such file {named}" + (" (a directory)" if named.is_dir() else ""))
     if recipe.bootstrap.teacher not in (None, CURRICULUM):
         fail("bootstrap.teacher", f"{recipe.bootstrap.teacher!r} is not a known teacher (only 'curriculum')")
     if recipe.bootstrap.teacher == CURRICULUM and recipe.problems.source != CURRICULUM:
@@ -724,19 +718,20 @@ def load_recipe(name: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """Read and check a recipe file (a path or the name of a bundled recipe), with dotted overrides."""
     path = resolve_recipe_path(name)
     data = read_recipe_yaml(path)
-    if overrides:
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections")
-        data = apply_overrides(data, overrides)
-    try:
+    if not overrides:
         return parse_recipe(data, source=str(path))
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    try:
+        return parse_recipe(apply_overrides(data, overrides), source=str(path))
     except RecipeError as err:
-        # A field an override set is the override's fault: the file does not have it.
-        field_error = str(err).removeprefix(f"{path}: ")
-        where = field_error.partition(":")[0]
-        for key, value in (overrides or {}).items():
-            if where == key or where.startswith(f"{key}.") or key.startswith(f"{where}."):
-                raise RecipeError(f"override {key}={value}: {field_error}") from None
+        # The override's fault when the recipe is fine without it: the file does not hold the bad value.
+        for key, value in overrides.items():
+            try:
+                parse_recipe(apply_overrides(data, {k: v for k, v in overrides.items() if k != key}), source=str(path))
+            except RecipeError:
+                continue
+            raise RecipeError(f"override {key}={value}: {str(err).removeprefix(f'{path}: ')}") from None
         raise
 
 

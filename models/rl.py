@@ -37,7 +37,8 @@ from search.coat import (
     render_coat_solution,
     solution_program,
 )
-from search.rollout import last_printed_line, printed_result
+from search.grading import is_single_value
+from search.rollout import last_printed_line, printed_error, printed_result
 from search.steps import (
     END_OF_ANSWER,
     SolutionStep,
@@ -230,14 +231,18 @@ class SolutionJudge:
         to_grade: list[tuple[int, str, str | None]] = []
         for index, _, answer_text in runnable:
             result = results[index]  # well-formed solutions end in a final code step, so they have a program
-            if not result.ok:
-                verdicts[index] = Verdict(True, False, reason=f"program failed: {result.error}")
+            failure = result.error if not result.ok else printed_error(result.stdout)
+            if failure is not None:  # it raised, or caught its error and printed it: it computed nothing
+                verdicts[index] = Verdict(True, False, reason=f"program failed: {failure}")
             else:
                 # Stricter than the search (search.rollout.printed_answer): whatever the program printed
-                # last must be the reference, or a policy could print words to escape the check and guess.
+                # last must be a reference of one value (rounded as `printed_result` rounds a plain
+                # number), or a policy could print words to escape the check and guess.
                 prompt, completion, reference = key[index]
                 question = split_prompt(prompt + completion)[0]  # it parsed as a trajectory above
-                printed = printed_result(last_printed_line(result.stdout), reference, question)
+                last = last_printed_line(result.stdout)
+                printed = printed_result(last, reference, question) or (
+                    f"\\boxed{{{last}}}" if is_single_value(reference) else None)
                 to_grade.append((index, answer_text, printed))
         pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade
                  for text in (answer_text, printed) if text is not None]

@@ -75,6 +75,8 @@ class RolloutStageConfig:
         if self.chunk_problems is not None and self.chunk_problems < 1:
             raise ValueError(f"chunk_problems must be >= 1 (or None), got {self.chunk_problems}")
         render_worked_examples(self.worked_examples)  # ValueError for a count out of range
+        if self.worked_examples and self.mcts.step_format != StepFormat.RSTAR:
+            raise ValueError(f"the worked examples are written in the rstar step format, not {self.mcts.step_format}")
 
 
 Search = Callable[[Sequence[Problem], "Callable[[RolloutProgress], None] | None"], RolloutResult]
@@ -166,8 +168,9 @@ def rollout_stage(
         return stats
 
 
-CHUNK_FORMAT = 1
-"""Version of the saved chunks' layout; chunks of another version are searched again."""
+CHUNK_FORMAT = 2
+"""Version of the saved chunks' layout and labels; chunks of another version are searched again (2: printed
+errors and printed results judged as `search.rollout` does since)."""
 
 
 def chunk_directory(out: Path) -> Path:
@@ -351,7 +354,9 @@ def cli_rollout(argv: list[str]) -> int:
     parser.add_argument("--problems", required=True, help="JSONL/Parquet file with id, problem, answer, or a datasets name")
     parser.add_argument("--out", required=True, help="output directory; nodes.parquet is written there")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    parser.add_argument("--rollouts", type=int, default=MCTSConfig.rollouts, help="rollouts per problem (default %(default)s)")
+    parser.add_argument("--rollouts", type=int, default=MCTSConfig.rollouts,
+                        help=f"rollouts per problem (default %(default)s; a problem whose metadata sets "
+                             f"{SEARCH_ROLLOUTS}, as a round's select stage does, keeps its own)")
     parser.add_argument("--width", type=int, default=MCTSConfig.width, help="candidates per expansion (default %(default)s)")
     parser.add_argument("--max-depth", type=int, default=MCTSConfig.max_depth, help="deepest step (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=MCTSConfig.temperature,

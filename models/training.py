@@ -11,9 +11,9 @@ directory into place only when the child succeeded: a directory at the output pa
 Long runs resume. With intermediate checkpoints on (`save_strategy: steps`, as the GPU recipes'
 comments suggest), a run that fails, times out, is interrupted or dies with its machine leaves its staging
 directory behind; the next run of the same request (the same data and start model by content, the
-same training settings; RUN_ONLY_KEYS and paths may differ, so a home moved or mounted elsewhere
-keeps its checkpoints) adopts it and continues from its last complete checkpoint (model, optimizer,
-scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`; measured on CPU, SFT
+same training settings; RUN_ONLY_KEYS and the paths of the tables and of a start model Kaizen trained
+may differ, so a home moved or mounted elsewhere keeps its checkpoints) adopts it and continues
+from its last complete checkpoint (model, optimizer, scheduler, RNG and data position, via the Trainer's `resume_from_checkpoint`; measured on CPU, SFT
 and PPM runs so resumed end bit for bit as uninterrupted ones, GRPO's sampling does not continue the
 same stream). A checkpoint counts only once every process has written it and `ResumableCheckpoints`
 has synced and marked it. A resumed run that fails by itself before it ends its first step from the
@@ -449,10 +449,14 @@ def describe_model_source(name: str, what: str = "model") -> dict[str, Any]:
 
 
 def _model_content(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A `describe_model_source` record without where the model lies: a hub model is its name, a local
-    one its files' digests."""
-    return dict(record) if record.get("hub") else {key: value for key, value in record.items()
-                                                    if key not in ("name", "path")}
+    """A `describe_model_source` record as a resume identity holds it: a hub model by its name; a model
+    Kaizen trained (it has provenance.json, which names its data, base and settings) by the digests of its
+    config and provenance, wherever the home is mounted; any other local model also by its resolved
+    path, since two of those can share a config.json and differ only in their weights."""
+    if record.get("hub"):
+        return dict(record)
+    where = ("name", "path") if "provenance_sha256" in record else ("name",)
+    return {key: value for key, value in record.items() if key not in where}
 
 
 def _resolve_file(name: str) -> Path:
@@ -483,9 +487,9 @@ class RunRequest:
 
     def resume_identity(self) -> str:
         """What must match for this run to continue another's checkpoint: the kind, the settings but
-        RUN_ONLY_KEYS, and the tables and start model by content. Paths are left out (the staging directory
-        is found next to the output), so a home moved or mounted elsewhere keeps its checkpoints; whether
-        to overwrite an existing output is not how to train it."""
+        RUN_ONLY_KEYS, and the tables and start model by content (`_model_content`). The tables' paths are
+        left out (the staging directory is found next to the output), so a home moved or mounted
+        elsewhere keeps its checkpoints; whether to overwrite an existing output is not how to train it."""
         by_path = ("train_tables", "base_model")  # their content is in `tables` and `start_model_record`
         config = {key: value for key, value in self.config.items() if key not in (*RUN_ONLY_KEYS, *by_path)}
         identity = {

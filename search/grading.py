@@ -642,6 +642,13 @@ def answers_equal(pred_answer: str, gold: str) -> bool:
     return verdict if verdict is not None else _checker_equal(pred_answer, gold)
 
 
+def is_single_value(answer: str) -> bool:
+    """Whether an answer is one value (a number, an expression or words), not a multiple-choice letter
+    nor a tuple, interval, set or list."""
+    canonical = _canonical(answer)
+    return canonical.choice is None and canonical.brackets is None
+
+
 @dataclass(frozen=True)
 class PlainNumber:
     """An answer that is one plain rational number."""

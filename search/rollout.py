@@ -84,8 +84,13 @@ carries it. A float printed with fewer digits is exact as printed and kept whole
 _NOISY_FLOAT_DIGITS = 16
 
 
-# A problem that asks for a rounded result, whose program may print the value before rounding.
-_ASKS_TO_ROUND_RE = re.compile(r"\b(?:round(?:ed|ing)?|nearest)\b", re.IGNORECASE)
+# A problem that asks for a rounded result ("to the nearest tenth", "to two decimal places", "round your
+# answer"), whose program may print the value before rounding; not "a round table", "the nearest vertex".
+_ASKS_TO_ROUND_RE = re.compile(
+    r"\bto the nearest (?:whole|integer|percent|cent|dollar|degree|unit|ten|hundred|thousand|\w+th)\b"
+    r"|\bdecimal places?\b|\bround(?:ed)? (?:off )?to\b|\bround your\b",
+    re.IGNORECASE,
+)
 
 
 def printed_result(line: str, reference: str, question: str) -> str | None:

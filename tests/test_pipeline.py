@@ -113,12 +113,14 @@ def test_unsolved_rollouts_leave_the_keys_of_other_rounds_and_of_the_search_alon
     assert stage_key("select", with_setting, **select) == stage_key("select", curriculum_pipeline(tmp_path), **select)
 
 
-@pytest.mark.parametrize(("content", "message"), [("", "has no problems"), ('{"problem": "1+1?"}\n', "no answer")])
-def test_a_bad_problems_file_is_refused_before_any_stage(tmp_path: Path, content: str, message: str) -> None:
+@pytest.mark.parametrize(("content", "message"), [("", "has no problems"), ('{"problem": "1+1?"}\n', "no answer"),
+                                                 (None, "does not exist")])
+def test_a_bad_problems_file_is_refused_before_any_stage(tmp_path: Path, content: str | None, message: str) -> None:
     from data_store.problems import ProblemsError
 
     source = tmp_path / "pool.jsonl"
-    source.write_text(content)
+    if content is not None:
+        source.write_text(content)
     pipeline = curriculum_pipeline(tmp_path, **{"problems.source": str(source), "bootstrap.teacher": None})
     with pytest.raises(ProblemsError, match=message):
         pipeline.check_problems()

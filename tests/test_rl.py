@@ -124,11 +124,19 @@ def test_a_choice_reference_is_not_held_to_the_printed_line(judge: SolutionJudge
     assert verdict.correct
 
 
-def test_a_word_reference_is_not_held_to_the_printed_line(judge: SolutionJudge) -> None:
-    """The program computes and prints 6; the question asked whether that is even."""
+def test_a_program_that_prints_the_error_it_caught_has_failed(judge: SolutionJudge) -> None:
+    catching = SolutionStep("# Step 1: share, carefully\ntry:\n    share = 1 / 0\nexcept Exception as e:\n"
+                            "    print('Error:', e)\n    share = 6\n<end_of_step>")
+    completion = render_solution([catching, PRINT, ANSWER])
+    [verdict] = judge.judge([PROMPT], [completion], ["6"])
+    assert not verdict.correct and verdict.reason == "program failed: Error: division by zero"
+
+
+def test_a_reference_in_words_is_still_held_to_the_printed_line(judge: SolutionJudge) -> None:
+    """Stricter than the search: a policy must not print anything and guess the words."""
     completion = render_solution([APPLES, SHARE, PRINT, SolutionStep("<answer>\\boxed{\\text{even}}<end_of_answer>")])
     [verdict] = judge.judge([PROMPT], [completion], ["\\text{even}"])
-    assert verdict.correct
+    assert not verdict.correct and "printed" in verdict.reason
 
 
 def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:

@@ -504,8 +504,16 @@ def test_where_the_question_asks_for_rounding_a_printed_decimal_is_rounded_to_th
     assert printed_answer(printed, reference, question) == f"\\boxed{{{shown}}}"
 
 
-def test_where_the_question_does_not_ask_for_rounding_a_printed_decimal_is_held_as_printed() -> None:
-    assert printed_answer("12.5", "13", QUESTION) == "\\boxed{12.5}"
+@pytest.mark.parametrize("question", [QUESTION, "Seven people sit at a round table. How many seats?",
+                                      "How far is the nearest vertex?", "Round trips cost 5 dollars each."])
+def test_where_the_question_does_not_ask_for_rounding_a_printed_decimal_is_held_as_printed(question: str) -> None:
+    assert printed_answer("12.5", "13", question) == "\\boxed{12.5}"
+
+
+@pytest.mark.parametrize("question", ["Round your answer to the nearest whole number.", "Give it to two decimal places.",
+                                      "The result, rounded to the nearest ten-thousandth.", "Express it to the nearest cent."])
+def test_the_usual_ways_of_asking_for_rounding_are_recognised(question: str) -> None:
+    assert printed_answer("12.5", "13", question) == "\\boxed{13}"
 
 
 @pytest.mark.parametrize("stdout", ["Error: division by zero\n", "5\nZeroDivisionError: division by zero\n",

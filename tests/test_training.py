@@ -857,6 +857,7 @@ def test_a_home_moved_elsewhere_keeps_its_checkpoints(tmp_path: Path, tiny_model
 
     home = tmp_path / "home"
     shutil.copytree(tiny_model, home / "model")
+    (home / "model" / PROVENANCE_FILE).write_text('{"kind": "sft"}')  # a model Kaizen trained: the start of a PPM
     shutil.copy(sft_table, home / "sft.parquet")
     earlier_attempt(request_in(home))
     moved = home.rename(tmp_path / "mounted-elsewhere")
@@ -866,6 +867,17 @@ def test_a_home_moved_elsewhere_keeps_its_checkpoints(tmp_path: Path, tiny_model
         assert run.resumed_from == moved / ".policy.partial-earlier" / "checkpoint-4"
     finally:
         stop(run)
+
+
+def test_two_local_base_models_with_one_config_are_told_apart(tmp_path: Path, tiny_model: Path,
+                                                               sft_table: Path) -> None:
+    """A downloaded model has no provenance: its config.json alone cannot tell two fine-tunes apart."""
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(tiny_model, tmp_path / name)
+    identities = {sft_request(tmp_path / "policy", tmp_path / name, sft_table).resume_identity() for name in "ab"}
+    assert len(identities) == 2
 
 
 def test_a_table_rewritten_in_place_stops_a_run_resuming(tmp_path: Path, tiny_model: Path) -> None:
