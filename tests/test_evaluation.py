@@ -544,3 +544,8 @@ def test_majority_vote_does_not_depend_on_the_order_when_equivalence_is_not_tran
 def test_a_nan_ppm_score_never_wins() -> None:
     assert best_scored([float("nan"), 0.9, 0.3]) == 1 and best_scored([0.1, float("nan"), 0.3]) == 2
     assert best_scored([float("nan")]) is None
+
+
+def test_worked_examples_are_refused_for_a_coat_policy() -> None:
+    with pytest.raises(EvalInputError, match="worked examples are written in the rstar step format, not coat"):
+        EvalConfig(step_format="coat", worked_examples=1)

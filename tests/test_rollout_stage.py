@@ -222,3 +222,8 @@ def test_chunking_does_not_change_what_the_search_finds(tmp_path: Path, step_pol
                       config=RolloutStageConfig(mcts=mcts, chunk_problems=chunk_problems))
         tables[chunk_problems] = pq.read_table(out).to_pylist()
     assert max(row["depth"] for row in tables[None]) >= 2 and tables[2] == tables[None]
+
+
+def test_worked_examples_are_refused_for_a_coat_search() -> None:
+    with pytest.raises(ValueError, match="worked examples are written in the rstar step format, not coat"):
+        RolloutStageConfig(mcts=MCTSConfig(step_format="coat"), worked_examples=1)
