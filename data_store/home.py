@@ -177,6 +177,11 @@ class Layout:
         return sorted(path for path in files if not path.name.startswith("."))
 
 
+def output_lock(output: Path) -> Path:
+    """The lock file a stage holds while it writes `output` (a file or a directory): `.{stem}.lock` beside it."""
+    return output.parent / f".{output.stem}.lock"
+
+
 def lock_holder(path: Path) -> str | None:
     """Who holds the lock file `path` now (`hold_lock`'s words: what, pid, host, since when), or None when
     nobody does."""

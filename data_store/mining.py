@@ -731,7 +731,7 @@ def write_mined(result: MiningResult, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _help(name: str) -> str:
-    return field_help(MiningConfig, name) + " (default %(default)s)"
+    return field_help(MiningConfig, name, show_default=True)
 
 
 def cli_mine(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ from search.grading import DEFAULT_TIMEOUT_S
 from search.rollout import Problem, RolloutProgress
 from search.sandbox import SandboxConfig
 from search.policy import with_worked_examples
-from search.steps import StepFormat, render_worked_examples
+from search.steps import StepFormat, check_worked_examples
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -86,11 +86,9 @@ class EvalConfig(EvalSearchConfig):
         if self.limit is not None and self.limit < 1:
             raise EvalInputError(f"limit must be >= 1, got {self.limit}")
         try:
-            render_worked_examples(self.worked_examples)
+            check_worked_examples(self.worked_examples, self.step_format)
         except ValueError as err:
             raise EvalInputError(str(err)) from None
-        if self.worked_examples and self.step_format != StepFormat.RSTAR:
-            raise EvalInputError(f"the worked examples are written in the rstar step format, not {self.step_format}")
 
 
 @dataclass(frozen=True)

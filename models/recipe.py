@@ -44,7 +44,7 @@ from search.arguments import OneLineParser
 from search.evaluation import parse_mode
 from search.mcts import MCTSConfig, SearchMode
 from search.sandbox import SandboxConfig
-from search.steps import StepFormat, render_worked_examples
+from search.steps import StepFormat, check_worked_examples
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "deployments" / "recipes"
 CURRICULUM = "curriculum"
@@ -506,11 +506,8 @@ def _check(recipe: Recipe, data: Mapping[str, Any], source: str) -> None:
         if recipe.bootstrap.teacher is not None:
             fail("bootstrap.worked_examples", "only for a base model used as is (teacher: null); a teacher's "
                  "fine-tuning teaches the format")
-        if recipe.step_format != StepFormat.RSTAR:
-            fail("bootstrap.worked_examples",
-                 f"the worked examples are written in the rstar step format, not {recipe.step_format.value}")
         try:
-            render_worked_examples(recipe.bootstrap.worked_examples)
+            check_worked_examples(recipe.bootstrap.worked_examples, recipe.step_format.value)
         except ValueError as err:
             fail("bootstrap.worked_examples", str(err))
     # Training fields the pipeline sets itself: in a recipe they would be silently replaced.

@@ -44,7 +44,7 @@ from search.mcts import MCTSConfig, SearchMode
 from search.rollout import Problem, RolloutProgress, RolloutResult, RolloutStats, run_rollouts
 from search.sandbox import SandboxConfig
 from search.policy import with_worked_examples
-from search.steps import StepFormat, render_worked_examples
+from search.steps import StepFormat, check_worked_examples
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,9 +74,7 @@ class RolloutStageConfig:
     def __post_init__(self) -> None:
         if self.chunk_problems is not None and self.chunk_problems < 1:
             raise ValueError(f"chunk_problems must be >= 1 (or None), got {self.chunk_problems}")
-        render_worked_examples(self.worked_examples)  # ValueError for a count out of range
-        if self.worked_examples and self.mcts.step_format != StepFormat.RSTAR:
-            raise ValueError(f"the worked examples are written in the rstar step format, not {self.mcts.step_format}")
+        check_worked_examples(self.worked_examples, self.mcts.step_format)
 
 
 Search = Callable[[Sequence[Problem], "Callable[[RolloutProgress], None] | None"], RolloutResult]
@@ -149,11 +147,11 @@ def rollout_stage(
     from data_store.parquet import write_table
     from data_store.schema import NODES
 
-    from data_store.home import hold_lock
+    from data_store.home import hold_lock, output_lock
 
     config, out = config or RolloutStageConfig(), Path(out)
     # One process at a time writes an output: two would delete or overwrite each other's chunks.
-    with hold_lock(rollout_lock(out), "a rollout stage", str(out)):
+    with hold_lock(output_lock(out), "a rollout stage", str(out)):
         if not problems:  # a shard can be empty when a round has fewer problems than shards
             write_table(NODES.empty_table(), out, table="nodes")
             stats = RolloutStats()
@@ -201,7 +199,7 @@ def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, ou
     chunks = problem_chunks(problems, config.chunk_problems or len(problems))
     saved = chunk_directory(out)
     identity = _search_identity(problems, model, ppm, config, run, round_number)
-    if _saved_identity(saved) != identity and saved.exists():
+    if chunk_manifest(saved).get("identity") != identity and saved.exists():
         shutil.rmtree(saved)  # another search's chunks: left half-deleted, they must not pass for this one's
     saved.mkdir(parents=True, exist_ok=True)
     write_json(saved / "manifest.json", {"identity": identity, "chunks": len(chunks)})
@@ -225,11 +223,13 @@ def _chunked_rollout_stage(problems: Sequence[Problem], *, model: str | Path, ou
     return _sum_stats(stats)
 
 
-def _saved_identity(saved: Path) -> str | None:
+def chunk_manifest(saved: Path) -> dict:
+    """The manifest of a chunk directory (`identity`, `chunks`); empty when there is none or it is unreadable."""
     try:
-        return json.loads((saved / "manifest.json").read_text(encoding="utf-8")).get("identity")
-    except (OSError, ValueError, AttributeError):  # none, or unreadable: search again
-        return None
+        manifest = json.loads((saved / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _load_chunk(table_path: Path, stats_path: Path, chunk: Sequence[Problem]) -> tuple[pa.Table, RolloutStats] | None:
@@ -281,11 +281,6 @@ def _model_fingerprint(model: str | Path | None) -> str | None:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
-def rollout_lock(out: Path) -> Path:
-    """The lock a rollout stage holds while it writes the nodes file `out` (and its chunks)."""
-    return out.parent / f".{out.stem}.lock"
-
-
 def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | Path | None,
                      config: RolloutStageConfig, run: str, round_number: int) -> str:
     """What saved chunks must have been searched with to be reused: the problems, the checkpoints and
@@ -300,9 +295,8 @@ def _search_identity(problems: Sequence[Problem], model: str | Path, ppm: str | 
         "problems": [[p.problem_id, p.question, p.answer, *([p.rollouts] if p.rollouts else [])] for p in problems],
         "model": _model_fingerprint(model), "ppm": _model_fingerprint(ppm), "mcts": repr(config.mcts),
         "backend": generation_settings(config.backend), "sandbox": sandbox,
-        "chunk_problems": config.chunk_problems, "run": run, "round": round_number,
-        # only when shown, so chunks saved before the setting existed stay valid
-        **({"worked_examples": config.worked_examples} if config.worked_examples else {}),
+        "chunk_problems": config.chunk_problems, "worked_examples": config.worked_examples, "run": run,
+        "round": round_number,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -9,7 +9,6 @@ re-executed by the next round if its inputs changed (Prefect's cache decides tha
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +58,9 @@ def _stage_done(pipeline: Pipeline, round_number: int, stage: str) -> str | None
 def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -> list[str]:
     """What interrupted stages of the round left to resume from, each marked `in progress` while a process
     holds the lock of the stage that saved it (it is working on it now) and `to resume` otherwise."""
-    from data_store.home import lock_holder
-    from models.rollout import chunk_directory, rollout_lock
-    from models.training import checkpoint_step, complete_checkpoints, output_lock
+    from data_store.home import lock_holder, output_lock
+    from models.rollout import chunk_directory, chunk_manifest
+    from models.training import checkpoint_step, complete_checkpoints
 
     def state(lock: Path) -> str:
         return "in progress" if lock_holder(lock) else "to resume"
@@ -73,11 +72,8 @@ def _resumable(pipeline: Pipeline, round_number: int, stages: tuple[str, ...]) -
             saved = chunk_directory(nodes)
             chunks = len(list(saved.glob("chunk-*.parquet")))
             if chunks:
-                try:
-                    total = json.loads((saved / "manifest.json").read_text(encoding="utf-8"))["chunks"]
-                except (OSError, ValueError, KeyError):
-                    total = "?"
-                found.append(f"{state(rollout_lock(nodes))}: rollout shard {shard}: {chunks} of {total} chunks saved")
+                total = chunk_manifest(saved).get("chunks", "?")
+                found.append(f"{state(output_lock(nodes))}: rollout shard {shard}: {chunks} of {total} chunks saved")
     for stage in (s for s in stages if s in CHECKPOINT_OF):
         output = layout.checkpoint_dir(run, round_number, CHECKPOINT_OF[stage])
         for staging in sorted(output.parent.glob(f".{output.name}.partial-*")):

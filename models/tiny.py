@@ -367,7 +367,7 @@ def cli_tiny_model(argv: list[str]) -> int:
             type=type(default),
             default=default,
             choices=ARCHITECTURES if option.name == "architecture" else None,
-            help=field_help(TinyModelConfig, option.name) + " (default %(default)s)",
+            help=field_help(TinyModelConfig, option.name, show_default=True),
         )
     args = parser.parse_args(argv)
     try:

@@ -57,7 +57,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOConfig, RewardConfig, SFTConfig
 
-from data_store.home import RunBusyError, hold_lock
+from data_store.home import RunBusyError, hold_lock, output_lock
 from data_store.parquet import atomic_path, fsync_path, write_json
 from models.attention import register_training_attention
 from models.lifetime import process_identity, process_is_running, stop_when_parent_gone, watch_environment
@@ -639,11 +639,6 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
     else:
         os.replace(staging, target)
     fsync_path(target.parent)  # the rename itself survives a lost machine (the child synced the files)
-
-
-def output_lock(output_dir: Path) -> Path:
-    """The lock a training holds from its look at the leftovers of `output_dir` until it has published."""
-    return output_dir.parent / f".{output_dir.name}.lock"
 
 
 class TrainingRun:

@@ -16,9 +16,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def field_help(config_class: Any, name: str) -> str:
-    """A config dataclass field's help string as argparse help (a literal `%` escaped: argparse formats it)."""
-    return config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")
+def field_help(config_class: Any, name: str, *, show_default: bool = False) -> str:
+    """A config dataclass field's help string as argparse help (a literal `%` escaped: argparse formats it),
+    with the option's default after it when `show_default`."""
+    text = config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")
+    return f"{text} (default %(default)s)" if show_default else text
 
 
 def add_worked_examples_argument(parser: argparse.ArgumentParser) -> None:

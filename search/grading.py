@@ -651,10 +651,9 @@ def is_single_value(answer: str) -> bool:
 
 @dataclass(frozen=True)
 class PlainNumber:
-    """An answer that is one plain rational number."""
+    """An answer that is one plain rational number, as written."""
 
-    value: Fraction
-    places: int | None  # decimal places as written (0 for an integer); None for a fraction
+    places: int | None  # decimal places (0 for an integer); None for a fraction
 
 
 def plain_number(answer: str) -> PlainNumber | None:
@@ -665,7 +664,7 @@ def plain_number(answer: str) -> PlainNumber | None:
     if canonical.number is None or canonical.choice is not None or canonical.brackets is not None or canonical.qualified:
         return None
     places = len(canonical.text.partition(".")[2]) if _DECIMAL_RE.fullmatch(canonical.text) else None
-    return PlainNumber(canonical.number, places)
+    return PlainNumber(places)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,11 +154,18 @@ WORKED_EXAMPLES: tuple[tuple[str, tuple[SolutionStep, ...]], ...] = (
 )
 
 
+def check_worked_examples(count: int, step_format: str = "rstar") -> None:
+    """ValueError when `count` worked examples cannot be shown to a policy writing `step_format`."""
+    if not 0 <= count <= len(WORKED_EXAMPLES):
+        raise ValueError(f"worked examples: 0 to {len(WORKED_EXAMPLES)}, got {count}")
+    if count and step_format != StepFormat.RSTAR:
+        raise ValueError(f"the worked examples are written in the rstar step format, not {step_format}")
+
+
 def render_worked_examples(count: int) -> str:
     """The first `count` worked examples as solved prompts, each followed by a blank line: shown before
     a prompt, they teach a model the format in context."""
-    if not 0 <= count <= len(WORKED_EXAMPLES):
-        raise ValueError(f"worked examples: 0 to {len(WORKED_EXAMPLES)}, got {count}")
+    check_worked_examples(count)
     return "".join(render_trajectory(question, steps) + "\n" for question, steps in WORKED_EXAMPLES[:count])
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from data_store.home import Layout
+from data_store.home import Layout, output_lock
 from flows.cli import main
 from models.pipeline import Pipeline
 from models.recipe import load_recipe
 from models.rollout import chunk_directory
 from models.status import format_status
-from models.training import PROVENANCE_FILE, RESUMABLE_FILE, output_lock
+from models.training import PROVENANCE_FILE, RESUMABLE_FILE
 
 
 @pytest.fixture
