@@ -44,6 +44,14 @@ SHARED_DATA_ENV = "KAIZEN_SHARED_DATA"
 CODE_ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("data_store", "search", "models", "tasks", "flows", "tests", "benchmarks", "deployments", ".git")
 
+# The stages of a round, in the order they run: round 0 bootstraps, later rounds search (rl only when
+# the recipe enables it). Here, with no heavy import, so that `kaizen stage --help` can list them.
+BOOTSTRAP_ROUND_STAGES = ("problems", "bootstrap", "evaluate")
+SEARCH_ROUND_STAGES = ("problems", "select", "rollout", "mine", "sft", "rl", "ppm", "evaluate")
+STAGES = ("problems", "select", "bootstrap", "rollout", "mine", "sft", "rl", "ppm", "evaluate")
+CHECKPOINT_OF = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
+"""The checkpoint directory (`Layout.checkpoint_dir`) each training stage writes in its round."""
+
 # The stage each table is written by; `Layout.table_path` uses it when no stage is given.
 TABLE_STAGES: dict[str, str] = {
     "nodes": "rollout",

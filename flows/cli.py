@@ -25,11 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("models.ppm:cli_score", "score texts with a PPM checkpoint"),
     "eval": ("models.evaluation:cli_eval", "evaluate a checkpoint on benchmarks (greedy, maj@K, ppm@K, mcts); writes the eval table"),
     "check-recipe": ("models.recipe:cli_check_recipe", "check recipes (the deploy build step runs this)"),
-    "run": ("flows.evolve:cli_run", "run gated self-evolution rounds of a recipe (the evolve flow)"),
-    "round": ("flows.evolve:cli_round", "run one round of a recipe (the round flow); re-running resumes it"),
-    "stage": ("flows.evolve:cli_stage", "re-run one stage of a round; later stages become stale"),
+    "run": ("flows.commands:cli_run", "run gated self-evolution rounds of a recipe (the evolve flow)"),
+    "round": ("flows.commands:cli_round", "run one round of a recipe (the round flow); re-running resumes it"),
+    "stage": ("flows.commands:cli_stage", "re-run one stage of a round; later stages become stale"),
     "status": ("models.status:cli_status", "where a run stands: who holds it, rounds, stages done, what can resume"),
-    "evaluate": ("flows.evolve:cli_evaluate", "evaluate a checkpoint through the evaluate flow"),
+    "evaluate": ("flows.commands:cli_evaluate", "evaluate a checkpoint through the evaluate flow"),
     "demo": ("flows.demo:cli_demo", "the embedded CPU default: bootstrap a tiny model, then search-and-train rounds"),
 }
 

@@ -74,11 +74,12 @@ def cli_demo(argv: list[str]) -> int:
 
 
 def _run_demo(args: argparse.Namespace, recipe: Recipe, overrides: dict[str, Any] | None, layout: Layout) -> int:
-    from flows.evolve import _quiet_prefect, evolve_flow, failure_message
+    from flows.commands import quiet_prefect, failure_message
+    from flows.evolve import evolve_flow
     from models.report import summary_rows, write_run_report
 
     home = layout.home
-    _quiet_prefect()
+    quiet_prefect()
     started = time.monotonic()
     state = evolve_flow(args.recipe, 0, args.rounds, str(home), overrides, return_state=True)
     total_wall_s = time.monotonic() - started

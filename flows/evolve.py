@@ -9,17 +9,13 @@ Flows take plain parameters (a recipe name or path, round numbers, a home direct
 Prefect UI and deployments can fill them in. Every stage is a cached task (`tasks.stages`): a
 retried or re-run round executes only the stages that did not finish.
 
-`kaizen run`, `kaizen round`, `kaizen stage` and `kaizen evaluate` run these flows in-process
-(ephemeral Prefect unless PREFECT_API_URL points at a server).
+`kaizen run`, `kaizen round`, `kaizen stage` and `kaizen evaluate` (`flows.commands`) run these
+flows in-process (ephemeral Prefect unless PREFECT_API_URL points at a server).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shlex
-import sys
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
@@ -33,9 +29,7 @@ from models.gate import decide_gate
 from models.pipeline import Artifact, Current, Pipeline, RoundRecord, artifacts_current
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown, write_run_report
-from search.arguments import OneLineParser
 from tasks.stages import (
-    STAGES,
     bootstrap_task,
     cached,
     evaluate_checkpoint_task,
@@ -239,7 +233,7 @@ def stage_flow(recipe: str, stage: str, round_number: int, home: str | None = No
     """Re-run exactly one stage of a round (its upstream stages come from the cache); returns the stale stages."""
     pipeline = open_pipeline(recipe, home, overrides)
     with pipeline.layout.hold_run(pipeline.run, "a stage flow"):
-        order = _check_stage(pipeline, stage, round_number)
+        order = check_stage(pipeline, stage, round_number)
         _run_round(pipeline, round_number, refresh=frozenset({stage}), stop_after=stage)
         stale = list(order[order.index(stage) + 1:]) + ["gate", "promote"]
         pipeline.mark_stale(round_number, stage, stale)
@@ -293,7 +287,7 @@ def _evaluation_inputs(
     return config, [load_benchmark(spec, limit=limit) for spec in benchmarks]
 
 
-def _check_round(pipeline: Pipeline, round_number: int) -> None:
+def check_round(pipeline: Pipeline, round_number: int) -> None:
     """A round can run: its number is valid and (after round 0) it has a promoted, up-to-date predecessor."""
     if round_number < 0:
         raise ValueError(f"round must be >= 0, got {round_number}")
@@ -301,172 +295,10 @@ def _check_round(pipeline: Pipeline, round_number: int) -> None:
         pipeline.starting_point(round_number)
 
 
-def _check_stage(pipeline: Pipeline, stage: str, round_number: int) -> tuple[str, ...]:
+def check_stage(pipeline: Pipeline, stage: str, round_number: int) -> tuple[str, ...]:
     """The stages of the round, after checking that `stage` is one of them and the round can run."""
     order = pipeline.round_stages(round_number)
     if stage not in order:
         raise ValueError(f"round {round_number} has no stage {stage!r}; its stages are {', '.join(order)}")
-    _check_round(pipeline, round_number)
+    check_round(pipeline, round_number)
     return order
-
-
-# --- command line ------------------------------------------------------------------------------
-
-
-def _override(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. search.mcts.rollouts=16), got {text!r}")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise argparse.ArgumentTypeError(f"--set {key}: {value!r} is not a YAML value ({problem})") from None
-
-
-def _override_text(key: str, value: Any) -> str:
-    """`KEY=VALUE` that `_override` reads back as `value` (None is `null` there, not `None`)."""
-    import yaml
-
-    try:
-        plain = isinstance(value, str) and yaml.safe_load(value) == value
-    except yaml.YAMLError:
-        plain = False
-    if plain:
-        return f"{key}={value}"
-    # One line of YAML in flow style (null, true, 1.0e-05, .inf, quoted text, [..], {..}), without the
-    # end-of-document marker a lone scalar gets.
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
-    return f"{key}={text.removesuffix('...').strip()}"
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="recipe name (deployments/recipes) or YAML path")
-    parser.add_argument("--home", default=None, help="data home (default: $KAIZEN_HOME or ./kaizen_home)")
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field by dotted name (repeatable), e.g. --set search.shards=4")
-
-
-def _checked(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Pipeline]:
-    """The overrides as a dict and the pipeline they give, whose recipe, problems file and home are
-    checked on the way (bad input fails in one line before Prefect starts)."""
-    overrides = dict(args.overrides) or None
-    pipeline = open_pipeline(args.recipe, args.home, overrides)
-    pipeline.check_problems()
-    _quiet_prefect()
-    return overrides, pipeline
-
-
-def _quiet_prefect() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-def _parse_rounds(text: str) -> tuple[int | None, int]:
-    """START:END, or END alone (as `kaizen demo --rounds N`): from the round after the promoted one to END."""
-    start, colon, end = text.partition(":")
-    if not colon:
-        start, end = "", start
-    try:
-        first, last = (int(start) if start else None), int(end)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rounds must look like START:END or END, got {text!r}") from None
-    if first is not None and not 0 <= first <= last:
-        raise argparse.ArgumentTypeError(f"--rounds START:END needs 0 <= START <= END, got {text!r}")
-    return first, last
-
-
-def cli_run(argv: list[str]) -> int:
-    parser = OneLineParser(prog="kaizen run", description="Run the evolve flow: gated rounds of a recipe.")
-    _common(parser)
-    parser.add_argument("--rounds", type=_parse_rounds, default=(None, 4),
-                        help="START:END, or END: from the round after the promoted one to END (default 4)")
-    args = parser.parse_args(argv)
-    overrides, pipeline = _checked(args)
-    start, end = args.rounds
-    first = pipeline.next_round() if start is None else start
-    if first > end:
-        print(f"nothing to run: rounds up to {end} of run {pipeline.run!r} are already promoted")
-        return 0
-    _check_round(pipeline, first)
-    with pipeline.layout.hold_run(pipeline.run, "kaizen run"):  # a busy run fails here, before Prefect starts
-        state = evolve_flow(args.recipe, start, end, args.home, overrides, return_state=True)
-    return _report_state(state, parser.prog)
-
-
-def cli_round(argv: list[str]) -> int:
-    parser = OneLineParser(prog="kaizen round", description="Run the round flow once.")
-    _common(parser)
-    parser.add_argument("--round", dest="round_number", type=int, default=None,
-                        help="round number (default: the one after the promoted round)")
-    args = parser.parse_args(argv)
-    overrides, pipeline = _checked(args)
-    _check_round(pipeline, pipeline.next_round() if args.round_number is None else args.round_number)
-    with pipeline.layout.hold_run(pipeline.run, "kaizen round"):
-        state = round_flow(args.recipe, args.round_number, args.home, overrides, return_state=True)
-    return _report_state(state, parser.prog)
-
-
-def cli_stage(argv: list[str]) -> int:
-    parser = OneLineParser(prog="kaizen stage", description="Re-run one stage of a round.")
-    parser.add_argument("stage", choices=STAGES, help="the stage to re-run")
-    _common(parser)
-    parser.add_argument("--round", dest="round_number", type=int, required=True)
-    args = parser.parse_args(argv)
-    overrides, pipeline = _checked(args)
-    _check_stage(pipeline, args.stage, args.round_number)
-    with pipeline.layout.hold_run(pipeline.run, f"kaizen stage {args.stage}"):
-        state = stage_flow(args.recipe, args.stage, args.round_number, args.home, overrides, return_state=True)
-    if state.is_completed():
-        stale = state.result()
-        again = ["kaizen", "round", "--recipe", args.recipe, "--round", str(args.round_number)]
-        again += ["--home", args.home] if args.home else []
-        again += [word for key, value in args.overrides for word in ("--set", _override_text(key, value))]
-        print(f"re-ran {args.stage} of round {args.round_number}; now stale: {', '.join(stale)} "
-              f"({shlex.join(again)} brings them up to date)")
-    return _report_state(state, parser.prog)
-
-
-def cli_evaluate(argv: list[str]) -> int:
-    from models.evaluation import add_checkpoint_arguments, check_checkpoint_sources, checked_evaluation, search_options
-
-    parser = OneLineParser(prog="kaizen evaluate", description="Run the evaluate flow on a checkpoint.")
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--out", default=None, help="also write eval.parquet and summary.json here")
-    args = parser.parse_args(argv)
-    from data_store.parquet import check_output_directory
-
-    # Bad input in one line (usage errors, exit 2), not in a failed flow run's log; the flow loads the
-    # benchmark files again, where a deployment's run needs them.
-    try:
-        checked_evaluation(args)
-        if args.out:
-            check_output_directory(args.out)
-    except ValueError as err:
-        parser.error(str(err))
-    check_checkpoint_sources(args.model, args.ppm)
-    _quiet_prefect()
-    state = evaluate_flow(args.model, args.benchmarks, args.modes, args.ppm, args.limit, args.out, args.backend,
-                          args.seed, args.step_format, **search_options(args), return_state=True)
-    if state.is_completed():
-        for row in state.result():
-            print(json.dumps(row))
-    return _report_state(state, parser.prog)
-
-
-def failure_message(state: Any) -> str:
-    """The first line of what a flow run that did not complete raised."""
-    try:
-        state.result()
-    except BaseException as err:  # noqa: BLE001 - the flow's own exception, reported in one line
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"the flow run ended {state.type.value.lower()}"
-
-
-def _report_state(state: Any, prog: str) -> int:
-    """0 for a completed flow run; otherwise one line with the failure's message."""
-    if state.is_completed():
-        return 0
-    print(f"{prog}: error: {failure_message(state)}", file=sys.stderr)
-    return 1

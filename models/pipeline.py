@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from data_store.home import Layout
+from data_store.home import BOOTSTRAP_ROUND_STAGES, CHECKPOINT_OF, SEARCH_ROUND_STAGES, Layout
 from data_store.parquet import write_json, write_table
 from data_store.schema import conform
 from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
@@ -41,10 +41,6 @@ from models.recipe import CURRICULUM, CURRICULUM_TEST, TINY, Recipe
 _CONTENT_HASH_LIMIT = 64 * 2**20
 _WINDOWS, _WINDOW_BYTES = 256, 16 * 2**10
 PROMOTED_FILE = "promoted.json"
-BOOTSTRAP_ROUND_STAGES = ("problems", "bootstrap", "evaluate")
-SEARCH_ROUND_STAGES = ("problems", "select", "rollout", "mine", "sft", "rl", "ppm", "evaluate")
-CHECKPOINT_OF = {"bootstrap": "policy", "sft": "policy", "rl": "policy-rl", "ppm": "ppm"}
-"""The checkpoint directory (`Layout.checkpoint_dir`) each training stage writes in its round."""
 RERUN_ROUND = "round"
 """What a STALE record names as re-run when a whole earlier round ran again and changed its promotion."""
 LOGGER_NAME = "kaizen.pipeline"

@@ -12,9 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from models.pipeline import CHECKPOINT_OF, Pipeline
+from data_store.home import CHECKPOINT_OF
 from search.arguments import OneLineParser
+
+if TYPE_CHECKING:
+    from models.pipeline import Pipeline
 
 ROUND_DIR = re.compile(r"round-(\d+)")
 
@@ -149,6 +153,7 @@ def cli_status(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from data_store.home import Layout, get_home
+    from models.pipeline import Pipeline
     from models.recipe import load_recipe
 
     layout = Layout(get_home(args.home))

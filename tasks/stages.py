@@ -54,7 +54,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # the held-out split of a curriculum is drawn from its settings (how many a round searches does not count)
     "evaluate": ("eval", "problems.source", "problems.curriculum", "backend", "sandbox", "seed"),
 }
-STAGES = tuple(STAGE_SECTIONS)
 # Settings that say where and how fast a stage runs, not what it computes: a run resumed on other
 # hardware (another server, another GPU split, more workers, other batch sizes) keeps its finished
 # stages; so do training settings that only watch and keep a run (timeouts, logging, intermediate

@@ -79,7 +79,7 @@ def test_an_empty_round_range_is_a_run(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_a_single_round_number_runs_up_to_it_from_the_next_round() -> None:
-    from flows.evolve import _parse_rounds
+    from flows.commands import _parse_rounds
 
     assert _parse_rounds("3") == _parse_rounds(":3") == (None, 3)
 
@@ -122,7 +122,7 @@ def test_a_set_value_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path, cap
 @pytest.mark.parametrize("value", [None, True, "text", "null", "a: b", 0.1, 1e-05, float("inf"), [1e-07, 2],
                                    {"a": 1}, {1: "a"}])
 def test_the_suggested_command_sets_the_values_it_was_given(value: object) -> None:
-    from flows.evolve import _override, _override_text
+    from flows.commands import _override, _override_text
 
     assert _override(_override_text("key", value)) == ("key", value)
 
@@ -292,6 +292,22 @@ def test_every_commands_help_is_shown(command: list[str], capsys: pytest.Capture
     except SystemExit as exit_:  # argparse's own exit, where the command does not catch it
         code = exit_.code
     assert code == 0 and "usage:" in capsys.readouterr().out
+
+
+
+# The flow commands' help and usage errors must answer at once, not after importing Prefect and torch.
+@pytest.mark.parametrize("command", ["run", "round", "stage", "status", "evaluate", "demo"])
+def test_a_flow_commands_help_imports_neither_prefect_nor_torch(command: str) -> None:
+    probe = (
+        "import contextlib, io, sys\n"
+        "from flows.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    try: main([{command!r}, '--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(sorted({'prefect', 'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_evaluate_refuses_a_ppm_mode_without_a_ppm_before_the_flow(capsys: pytest.CaptureFixture) -> None:
