@@ -34,8 +34,10 @@ class GateRule:
     tolerance: float = field(default=0.0, metadata={"help": "the largest fall in accuracy that still passes"})
 
     def __post_init__(self) -> None:
-        if self.tolerance < 0 or self.min_gain < 0:
-            raise ValueError(f"gate min_gain and tolerance must be >= 0, got {self.min_gain} and {self.tolerance}")
+        # Accuracies are shares in [0, 1]; a NaN would pass every comparison below and let any fall through.
+        if not (0 <= self.tolerance <= 1 and 0 <= self.min_gain <= 1):
+            raise ValueError(f"gate min_gain and tolerance must be between 0 and 1 (0.01: one point), "
+                             f"got {self.min_gain} and {self.tolerance}")
         # The name the metrics carry: "maj@08" is measured as maj@8.
         object.__setattr__(self, "mode", parse_mode(self.mode).name)
 

@@ -2,12 +2,14 @@
 
 `models.training.train_rl` runs TRL's `GRPOTrainer` in a subprocess like SFT and PPM training;
 this module supplies what is particular to RL. Rewards are plain TRL reward functions
-(`f(prompts, completions, **columns) -> list[float]`), summed with GRPO's `reward_weights`:
+(`f(prompts, completions, **columns) -> list[float | None]`), summed with GRPO's `reward_weights`
+(a None leaves that reward out for that completion):
 
 - `outcome`: prompt + completion is parsed in the run's step format (rStar's code-augmented steps
   or Satori's chain-of-action-thought), the program of the solution runs in the sandbox, and the
   grader compares the final answer with the row's reference: `outcome_correct` when it matches
-  and the program ran, `outcome_wrong` otherwise (malformed, program failed, no or wrong answer).
+  and the program ran, `outcome_wrong` otherwise (malformed, program failed, no or wrong answer),
+  None where the grader timed out or failed.
 - `format`: 1 for a completion that is a well-formed solution ending in an answer, else 0.
 - `ppm`: the PPM's values of the solution's step prefixes, aggregated (min, mean or last).
 - `reflection` (Satori): `reflection_bonus` for a restart from a wrong state (`prefix_kind` is
@@ -38,7 +40,7 @@ from search.coat import (
     solution_program,
 )
 from search.grading import is_single_value
-from search.rollout import last_printed_line, printed_error, printed_result
+from search.rollout import finite_scores, last_printed_line, printed_error, printed_result, verified
 from search.steps import (
     END_OF_ANSWER,
     SolutionStep,
@@ -175,7 +177,8 @@ class Verdict:
     """What running and grading one completion found."""
 
     well_formed: bool  # parses in the step format and ends in an answer step right after a final code step
-    correct: bool  # well-formed, its program ran and printed the reference, and its answer equals it
+    correct: bool | None  # well-formed, its program ran and printed the reference, and its answer equals it;
+    # None: the grader could not tell (it timed out or failed), so no reward should say either way
     answer: str | None = None
     reason: str | None = None  # why it is not correct
 
@@ -250,10 +253,14 @@ class SolutionJudge:
         for index, _, printed in to_grade:
             answer_grade = next(grades)
             output_grade = next(grades) if printed is not None else None
-            reason = None if answer_grade.equal else "wrong answer"
-            if answer_grade.equal and output_grade is not None and not output_grade.equal:
-                reason = "the answer does not match what the program printed"
-            verdicts[index] = Verdict(True, reason is None, answer_grade.pred_answer, reason)
+            correct = verified(answer_grade, output_grade)
+            if correct is None:
+                reason = "the grader could not tell"
+            elif not answer_grade.equal:
+                reason = "wrong answer"
+            else:
+                reason = None if correct else "the answer does not match what the program printed"
+            verdicts[index] = Verdict(True, correct, answer_grade.pred_answer, reason)
         self._latest = (key, verdicts)  # type: ignore[assignment]  # every slot is filled by now
         return verdicts  # type: ignore[return-value]
 
@@ -262,15 +269,17 @@ class SolutionJudge:
 
 
 class OutcomeReward:
-    """`outcome_correct` for a completion whose program runs and whose answer is right, else `outcome_wrong`."""
+    """`outcome_correct` for a completion whose program runs and whose answer is right, else `outcome_wrong`;
+    None where the grader could not tell (TRL then leaves this reward out for that completion)."""
 
     __name__ = "outcome"
 
     def __init__(self, judge: SolutionJudge, correct: float = 1.0, wrong: float = -1.0) -> None:
         self.judge, self.correct, self.wrong = judge, correct, wrong
 
-    def __call__(self, prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return [self.correct if v.correct else self.wrong for v in self.judge.judge(prompts, completions, answer)]
+    def __call__(self, prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
+        verdicts = self.judge.judge(prompts, completions, answer)
+        return [None if v.correct is None else self.correct if v.correct else self.wrong for v in verdicts]
 
 
 class FormatReward:
@@ -295,9 +304,10 @@ class ReflectionBonus:
 
     def __call__(
         self, prompts: list[str], completions: list[str], answer: list[str], prefix_kind: list[str], **_: Any
-    ) -> list[float]:
+    ) -> list[float | None]:
         verdicts = self.judge.judge(prompts, completions, answer)
-        return [self.bonus if kind == "wrong" and v.correct else 0.0 for kind, v in zip(prefix_kind, verdicts)]
+        return [None if kind == "wrong" and v.correct is None else self.bonus if kind == "wrong" and v.correct else 0.0
+                for kind, v in zip(prefix_kind, verdicts)]
 
 
 class ProcessReward:
@@ -321,7 +331,7 @@ class ProcessReward:
                 prefixes.append(step_prefixes(prompt + completion, self.step_format)[given:])
             except ValueError:
                 prefixes.append([])
-        values = iter(self.scorer.score([text for texts in prefixes for text in texts]))
+        values = iter(finite_scores(self.scorer.score([text for texts in prefixes for text in texts])))
         rewards = []
         for texts in prefixes:
             scores = [next(values) for _ in texts]

@@ -80,9 +80,11 @@ def test_the_rule_gates_the_configured_benchmark_and_mode_only() -> None:
     assert decide_gate({MAIN: 0.10, "gsm8k/maj@8": 0.62}, {MAIN: 0.50, "gsm8k/maj@8": 0.60}, rule).passed
 
 
-@pytest.mark.parametrize("settings", [{"tolerance": -0.01}, {"min_gain": -0.01}])
-def test_negative_thresholds_are_refused(settings: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="must be >= 0"):
+@pytest.mark.parametrize("settings", [{"tolerance": -0.01}, {"min_gain": -0.01}, {"tolerance": float("nan")},
+                                      {"min_gain": float("nan")}, {"tolerance": 5.0}],
+                         ids=["negative tolerance", "negative gain", "NaN tolerance", "NaN gain", "points, not a share"])
+def test_thresholds_outside_zero_to_one_are_refused(settings: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be between 0 and 1"):
         GateRule("math500", **settings)
 
 

@@ -16,11 +16,12 @@ from test_training import FAST_SFT, write_table
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
 from models.rl import FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge
+from search.rollout import PPMScoreError
 from models.tiny import build_tiny_model, default_corpus
 from search.coat import astro_backtrack
 from models.training import PROVENANCE_FILE, TrainingInputError, train_rl, train_sft
 from search.coat import COAT_TOKENS
-from search.grading import Grader
+from search.grading import GradeResult, Grader
 from search.sandbox import Sandbox, SandboxConfig
 from search.steps import STEP_SPECIAL_TOKENS, SolutionStep, render_prompt, render_solution
 
@@ -95,6 +96,17 @@ def test_outcome_reward_is_plus_one_only_for_a_correct_program_run(judge: Soluti
     ]
     assert OutcomeReward(judge)([PROMPT] * 4, completions, answer=["6"] * 4) == [1.0, -1.0, -1.0, -1.0]
 
+
+
+def test_a_solution_the_grader_could_not_grade_gets_no_outcome_reward() -> None:
+    class TimingOutGrader:
+        def grade_many(self, pairs: list[tuple[str, str]]) -> list[GradeResult]:
+            return [GradeResult(False, "6", "timeout") for _ in pairs]
+
+    with Sandbox(SandboxConfig(workers=1)) as sandbox:
+        judge = SolutionJudge(sandbox, TimingOutGrader())
+        assert OutcomeReward(judge)([PROMPT], [SOLVED], answer=["6"]) == [None]
+        assert ReflectionBonus(judge)([PROMPT], [SOLVED], answer=["6"], prefix_kind=["wrong"]) == [None]
 
 def test_an_astro_trace_is_judged_on_the_steps_after_its_backtrack(judge: SolutionJudge) -> None:
     backtrack = astro_backtrack("running this code fails with ZeroDivisionError: division by zero", 1)
@@ -178,6 +190,15 @@ def test_process_reward_scores_only_the_completions_own_steps() -> None:
     assert len(scorer.texts) == 3 and all(text.startswith(prompt) and len(text) > len(prompt) for text in scorer.texts)
     assert reward == -len(scorer.texts[-1]) / 1000
 
+
+
+def test_process_reward_refuses_a_ppm_that_scores_nan() -> None:
+    class BrokenScorer:
+        def score(self, texts: list[str]) -> list[float]:
+            return [float("nan")] * len(texts)
+
+    with pytest.raises(PPMScoreError, match="not a finite number"):
+        ProcessReward(BrokenScorer())([PROMPT], [SOLVED])
 
 def test_format_reward_needs_closed_steps_ending_in_an_answer() -> None:
     assert FormatReward()([PROMPT] * 2, [SOLVED, render_solution([APPLES, SHARE])]) == [1.0, 0.0]
