@@ -139,9 +139,14 @@ def _pick(row: Mapping[str, Any], ours: str, fields: Mapping[str, str]) -> tuple
     return None, None
 
 
-def _text(value: Any) -> str | None:
+def _text(value: Any, field_name: str | None, location: str) -> str | None:
+    """A field as stripped text (a number as written), or None when missing or blank."""
     if value is None:
         return None
+    # str() would turn `true` into "True" and a list into its repr, and a reference no answer can match.
+    if isinstance(value, (bool, list, tuple, dict)):
+        raise ProblemsError(f"{location}: field {field_name} holds {type(value).__name__} {value!r}; "
+                            "expected text or a number")
     text = str(value).strip()
     return text or None
 
@@ -187,15 +192,15 @@ def _problems_table(
         if limit is not None and len(seen) >= limit:
             break
         problem_field, problem = _pick(row, "problem", fields)
-        problem = _text(problem)
+        problem = _text(problem, problem_field, f"{origin} {where}")
         if problem is None:
             raise ProblemsError(
                 f"{origin} {where}: no problem text (field {problem_field or '/'.join(DEFAULT_FIELDS['problem'])})"
             )
         id_field, raw_id = _pick(row, "id", fields)
-        problem_id = _text(raw_id) or content_id(problem)
+        problem_id = _text(raw_id, id_field, f"{origin} {where}") or content_id(problem)
         answer_field, answer = _pick(row, "answer", fields)
-        answer = _text(answer)
+        answer = _text(answer, answer_field, f"{origin} {where}")
         if require_answer and answer is None:
             raise ProblemsError(
                 f"{origin} {where}: problem {problem_id} has no answer; rollouts need a reference answer"
@@ -212,7 +217,7 @@ def _problems_table(
         columns["problem_id"].append(problem_id)
         columns["problem"].append(problem)
         columns["answer"].append(answer)
-        columns["source"].append(_text(source) or default_source)
+        columns["source"].append(_text(source, source_field, f"{origin} {where}") or default_source)
         columns["metadata"].append(
             json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
         )

@@ -490,6 +490,7 @@ def cli_eval(argv: list[str]) -> int:
     parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
     args = parser.parse_args(argv)
 
+    from data_store.home import check_name
     from data_store.parquet import check_output_directory
     from models.tiny import ModelLoadError
 
@@ -498,6 +499,10 @@ def cli_eval(argv: list[str]) -> int:
         return code
 
     try:
+        # The table's run and round name a run of the data store when it is copied into one.
+        check_name(args.run, "run")
+        if args.round_number < 0:
+            raise ValueError(f"--round must be >= 0, got {args.round_number}")
         config, benchmarks = checked_evaluation(args)
         check_output_directory(args.out)
     except ValueError as err:

@@ -97,13 +97,17 @@ def test_a_home_that_cannot_be_created_is_refused_before_any_flow(tmp_path: Path
     (["train", "sft", "--tables", "t.parquet"], "cannot be created"),
     (["tiny-model", "--initializer-range", "-1"], "initializer_range must be in [0, 1], got -1.0"),
     (["score", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1, got 0"),
-], ids=["rollout-run-name", "rollout-round", "train-out", "tiny-init-range", "score-batch-tokens"])
+    (["eval", "--run", "a b/../c"], "run name 'a b/../c' must be"),
+    (["eval", "--round", "-5"], "--round must be >= 0, got -5"),
+], ids=["rollout-run-name", "rollout-round", "train-out", "tiny-init-range", "score-batch-tokens", "eval-run-name",
+        "eval-round"])
 def test_bad_command_options_are_refused_in_one_line(argv: list[str], message: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "file").write_text("")
     required = {"rollout": ["--model", "m", "--problems", "p", "--out", str(tmp_path / "out")],
                 "train": ["--out", str(tmp_path / "file" / "ckpt")], "tiny-model": ["--out", str(tmp_path / "tiny")],
-                "score": ["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "file")]}
+                "score": ["--ppm", str(tmp_path), "--jsonl", str(tmp_path / "file")],
+                "eval": ["--model", "m", "--benchmark", "aime24", "--out", str(tmp_path / "out")]}
     try:
         code = main([*argv, *required[argv[0]]])
     except SystemExit as exit_:

@@ -383,6 +383,18 @@ def test_a_problem_without_an_answer_is_rejected_by_name(tmp_path: Path) -> None
         load_problems(path)
 
 
+
+@pytest.mark.parametrize("answer", [True, ["1", "2"], {"value": 1}], ids=["bool", "list", "object"])
+def test_an_answer_that_is_not_text_or_a_number_is_refused(tmp_path: Path, answer: object) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "problem": "1?", "answer": answer}])
+    with pytest.raises(ProblemsError, match="line 1: field answer holds .*expected text or a number"):
+        load_problems(path)
+
+
+def test_a_numeric_answer_is_read_as_written(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "problem": "1?", "answer": 18}])
+    assert load_problems(path)["answer"].to_pylist() == ["18"]
+
 def test_answers_are_optional_when_not_required(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "p.jsonl", [{"id": "ok", "problem": "1?", "answer": "1"}, {"id": "open", "problem": "2?"}]
