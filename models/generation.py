@@ -305,6 +305,9 @@ class HFGenerator:
             self._eos_ids.add(self.tokenizer.eos_token_id)
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
 
+    def restart_seeds(self) -> None:
+        self._prompt_seeds.restart()
+
     def release(self) -> None:
         """Free the model and its cached prompt states now: a long-lived flow process would keep them
         on the GPU through the training stages that follow (as `PPMScorer.release`)."""

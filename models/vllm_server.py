@@ -458,6 +458,10 @@ class VLLMGenerator:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=limits)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-request")
 
+    def restart_seeds(self) -> None:
+        if self._prompt_seeds is not None:
+            self._prompt_seeds.restart()
+
     def generate(
         self,
         prompts: Sequence[str],

@@ -348,6 +348,7 @@ class _Evaluation:
             for copy in range(copies)
         ]
         started = time.perf_counter()
+        self.generator.restart_seeds()  # this mode's samples as if it ran alone
         result = run_rollouts(
             replicas,
             config,

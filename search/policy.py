@@ -40,6 +40,10 @@ class Generator(Protocol):
         """Return, for every prompt in order, its `n` completions (stop strings included at the end)."""
         ...
 
+    def restart_seeds(self) -> None:
+        """Sample every prompt as if for the first time from now on (`PromptSeeds.restart`)."""
+        ...
+
 
 class ShownExamples:
     """A Generator whose policy sees `examples` (worked examples, `search.steps.render_worked_examples`)
@@ -54,6 +58,9 @@ class ShownExamples:
     ) -> list[list[Completion]]:
         return self.generator.generate([self.examples + prompt for prompt in prompts], n=n, stop=stop,
                                        temperature=temperature, max_tokens=max_tokens)
+
+    def restart_seeds(self) -> None:
+        self.generator.restart_seeds()
 
 
 def with_worked_examples(generator: Generator, count: int) -> Generator:
@@ -97,6 +104,13 @@ class PromptSeeds:
                 self._uses.popitem(last=False)
         digest = hashlib.blake2b(key + f"/{self.seed}/{use}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
+
+    def restart(self) -> None:
+        """Forget every count: the next sampling of any prompt gets that prompt's first seed again.
+        An evaluation restarts before each of its searches, so what one mode samples does not depend
+        on which modes sampled the same questions before it."""
+        with self._lock:
+            self._uses.clear()
 
 
 class StepScorer(Protocol):

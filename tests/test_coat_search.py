@@ -73,6 +73,9 @@ class MenuPolicy:
             results.append([Completion(text, len(text.split())) for text in (options * n)[:n]])
         return results
 
+    def restart_seeds(self) -> None:  # it keeps no sampling state
+        pass
+
 
 def scripted_chain(*steps: str) -> MenuPolicy:
     """A policy whose k-th step is `steps[k]` (steps counted by their tokens in the prompt)."""

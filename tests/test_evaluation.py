@@ -70,6 +70,9 @@ class ChainScript:
         self.tokens += sum(c.num_tokens for completions in results for c in completions)
         return results
 
+    def restart_seeds(self) -> None:  # as a seeded policy: each question's samples start over
+        self.served.clear()
+
     def _completion(self, prompt: str) -> Completion:
         printed = re.search(r"<output>(.*)<end_of_output>\n$", prompt, re.S)
         if printed and printed.group(1) == UNBOXED:
@@ -285,6 +288,13 @@ def test_maj_and_ppm_of_the_same_k_judge_the_same_samples() -> None:
     assert policy.served[problem(0).question] == 3
     assert [result.records[0].extracted_answer for result in results] == ["7", "5"]
 
+
+
+def test_a_modes_samples_do_not_depend_on_the_modes_before_it() -> None:
+    scripts = {problem(0).question: ["5", "5", "7", "7", "7"]}
+    [alone] = run_modes([problem(0, "5")], ["maj@3"], scripts)
+    after_another = run_modes([problem(0, "5")], ["maj@2", "maj@3"], scripts)[1]
+    assert after_another.records[0].extracted_answer == alone.records[0].extracted_answer == "5"
 
 def test_test_time_mcts_answers_what_the_ppm_prefers_not_the_reference() -> None:
     scorer = AnswerPreferringScorer({"7": 0.8, "5": -0.8})

@@ -370,6 +370,14 @@ def test_prompt_seeds_count_the_uses_of_the_most_recent_prompts_only() -> None:
     assert first != again and seeds.next("a") == first
 
 
+
+def test_restarted_prompt_seeds_give_each_prompt_its_first_seed_again() -> None:
+    seeds = PromptSeeds(0)
+    first = seeds.next("a")
+    seeds.next("a")
+    seeds.restart()
+    assert seeds.next("a") == first
+
 def test_inverting_the_cdf_skips_tokens_of_probability_zero() -> None:
     """Draws at the very start, on a boundary, and just below the total land on tokens with mass."""
     probabilities = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 3)
