@@ -7,8 +7,8 @@ this module supplies what is particular to RL. Rewards are plain TRL reward func
 
 - `outcome`: prompt + completion is parsed in the run's step format (rStar's code-augmented steps
   or Satori's chain-of-action-thought), the program of the solution runs in the sandbox, and the
-  grader compares the final answer with the row's reference: `outcome_correct` when it matches
-  and the program ran, `outcome_wrong` otherwise (malformed, program failed, no or wrong answer),
+  grader compares the final answer with the row's reference: `outcome_correct` when it matches,
+  the program ran and what it printed backs the answer (`SolutionJudge`), `outcome_wrong` otherwise (malformed, program failed, no or wrong answer),
   None where the grader timed out or failed.
 - `format`: 1 for a completion that is a well-formed solution ending in an answer, else 0.
 - `ppm`: the PPM's values of the solution's step prefixes, aggregated (min, mean or last).
@@ -201,8 +201,10 @@ class SolutionJudge:
 
     A completion is written in one go, its `<output>` included, so the output it shows is the
     policy's guess; evaluation instead runs the code and shows the real output before the answer.
-    A completion is correct only when both the real output and its answer equal the reference: the
-    program is right, and the answer does not rest on a guessed output.
+    A completion is correct only when its answer equals the reference and rests on the real output:
+    what the program printed equals the reference too (`_held_printed`: for a reference of one
+    value, unless the completion showed exactly that output), so the program is right and the
+    answer does not rest on a guessed output.
 
     The verdicts of the latest batch are kept, so rewards that read the same batch (outcome and
     reflection) run each program once.
@@ -219,34 +221,30 @@ class SolutionJudge:
         if self._latest is not None and self._latest[0] == key:
             return self._latest[1]
         verdicts: list[Verdict | None] = [None] * len(key)
-        runnable: list[tuple[int, str | None, str]] = []  # index, program, answer text
+        runnable: list[tuple[int, str | None, str, str | None]] = []  # index, program, answer text, guessed output
         for index, (prompt, completion, _) in enumerate(key):
             steps, reason = _parse_for_judging(prompt + completion, self.step_format)
             if steps is None:
                 verdicts[index] = Verdict(False, False, reason=reason)
             else:
-                runnable.append((index, solution_program(steps), final_answer(steps) or ""))
-        programs = [(index, program) for index, program, _ in runnable if program is not None]
+                # steps[-2] is the final code step (`_parse_for_judging`); its output is the policy's guess
+                runnable.append((index, solution_program(steps), final_answer(steps) or "", steps[-2].output))
+        programs = [(index, program) for index, program, _, _ in runnable if program is not None]
         results = dict(zip([index for index, _ in programs],
                            self.executor.run_many([program for _, program in programs]) if programs else [],
                            strict=True))
         # index, answer text, the program's printed result as the reference holds it (None: not held)
         to_grade: list[tuple[int, str, str | None]] = []
-        for index, _, answer_text in runnable:
+        for index, _, answer_text, guessed in runnable:
             result = results[index]  # well-formed solutions end in a final code step, so they have a program
             failure = result.error if not result.ok else printed_error(result.stdout)
             if failure is not None:  # it raised, or caught its error and printed it: it computed nothing
                 verdicts[index] = Verdict(True, False, reason=f"program failed: {failure}")
             else:
-                # Stricter than the search (search.rollout.printed_answer): whatever the program printed
-                # last must be a reference of one value (rounded as `printed_result` rounds a plain
-                # number), or a policy could print words to escape the check and guess.
                 prompt, completion, reference = key[index]
                 question = split_prompt(prompt + completion)[0]  # it parsed as a trajectory above
                 last = last_printed_line(result.stdout)
-                printed = printed_result(last, reference, question) or (
-                    f"\\boxed{{{last}}}" if is_single_value(reference) else None)
-                to_grade.append((index, answer_text, printed))
+                to_grade.append((index, answer_text, _held_printed(last, guessed, reference, question)))
         pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade
                  for text in (answer_text, printed) if text is not None]
         grades = iter(self.checker.grade_many(pairs) if pairs else [])
@@ -264,6 +262,24 @@ class SolutionJudge:
         self._latest = (key, verdicts)  # type: ignore[assignment]  # every slot is filled by now
         return verdicts  # type: ignore[return-value]
 
+
+
+def _held_printed(last: str, guessed: str | None, reference: str, question: str) -> str | None:
+    """What the program's last printed line must equal as the reference does (boxed), or None.
+
+    A plain-number reference holds the printed number, as the search does (`printed_result`). Any
+    other reference of one value holds it too, unless the completion's own <output> showed exactly
+    what the program printed (then its answer read the real result): a program prints Python's
+    notation (`6 - 5*I`, `Matrix([[1], [2]])`, `oo`), which the grader cannot match with the
+    reference's LaTeX, and a faithful solution must not lose its reward for that. Printing nothing
+    does not count as faithful, or a policy could print nothing and guess.
+    """
+    plain = printed_result(last, reference, question)
+    if plain is not None or not is_single_value(reference):
+        return plain
+    if last and guessed is not None and last_printed_line(guessed) == last:
+        return None
+    return f"\\boxed{{{last}}}"
 
 # --- reward functions -------------------------------------------------------------------------
 

@@ -144,11 +144,31 @@ def test_a_program_that_prints_the_error_it_caught_has_failed(judge: SolutionJud
     assert not verdict.correct and verdict.reason == "program failed: Error: division by zero"
 
 
-def test_a_reference_in_words_is_still_held_to_the_printed_line(judge: SolutionJudge) -> None:
-    """Stricter than the search: a policy must not print anything and guess the words."""
-    completion = render_solution([APPLES, SHARE, PRINT, SolutionStep("<answer>\\boxed{\\text{even}}<end_of_answer>")])
+EVEN = SolutionStep("<answer>\\boxed{\\text{even}}<end_of_answer>")
+
+
+def test_a_reference_in_words_is_held_to_a_printed_line_the_completion_guessed_wrong(judge: SolutionJudge) -> None:
+    """Stricter than the search: the completion showed 7 where the program printed 6."""
+    completion = render_solution([APPLES, SHARE, SolutionStep(PRINT.text, output="7"), EVEN])
     [verdict] = judge.judge([PROMPT], [completion], ["\\text{even}"])
     assert not verdict.correct and "printed" in verdict.reason
+
+
+def test_a_reference_in_words_is_held_to_the_printed_line_when_nothing_is_printed(judge: SolutionJudge) -> None:
+    """Printing nothing, and showing nothing, must not let a policy guess the words unchecked."""
+    silent = SolutionStep("# Now finish\nshare = share\n<end_of_code>", output="")
+    [verdict] = judge.judge([PROMPT], [render_solution([APPLES, SHARE, silent, EVEN])], ["\\text{even}"])
+    assert not verdict.correct and "printed" in verdict.reason
+
+
+def test_a_result_printed_in_python_notation_and_shown_as_printed_earns_the_reward(judge: SolutionJudge) -> None:
+    """sympy prints 6 - 5*I, which the grader cannot match with the reference 6 - 5i."""
+    code = SolutionStep("# Step 1: the product\nfrom sympy import I, expand\nz = expand((2 - 3*I) * (3 + 2*I))\n"
+                        "<end_of_step>")
+    shown = SolutionStep("# Now print the final answer\nprint(z)\n<end_of_code>", output="12 - 5*I")
+    answer = SolutionStep("<answer>The product is \\boxed{12 - 5i}.<end_of_answer>")
+    [verdict] = judge.judge([PROMPT], [render_solution([code, shown, answer])], ["12 - 5i"])
+    assert verdict.correct
 
 
 def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:
