@@ -202,19 +202,29 @@ ProgressCallback = Callable[[str, RolloutProgress], None]
 def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str], bool]) -> int | None:
     """The index of the sample whose answer wins the vote, or None when no sample has an answer.
 
-    Samples without an answer (None) do not vote. An answer's support is the number of samples whose
-    answer is `equivalent` to it, its own included; the first sample of the best-supported answer
-    wins, the earliest on ties. Unlike clustering around a first answer, support does not depend on
-    the order of the samples when equivalence is not transitive (a grader can take "10\\%" as equal
-    to both 0.1 and 10, which differ).
+    Samples without an answer (None) do not vote; every other sample votes once. Distinct answers are
+    taken the most written first (the earliest on ties), and each joins the first cluster whose every
+    answer it is `equivalent` to, or starts its own. The largest cluster wins (on ties, the one with
+    the earliest sample), and the pick is the first sample of the answer that started it. A grader's
+    equivalence need not be transitive (it can take "10\\%" as both 0.1 and 10): an answer equal to
+    two different ones joins the more written one, and cannot carry the other's votes into it.
     """
-    voted = [(index, answer) for index, answer in enumerate(answers) if answer is not None]
-    winner, most = None, 0
-    for index, answer in voted:
-        support = sum(1 for _, other in voted if equivalent(answer, other))
-        if support > most:  # strictly more: the earliest keeps a tie
-            winner, most = index, support
-    return winner
+    counts: Counter[str] = Counter(answer for answer in answers if answer is not None)
+    first = {}
+    for index, answer in enumerate(answers):
+        if answer is not None:
+            first.setdefault(answer, index)
+    clusters: list[list[str]] = []  # each started by its first answer
+    for answer in sorted(counts, key=lambda a: (-counts[a], first[a])):
+        home = next((cluster for cluster in clusters if all(equivalent(answer, other) for other in cluster)), None)
+        if home is None:
+            clusters.append([answer])
+        else:
+            home.append(answer)
+    if not clusters:
+        return None
+    best = min(clusters, key=lambda cluster: (-sum(counts[a] for a in cluster), min(first[a] for a in cluster)))
+    return first[best[0]]
 
 
 def best_scored(scores: Sequence[float | None]) -> int | None:

@@ -538,17 +538,22 @@ def test_a_mode_that_samples_is_refused_at_temperature_zero(mode: str) -> None:
         EvalConfig(modes=[mode], temperature=0)
 
 
-def test_majority_vote_does_not_depend_on_the_order_when_equivalence_is_not_transitive() -> None:
-    # a grader can take "10%" as 0.1 and as 10, though 0.1 is not 10
-    lenient = {frozenset({"0.1", "10%"}), frozenset({"10", "10%"})}
+# a grader can take "10%" as 0.1 and as 10, though 0.1 is not 10
+_LENIENT = {frozenset({"0.1", "10%"}), frozenset({"10", "10%"})}
 
-    def same(a: str, b: str) -> bool:
-        return a == b or frozenset({a, b}) in lenient
 
-    answers = ["0.1", "10%", "10%", "10", "10"]
-    assert answers[majority_vote(answers, same)] == "10%"
-    reordered = ["10", "10%", "0.1", "10", "10%"]
-    assert reordered[majority_vote(reordered, same)] == "10%"
+def _lenient_same(a: str, b: str) -> bool:
+    return a == b or frozenset({a, b}) in _LENIENT
+
+
+def test_an_answer_equal_to_two_different_ones_does_not_gather_both_their_votes() -> None:
+    answers = ["0.1", "0.1", "0.1", "10%", "10"]  # 0.1 has the most votes; 10% must not outvote it with 10's
+    assert answers[majority_vote(answers, _lenient_same)] == "0.1"
+
+
+def test_an_answer_equal_to_two_different_ones_joins_the_more_written() -> None:
+    answers = ["0.1", "10%", "10", "10"]  # 10% with the two 10s: three votes against one
+    assert answers[majority_vote(answers, _lenient_same)] == "10"
 
 
 def test_a_nan_ppm_score_never_wins() -> None:
