@@ -633,7 +633,7 @@ class Pipeline:
             state = "no round is promoted yet" if current is None else f"the latest promoted round is {current.round}"
             raise MissingInputError(
                 f"round {round_number} of run {self.run!r} starts from round {round_number - 1}, which is not "
-                f"promoted ({state}); run round {round_number - 1 if current else 0} first"
+                f"promoted ({state}); run round {self.next_round()} first"
             )
         return start
 
@@ -671,8 +671,9 @@ class Pipeline:
 
     def promote(self, record: RoundRecord) -> Artifact | None:
         """After a passed gate, make the round's checkpoints current; after a failed one, withdraw them.
-        Either way the round is judged on its current outputs, so it is no longer stale."""
-        self.layout.stale_marker(self.run, record.round).unlink(missing_ok=True)
+        Either way the round is judged on its current outputs, so it is no longer stale: the marker goes
+        last, so a crash before the promotion is written or withdrawn leaves the round stale, never an old
+        promotion pointing at checkpoints this run has overwritten."""
         path = self.layout.round_dir(self.run, record.round) / PROMOTED_FILE
         before = self.promotion(record.round)
         after = (record.policy, record.ppm) if record.gate_passed else None
@@ -680,15 +681,17 @@ class Pipeline:
             # Later rounds were built on the checkpoints this round had: a round run again (other
             # settings, another seed) that now promotes others, or none, leaves them out of date.
             self._mark_later_rounds_stale(record.round, RERUN_ROUND)
-        if not record.gate_passed:
+        promoted = None
+        if record.gate_passed:
+            promoted = Artifact.of(write_json(path, {
+                "round": record.round, "policy": asdict(record.policy),
+                "ppm": asdict(record.ppm) if record.ppm else None, "metrics": record.metrics,
+                "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }, indent=2))
+        else:
             path.unlink(missing_ok=True)  # a re-run that now fails its gate must not stay current
-            return None
-        promoted = {
-            "round": record.round, "policy": asdict(record.policy),
-            "ppm": asdict(record.ppm) if record.ppm else None, "metrics": record.metrics,
-            "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        return Artifact.of(write_json(path, promoted, indent=2))
+        self.layout.stale_marker(self.run, record.round).unlink(missing_ok=True)
+        return promoted
 
 
 

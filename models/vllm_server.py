@@ -77,6 +77,10 @@ class VLLMServerError(RuntimeError):
         self.log_tail = log_tail
 
 
+class VLLMSetupError(VLLMServerError):
+    """The server cannot start as configured (no vLLM environment, no model): trying again cannot help."""
+
+
 class VLLMRequestError(RuntimeError):
     """A completion request failed (server unreachable or an error answer); the message is one line."""
 
@@ -305,9 +309,9 @@ class VLLMServer:
         if self._process is not None:
             raise RuntimeError("server already started")
         if not self.python.exists():
-            raise VLLMServerError(f"no vLLM environment at {self.python}; run `kaizen vllm install` (or set {PYTHON_ENV_VAR})")
+            raise VLLMSetupError(f"no vLLM environment at {self.python}; run `kaizen vllm install` (or set {PYTHON_ENV_VAR})")
         if is_missing_local_model(self.model_dir):
-            raise VLLMServerError(f"cannot serve {self.model_dir}: no such directory")
+            raise VLLMSetupError(f"cannot serve {self.model_dir}: no such directory")
         if self.log_path is None:
             handle, name = tempfile.mkstemp(prefix="kaizen-vllm-", suffix=".log")
             os.close(handle)

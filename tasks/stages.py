@@ -32,7 +32,8 @@ from models.backends import device_kinds
 from models.tiny import ModelLoadError
 from models.training import RUN_ONLY_KEYS, TrainingInputError
 from models.vllm_server import PLACEMENT_FIELDS as VLLM_PLACEMENT_FIELDS
-from search.sandbox import SANDBOX_PLACEMENT_FIELDS
+from models.vllm_server import VLLMSetupError
+from search.sandbox import SANDBOX_PLACEMENT_FIELDS, SandboxUnavailable
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -161,10 +162,11 @@ def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, ref
 
 
 _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
-# Bad input fails the same way every time: retrying it only delays the one line that says what is wrong.
+# Bad input and a machine set up wrong (no bubblewrap, no vLLM environment) fail the same way every time:
+# retrying only delays the one line that says what is wrong.
 NOT_RETRIED: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-    MissingInputError, ModelLoadError, TrainingInputError,
+    MissingInputError, ModelLoadError, TrainingInputError, SandboxUnavailable, VLLMSetupError,
 )
 
 
@@ -182,7 +184,7 @@ def is_input_error(error: BaseException) -> bool:
         # The system's own names its path; one raised with a message (ours) says it. A bare
         # "Permission denied" from a socket or a signal explains nothing.
         return error.filename is not None or len(error.args) == 1
-    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError)):
+    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError, SandboxUnavailable, VLLMSetupError)):
         return True
     return isinstance(error, ValueError) and type(error).__module__.partition(".")[0] in _OWN_PACKAGES
 

@@ -17,6 +17,8 @@ from flows.demo import SUMMARY_COLUMNS, summary_table
 from models.tiny import ModelLoadError
 from models.training import TrainingInputError, TrainingRunError
 from data_store.problems import ProblemsError
+from models.vllm_server import VLLMServerError, VLLMSetupError
+from search.sandbox import SandboxUnavailable
 from tasks.stages import worth_retrying
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -194,13 +196,16 @@ def test_a_home_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys: py
 
 
 @pytest.mark.parametrize("error", [ValueError("bad recipe value"), ModelLoadError("no model at ./nomodel"),
-                                   TrainingInputError("no rows"), FileNotFoundError("nodes.parquet")])
-def test_bad_input_is_not_retried(error: Exception) -> None:
+                                   TrainingInputError("no rows"), FileNotFoundError("nodes.parquet"),
+                                   SandboxUnavailable("bubblewrap (bwrap) not found on PATH"),
+                                   VLLMSetupError("no vLLM environment at /x/python")])
+def test_bad_input_and_a_machine_set_up_wrong_are_not_retried(error: Exception) -> None:
     assert not worth_retrying(None, None, Failed(data=error))
 
 
 @pytest.mark.parametrize("error", [TrainingRunError("the trainer was killed"), RuntimeError("CUDA error"),
-                                   ConnectionError("vLLM server went away")])
+                                   ConnectionError("vLLM server went away"),
+                                   VLLMServerError("the vLLM server did not come up")])
 def test_failures_that_may_pass_next_time_are_retried(error: Exception) -> None:
     assert worth_retrying(None, None, Failed(data=error))
 

@@ -239,6 +239,32 @@ def test_a_round_whose_rerun_failed_its_gate_is_next_even_with_later_rounds_prom
     assert pipeline.next_round() == 1
 
 
+
+def test_a_round_left_out_of_order_is_told_the_round_to_run_next(tmp_path: Path) -> None:
+    pipeline = promoted_rounds(tmp_path, 2)
+    with pytest.raises(MissingInputError, match="the latest promoted round is 1[)]; run round 2 first"):
+        pipeline.starting_point(4)
+
+
+def test_a_crash_while_a_failed_rerun_withdraws_its_promotion_leaves_the_round_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = promoted_rounds(tmp_path, 3)
+    pipeline.mark_rerunning(1)
+    real_unlink = Path.unlink
+
+    def crash_at_the_promotion(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "promoted.json":
+            raise KeyboardInterrupt  # the process dies here
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", crash_at_the_promotion)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.promote(RoundRecord(1, Artifact.of(tmp_path), None, {}, {}, False, ["worse"]))
+    monkeypatch.undo()
+    with pytest.raises(MissingInputError, match="round 1 of run 'demo' is stale"):
+        pipeline.starting_point(2)
+
 def checkpoint(home: Path, name: str) -> Artifact:
     path = home / "checkpoints" / name
     path.mkdir(parents=True)
