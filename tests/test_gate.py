@@ -104,3 +104,9 @@ def test_a_round_without_a_ppm_still_fails_a_gate_on_greedy_whose_metric_is_miss
 
 def test_gate_modes_are_named_as_the_metrics_name_them() -> None:
     assert GateRule("math500", mode="maj@08").metric == "math500/maj@8"
+
+
+def test_a_fall_of_one_problem_in_a_thousand_fails_the_default_rule() -> None:
+    assert 0.407 - 0.406 <= 0.001  # no rounding to lean on: the fall is exactly one in 1000 or less
+    decision = decide_gate(summary(0.406), summary(0.407), GateRule("math500"))
+    assert not decision.passed and "a fall beyond the tolerance" in decision.reason

@@ -385,3 +385,27 @@ def test_kaizen_grade_console_command_is_wired() -> None:
         timeout=120,
     )
     assert json.loads(completed.stdout) == {"equal": True, "pred_answer": "2", "status": "ok"}
+
+
+def test_empty_last_box_falls_back_to_the_previous_box() -> None:
+    assert extract_answer("So $\\boxed{5}$, and then $\\boxed{}$.") == "5"
+
+
+def test_last_of_several_gsm8k_answer_lines_is_the_answer() -> None:
+    assert extract_answer("First try:\n#### 3\nOn second thought:\n#### 5") == "5"
+
+
+def test_tuples_of_different_lengths_are_not_equal() -> None:
+    assert not answers_equal("(1,2)", "(1,2,3)")
+
+
+def test_tuple_with_a_decimal_near_the_reference_element_is_not_equal() -> None:
+    assert not answers_equal("(0.1000001, 2)", "(0.1, 2)")
+
+
+def test_same_value_in_a_different_base_is_not_equal() -> None:
+    assert not answers_equal("52_8", "42_{10}")
+
+
+def test_irrational_constants_differing_beyond_15_digits_are_not_equal() -> None:
+    assert not answers_equal("\\sqrt2+10^{-20}", "\\sqrt2")

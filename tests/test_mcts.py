@@ -255,3 +255,43 @@ def test_config_rejects_a_width_below_one() -> None:
 def test_config_defaults_are_the_papers_first_round_values() -> None:
     config = MCTSConfig()
     assert (config.c_puct, config.width, config.rollouts, config.max_depth) == (2.0, 5, 8, 16)
+
+
+def test_test_time_mode_rejects_an_unscored_step() -> None:
+    tree = make_tree(mode=SearchMode.TEST_TIME)
+    with pytest.raises(ValueError, match="PPM score"):
+        expand(tree, [STEP_A])
+
+
+def test_uct_of_a_ppm_initialised_child_under_an_unvisited_parent_is_its_q() -> None:
+    tree = make_tree(mode=SearchMode.PPM)
+    step_a, _ = expand(tree, [STEP_A, STEP_B], ppm={STEP_A: -0.4, STEP_B: 0.3})
+    assert (tree.root.visits, step_a.visits) == (0, 1)
+    # ln(max(0, 1)) = 0: no exploration bonus while the parent's count lags its child's.
+    assert tree.uct(step_a, tree.root) == pytest.approx(-0.4)
+
+
+def test_scoring_text_of_an_intermediate_code_step_shows_no_output() -> None:
+    tree = make_tree(mode=SearchMode.PPM)
+    root = tree.select()
+    assert root is not None
+    [candidate] = tree.propose(root, [STEP_A])
+    candidate.program_ok, candidate.output = True, "5\n"
+    text = tree.scoring_text(root, candidate)
+    assert text.endswith(f"{STEP_A}\n") and "<output>" not in text
+
+
+def test_trajectories_include_an_answer_the_grader_could_not_judge() -> None:
+    tree = make_tree()
+    [step_a] = expand(tree, [STEP_A])
+    [final] = expand(tree, [FINAL])
+    node = tree.select()
+    assert node is final
+    [candidate] = tree.propose(node, [RIGHT])  # correct stays None: ungraded
+    [answer] = tree.expand(node, [candidate])
+    assert answer.correct is None
+    assert tree.trajectories() == [[step_a, final, answer]]
+
+
+def test_config_accepts_a_temperature_of_zero() -> None:
+    assert MCTSConfig(temperature=0).temperature == 0

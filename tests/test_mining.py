@@ -215,6 +215,27 @@ def test_a_child_leading_both_ways_is_never_paired_with_itself(tmp_path: Path) -
     assert step_pairs(pairs) == [(1, 2, 5), (2, 3, 4)]
 
 
+def test_a_child_leading_both_ways_is_not_paired_with_itself_at_margin_and_edit_distance_zero(tmp_path: Path) -> None:
+    nodes = [
+        root(), step(1, 0, 0.0), step(2, 1, 0.0), leaf(3, 2, True), leaf(4, 2, False), step(5, 1, -0.75),
+        leaf(6, 5, False),
+    ]
+    # neither the margin (2 against 2 is 0 >= 0) nor the edit distance (none asked) rules the self-pair out
+    pairs, _ = mined(tmp_path, tree(*nodes), margin=0.0, min_edit_distance=0)
+    assert step_pairs(pairs) == [(1, 2, 5), (2, 3, 4)]
+
+
+def test_edit_distance_is_measured_on_the_steps_not_their_outputs(tmp_path: Path) -> None:
+    rows = fan_out([(2, 0.9, True), (3, -0.9, False)])
+    code = "# Now print the final answer\nprint(total)\n<end_of_code>"
+    steps = {2: (code, "4"), 3: (code.replace("total", "totals"), "NameError: " + "x" * 40)}
+    for row in rows:
+        row["step"], row["output"] = steps.get(row["node_id"], (row["step"], row["output"]))
+    # one character apart as written, though their rendered outputs are 40+ characters apart
+    pairs, _ = mined(tmp_path, rows)
+    assert step_pairs(pairs) == []
+
+
 def test_step_pair_prompt_is_the_question_and_the_path_to_the_node(tmp_path: Path) -> None:
     rows = fan_out([(2, 0.9, True), (3, -0.9, False)])
     pairs, _ = mined(tmp_path, rows)
@@ -401,6 +422,22 @@ def test_astro_trace_never_shows_a_malformed_step_as_the_branch_tried(tmp_path: 
         step(1, 0, 0.5),
         step(2, 1, -1.0, kind="error", step="total = a +", error=MALFORMED_STEP_ERROR),
         leaf(3, 1, True),
+    )
+    _, astro = mined(tmp_path, rows, sft_format="astro")
+    _, plain = mined(tmp_path / "plain", rows)
+    assert astro[0]["completion"] == plain[0]["completion"]
+
+
+def test_astro_trace_never_shows_a_closed_malformed_step_as_the_branch_tried(tmp_path: Path) -> None:
+    from search.mcts import MALFORMED_STEP_ERROR
+
+    rows = tree(
+        root(),
+        step(1, 0, 0.5, step="# Step 1: add\nx = 2 + 2\n<end_of_step>"),
+        step(2, 1, 0.5, step="# Now print the final answer\nprint(x)\n<end_of_code>", output="4"),
+        # a step where the answer belonged: closed, but out of the format
+        step(3, 2, -1.0, kind="error", step="# Step 3: check\ny = x\n<end_of_step>", error=MALFORMED_STEP_ERROR),
+        leaf(4, 2, True, step="<answer>\\boxed{4}<end_of_answer>"),
     )
     _, astro = mined(tmp_path, rows, sft_format="astro")
     _, plain = mined(tmp_path / "plain", rows)

@@ -163,6 +163,10 @@ def test_globals_do_not_leak(one_worker: Sandbox) -> None:
     assert run(one_worker, "print(leaked)").error == "NameError: name 'leaked' is not defined"
 
 
+def test_program_runs_in_fresh_globals_without_the_workers_imports(sandbox: Sandbox) -> None:
+    assert run(sandbox, "print(os.getpid())").error == "NameError: name 'os' is not defined"
+
+
 def test_module_monkeypatching_does_not_leak(one_worker: Sandbox) -> None:
     run(one_worker, "import math\nmath.pi = 3")
     assert run(one_worker, "import math\nprint(math.pi)").stdout == "3.141592653589793\n"
@@ -228,6 +232,29 @@ def test_cpu_burning_children_are_killed_at_the_timeout(sandbox: Sandbox) -> Non
     assert result.timed_out and host_processes_mentioning(marker) == []
 
 
+def test_cpu_time_over_several_threads_ends_as_a_cpu_timeout() -> None:
+    # Two threads hashing large buffers (hashlib drops the GIL) on two free cores use 3 s of CPU,
+    # the limit for a 2.99 s timeout, in about 1.5 s of wall time: the CPU limit ends the program
+    # first. The program prints the CPU time it has used as it goes.
+    with Sandbox(SandboxConfig(**{**LIMITS.__dict__, "timeout_s": 2.99, "workers": 1})) as box:
+        result = run(box, """
+            import hashlib, threading, time
+            data = bytes(1 << 24)
+            def burn():
+                while True:
+                    hashlib.sha256(data).digest()
+            for _ in range(2):
+                threading.Thread(target=burn, daemon=True).start()
+            while True:
+                time.sleep(0.05)
+                print(time.process_time(), flush=True)
+        """)
+    cpu_used = float(result.stdout.split()[-1]) if result.stdout.split() else 0.0
+    if result.error == "timeout" and cpu_used < 3:
+        pytest.skip(f"too few free cores: {cpu_used:.1f} s of CPU by the 2.99 s wall-clock limit")
+    assert (result.timed_out, result.error) == (True, "timeout (CPU time limit of 3 s)")
+
+
 @pytest.mark.parametrize("bomb", [
     "data = bytearray(4 * 1024 ** 3)",
     "chunks = []\nwhile True:\n    chunks.append(' ' * 10 ** 6)",
@@ -251,6 +278,17 @@ def test_fork_bomb_is_stopped_by_the_process_limit(sandbox: Sandbox) -> None:
             print(forked)
     """)
     assert int(result.stdout) < LIMITS.max_processes
+
+
+def test_a_program_that_forks_and_waits_for_its_child_ends_ok(sandbox: Sandbox) -> None:
+    result = run(sandbox, """
+        import os
+        pid = os.fork()
+        if pid:
+            os.waitpid(pid, 0)
+            print('parent')
+    """)
+    assert result == ExecResult(ok=True, stdout="parent\n", error=None)
 
 
 def test_file_size_limit(sandbox: Sandbox) -> None:
@@ -500,6 +538,17 @@ def test_bad_program_gets_an_error_result(sandbox: Sandbox, program: str, error:
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="isolation"):
         SandboxConfig(isolation="docker")
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, float("inf")], ids=["zero", "infinite"])
+def test_config_refuses_a_zero_or_infinite_timeout(timeout_s: float) -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxConfig(timeout_s=timeout_s)
+
+
+def test_a_very_long_exception_message_is_cut_to_the_error_text_limit(sandbox: Sandbox) -> None:
+    result = run(sandbox, "raise ValueError('x' * 10_000)")
+    assert result.error == ("ValueError: " + "x" * 10_000)[:2000]
 
 
 # Failing loudly

@@ -140,3 +140,41 @@ def test_worked_examples_render_as_solved_prompts_before_the_real_one() -> None:
 def test_asking_for_more_worked_examples_than_there_are_is_refused(count: int) -> None:
     with pytest.raises(ValueError, match="worked examples"):
         render_worked_examples(count)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{CODE_STEP}\nprint(total)",  # code after the closing marker
+        f"{CODE_STEP}\nprint(total)\n{END_OF_STEP}",  # two closing markers
+    ],
+)
+def test_text_after_the_closing_marker_makes_a_step_malformed(text: str) -> None:
+    assert parse_step(text).kind is StepKind.MALFORMED
+
+
+def test_answer_step_without_the_answer_tag_is_malformed() -> None:
+    assert parse_step(f"The total is \\boxed{{480}}.{END_OF_ANSWER}", Phase.ANSWER).kind is StepKind.MALFORMED
+
+
+def test_empty_answer_is_malformed() -> None:
+    assert parse_step(f"<answer>  {END_OF_ANSWER}", Phase.ANSWER).kind is StepKind.MALFORMED
+
+
+def test_empty_output_of_a_final_code_step_is_still_rendered() -> None:
+    assert render_solution([SolutionStep(FINAL_STEP, "")]) == f"{FINAL_STEP}\n<output><end_of_output>\n"
+
+
+def test_parse_solution_rejects_an_unterminated_output() -> None:
+    with pytest.raises(ValueError, match="unterminated <output>"):
+        parse_solution(f"{FINAL_STEP}\n<output>480\n")
+
+
+def test_parse_solution_refuses_an_output_block_after_an_intermediate_code_step() -> None:
+    with pytest.raises(ValueError, match="unterminated"):
+        parse_solution(f"{CODE_STEP}\n<output>480<end_of_output>\n")
+
+
+def test_prompt_strips_the_question() -> None:
+    question = "How many legs do 20 spiders have?"
+    assert render_prompt(f"\n  {question}  \n") == render_prompt(question)
