@@ -25,10 +25,14 @@ $(RAY_STAMP): $(STAMP)
 	touch $@
 
 # Register the deployments of deployments/prefect.yaml with the server at PREFECT_API_URL:
-# the GPU work pool, a concurrency limit of one on GPU stages, then every deployment.
+# the GPU work pool, a concurrency limit of one on GPU stages, then every deployment. The pool and
+# the limit are created only when missing: deploying again keeps a pool's edited job template and a
+# limit raised for more GPUs.
 deploy: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool create kaizen-gpu --type process --overwrite
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect concurrency-limit create kaizen-gpu 1
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool inspect kaizen-gpu >/dev/null 2>&1 || \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect work-pool create kaizen-gpu --type process
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect concurrency-limit inspect kaizen-gpu >/dev/null 2>&1 || \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect concurrency-limit create kaizen-gpu 1
 	PATH="$(CURDIR)/$(BIN):$$PATH" PWD="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
 
 # vLLM lives in its own environment (.venv-vllm): its pins conflict with Prefect's (DESIGN section 3).

@@ -15,7 +15,9 @@ flows in-process (ephemeral Prefect unless PREFECT_API_URL points at a server).
 
 from __future__ import annotations
 
+import binascii
 import json
+import pickle
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +36,7 @@ from tasks.stages import (
     cached,
     evaluate_checkpoint_task,
     evaluate_task,
+    has_cache_record,
     mine_task,
     ppm_task,
     problems_task,
@@ -66,24 +69,48 @@ def _task_runner(pipeline: Pipeline) -> Any:
 @flow(name="rollouts")
 def rollouts_flow(
     pipeline: Pipeline, round_number: int, problems: Artifact, policy: Artifact, ppm: Artifact | None,
-    refresh: bool = False,
-) -> list[Artifact]:
-    """Every rollout shard of a round, each its own task (on Ray when the recipe says so)."""
+    refresh: bool = False, cache_only: bool = False,
+) -> tuple[list[Artifact], bool]:
+    """Every rollout shard of a round, each its own task (on Ray when the recipe says so); the shards'
+    nodes tables, and whether any shard ran rather than came from the cache. With `cache_only`, a
+    cached shard whose files changed since is refused (StageWouldRun), not searched again."""
     pipeline.drop_stale_shards(round_number)
     shard_task = cached(rollout_task, pipeline, round_number, refresh=refresh)
     with _shard_resources(pipeline):
         futures = [shard_task.submit(pipeline, round_number, shard, problems, policy, ppm)
                    for shard in range(pipeline.recipe.search.shards)]
-        results = [future.result() for future in futures]
+        for future in futures:  # every shard ends (saving its chunks) before any failure is raised
+            future.wait()
+        states = [future.state for future in futures]
         again = cached(rollout_task, pipeline, round_number, refresh=True)
-        return [again(pipeline, round_number, shard, problems, policy, ppm) if _stale_cache_hit(future.state) else result
-                for shard, (future, result) in enumerate(zip(futures, results, strict=True))]
+        nodes, ran = [], False
+        for shard, state in enumerate(states):
+            if why := _unusable_cache_hit(state):
+                if cache_only:
+                    raise StageWouldRun(f"round {round_number} rollout shard {shard} would run again ({why}); "
+                                        "run the round (kaizen round) or re-run rollout first (kaizen stage rollout)")
+                get_run_logger().warning("round %d rollout shard %d: %s; running it again", round_number, shard, why)
+                pipeline.mark_rerunning(round_number)
+                state = again(pipeline, round_number, shard, problems, policy, ppm, return_state=True)
+            ran = ran or state.name != "Cached"
+            nodes.append(state.result())  # raises a shard's failure
+        return nodes, ran
 
 
-def _stale_cache_hit(state: Any) -> bool:
-    """A result taken from the cache whose files a later run rewrote or removed (stages write to fixed
-    paths); fresh results are not hashed a second time."""
-    return state.is_completed() and state.name == "Cached" and not artifacts_current(state.result())
+# Prefect fails a task whose cached result it cannot read (a file cut short by a full disk or a power
+# loss), with the decoder's error; the task itself never ran, so running it again is the way out.
+_UNREADABLE_RESULT = (binascii.Error, pickle.UnpicklingError, EOFError)
+
+
+def _unusable_cache_hit(state: Any) -> str | None:
+    """Why a result from the cache cannot be used (its files changed since, or it cannot be read), or
+    None for a fresh result or a usable cached one (fresh results are not hashed a second time)."""
+    if state.is_failed():
+        error = state.result(raise_on_failure=False)
+        return f"its cached result cannot be read ({error!r})" if isinstance(error, _UNREADABLE_RESULT) else None
+    if state.is_completed() and state.name == "Cached" and not artifacts_current(state.result()):
+        return "the cached result's files changed since"
+    return None
 
 
 def _shard_resources(pipeline: Pipeline) -> AbstractContextManager[Any]:
@@ -96,19 +123,34 @@ def _shard_resources(pipeline: Pipeline) -> AbstractContextManager[Any]:
     return remote_options(num_gpus=execution.ray_gpus_per_shard)
 
 
+class StageWouldRun(ValueError):
+    """Re-running one stage (the stage flow) would also run an earlier stage, not take it from the cache."""
+
+
 def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = frozenset(),
                stop_after: str | None = None) -> dict[str, Any] | None:
-    """The stages of one round; with `stop_after`, only up to that stage (and nothing is promoted)."""
+    """The stages of one round; with `stop_after` (the stage flow), only up to that stage, nothing
+    promoted, and every stage before it taken from the cache (StageWouldRun before any would run)."""
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
     executed: list[str] = []  # stages run by this call rather than taken from the cache
-    pipeline.mark_rerunning(round_number)
+
+    def about_to_run(name: str, why: str) -> None:
+        if stop_after is not None and name not in refresh:
+            raise StageWouldRun(
+                f"re-running {stop_after} of round {round_number} would also run {name} again ({why}): "
+                f"the recipe, --set values or inputs differ from those it ran with. Run the round "
+                f"(kaizen round) to re-run what changed, or re-run {name} first (kaizen stage {name})")
+        pipeline.mark_rerunning(round_number)  # before the first stage that rewrites the round's outputs
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
         where = round_number if per_round else None
+        if name in refresh or not has_cache_record(stage_task, pipeline, where, *args):
+            about_to_run(name, "asked for" if name in refresh else "nothing cached for its inputs and settings")
         state = cached(stage_task, pipeline, where, refresh=name in refresh)(*args, return_state=True)
-        if _stale_cache_hit(state):
-            logger.warning("round %d %s: the cached result's files changed since; running it again", round_number, name)
+        if why := _unusable_cache_hit(state):
+            about_to_run(name, why)
+            logger.warning("round %d %s: %s; running it again", round_number, name, why)
             executed.append(name)
             return cached(stage_task, pipeline, where, refresh=True)(*args)
         if state.name != "Cached":
@@ -132,11 +174,18 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
                          pipeline.never_solved(round_number))
         if stop_after == "select":
             return None
-        runner = _task_runner(pipeline)
-        nodes = rollouts_flow.with_options(task_runner=runner)(
-            pipeline, round_number, problems, previous.policy, pipeline.search_ppm(round_number, previous.ppm),
-            refresh="rollout" in refresh
+        search_ppm = pipeline.search_ppm(round_number, previous.ppm)
+        uncached = [shard for shard in range(pipeline.recipe.search.shards) if not has_cache_record(
+            rollout_task, pipeline, round_number, pipeline, round_number, shard, problems, previous.policy, search_ppm)]
+        if "rollout" in refresh or uncached:
+            about_to_run("rollout", "asked for" if "rollout" in refresh else
+                         f"nothing cached for the inputs and settings of shard {', '.join(map(str, uncached))}")
+        nodes, searched = rollouts_flow.with_options(task_runner=_task_runner(pipeline))(
+            pipeline, round_number, problems, previous.policy, search_ppm, refresh="rollout" in refresh,
+            cache_only=stop_after is not None and "rollout" not in refresh,
         )
+        if searched:
+            executed.append("rollout")
         if stop_after == "rollout":
             return None
         mined = stage("mine", mine_task, pipeline, round_number, nodes, problems)
@@ -197,16 +246,20 @@ def _publish(pipeline: Pipeline, record: RoundRecord, evaluation: Any) -> None:
 
 @flow(name="round", log_prints=True)
 def round_flow(recipe: str, round_number: int | None = None, home: str | None = None,
-               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               overrides: dict[str, Any] | None = None, last_round: int | None = None) -> dict[str, Any] | None:
     """One round of a recipe (the next one after the promoted round when no number is given).
 
     `overrides` sets recipe fields by dotted name, e.g. {"search.mcts.rollouts": 16}. A round whose
     gate fails is recorded and published, and then the flow run fails (GateFailed): a nightly run
-    that cannot move on must not look like a success.
+    that cannot move on must not look like a success. With `last_round` (the nightly deployment
+    sets it), the next round past it is not run: the flow ends at once and returns None.
     """
     pipeline = open_pipeline(recipe, home, overrides)
     with pipeline.layout.hold_run(pipeline.run, "a round flow"):
         number = pipeline.next_round() if round_number is None else round_number
+        if last_round is not None and number > last_round:
+            print(f"run {pipeline.run!r}: round {number} is past the last round ({last_round}); nothing to run")
+            return None
         result = _run_round(pipeline, number)
     assert result is not None
     if not result["gate_passed"]:

@@ -569,6 +569,14 @@ class Pipeline:
         if not path.exists():
             return None
         data = _read_record(path)
+        recorded_home = data.get("home")  # absent in records of earlier releases
+        if recorded_home is not None and Path(recorded_home).resolve() != self.layout.home.resolve():
+            # Records and cached results name files by absolute path: a moved home would read them
+            # from the old place (a copy: the original's checkpoints) or call them missing.
+            raise RunStateError(
+                f"{path} was written in the home {recorded_home}, and this home ({self.layout.home}) is a move "
+                f"or copy of it; a home's records name its files by absolute path: use it at {recorded_home} "
+                "(a mount or symlink there will do), or start a new home")
         try:
             return Current(
                 round=data["round"], policy=Artifact(**data["policy"]),
@@ -684,7 +692,7 @@ class Pipeline:
         promoted = None
         if record.gate_passed:
             promoted = Artifact.of(write_json(path, {
-                "round": record.round, "policy": asdict(record.policy),
+                "round": record.round, "home": str(self.layout.home), "policy": asdict(record.policy),
                 "ppm": asdict(record.ppm) if record.ppm else None, "metrics": record.metrics,
                 "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }, indent=2))

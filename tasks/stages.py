@@ -12,12 +12,14 @@ hand (`kaizen stage`) gives new output digests, so every stage downstream of it 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -150,16 +152,29 @@ _core_logger.addHandler(_ToRunLogger())
 _core_logger.propagate = False  # the run logger already prints to the console: once is enough
 
 
+def _cache_dir(pipeline: Pipeline, round_number: int | None) -> Path:
+    return Path(pipeline.layout.run_dir(pipeline.run) if round_number is None
+                else pipeline.layout.round_dir(pipeline.run, round_number)) / CACHE_DIR
+
+
 def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, refresh: bool = False) -> Any:
     """The task with its cache records and results kept inside the round's directory: deleting a round
     forgets them, and a home resumed by another user or machine (another Prefect results path) keeps them."""
-    where = Path(pipeline.layout.run_dir(pipeline.run) if round_number is None
-                 else pipeline.layout.round_dir(pipeline.run, round_number)) / CACHE_DIR
+    where = _cache_dir(pipeline, round_number)
     return stage_task.with_options(
         cache_policy=StageCache().configure(key_storage=where), refresh_cache=refresh,
         result_storage=where / "results",  # a Path: Prefect makes it a local file system without a saved block
     )
 
+
+
+def has_cache_record(stage_task: Any, pipeline: Pipeline, round_number: int | None, *args: Any) -> bool:
+    """Whether calling the `cached` stage with `args` would find a cache record, asked before calling:
+    the key as Prefect computes it (the parameters, defaults applied), looked up where `cached` keeps it."""
+    bound = inspect.signature(stage_task.fn).bind(*args)
+    bound.apply_defaults()
+    key = StageCache().compute_key(SimpleNamespace(task=stage_task), dict(bound.arguments), {})
+    return key is not None and (_cache_dir(pipeline, round_number) / key).is_file()
 
 _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
 # Bad input and a machine set up wrong (no bubblewrap, no vLLM environment) fail the same way every time:

@@ -74,6 +74,17 @@ def test_a_deployed_flow_refuses_a_run_another_process_has(flow_name: str, argum
         getattr(flows.evolve, flow_name).fn("demo", home=str(tmp_path), **arguments)
 
 
+
+def test_the_round_flow_runs_nothing_past_its_last_round(tmp_path: Path) -> None:
+    import flows.evolve
+    from models.pipeline import Artifact, RoundRecord
+
+    pipeline = flows.evolve.open_pipeline("demo", str(tmp_path))
+    for number in (0, 1):
+        pipeline.promote(RoundRecord(number, Artifact.of(tmp_path), None, {}, {}, True, []))
+    assert flows.evolve.round_flow.fn("demo", home=str(tmp_path), last_round=1) is None
+    assert not pipeline.layout.round_dir("demo", 2).exists()
+
 def test_an_empty_round_range_is_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--recipe", "demo", "--rounds", "5:3", "--home", str(tmp_path)])

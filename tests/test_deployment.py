@@ -1,7 +1,7 @@
 """deployments/prefect.yaml against a real Prefect server: deploy, a process worker, a run through the API.
 
-Starts `prefect server start` (SQLite in a temporary PREFECT_HOME), creates the GPU work pool and
-its concurrency limit as `make deploy` does, deploys every deployment, triggers the evaluate
+Starts `prefect server start` (SQLite in a temporary PREFECT_HOME), runs `make deploy` (the GPU
+work pool, its concurrency limit, every deployment), triggers the evaluate
 deployment on a tiny model, and lets `prefect worker start --run-once` execute it.
 """
 
@@ -78,13 +78,16 @@ def api(env: dict[str, str], method: str, path: str, payload: dict | None = None
     return response.json()
 
 
+def make_deploy(env: dict[str, str]) -> None:
+    # -o: the virtual environment running these tests is installed; make must not reinstall it
+    result = subprocess.run(["make", "-s", "-o", ".venv/.installed", "deploy"], cwd=REPO, env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def deployed(server: dict[str, str]) -> dict[str, str]:
-    for args in (("work-pool", "create", POOL, "--type", "process", "--overwrite"),
-                 ("concurrency-limit", "create", POOL, "1"),
-                 ("deploy", "--prefect-file", "deployments/prefect.yaml", "--all")):
-        result = prefect(server, *args)
-        assert result.returncode == 0, result.stdout + result.stderr
+    make_deploy(server)
     return server
 
 
@@ -106,6 +109,26 @@ def test_nightly_round_takes_its_cron_from_the_recipe(deployed: dict[str, str]) 
 def test_gpu_stages_share_one_concurrency_slot(deployed: dict[str, str]) -> None:
     limit = api(deployed, "GET", f"/concurrency_limits/tag/{POOL}")
     assert limit["concurrency_limit"] == 1
+
+
+def test_a_run_that_fires_while_another_of_its_deployment_runs_is_cancelled(deployed: dict[str, str]) -> None:
+    deployment = api(deployed, "GET", "/deployments/name/round/kaizen-next-round")
+    limit, options = deployment["global_concurrency_limit"], deployment["concurrency_options"]
+    assert (limit["limit"], options["collision_strategy"]) == (1, "CANCEL_NEW")
+
+
+def test_the_nightly_round_stops_after_the_last_round(deployed: dict[str, str]) -> None:
+    deployment = api(deployed, "GET", "/deployments/name/round/kaizen-next-round")
+    assert deployment["parameters"]["last_round"] == 4
+
+
+def test_deploying_again_keeps_a_raised_gpu_limit(deployed: dict[str, str]) -> None:
+    assert prefect(deployed, "concurrency-limit", "create", POOL, "4").returncode == 0  # more GPUs
+    try:
+        make_deploy(deployed)
+        assert api(deployed, "GET", f"/concurrency_limits/tag/{POOL}")["concurrency_limit"] == 4
+    finally:
+        prefect(deployed, "concurrency-limit", "create", POOL, "1")
 
 
 def test_deploy_rejects_a_bad_recipe_naming_the_field(server: dict[str, str], tmp_path: Path) -> None:

@@ -229,6 +229,17 @@ def test_stage_rerun_marks_later_stages_stale(resumed: dict[str, Any], rounds: d
     assert stale[0] == "evaluate" and marker["rerun"] == "ppm"
 
 
+
+def test_a_stage_rerun_that_would_run_an_earlier_stage_again_is_refused(
+    resumed: dict[str, Any], rounds: dict[str, Any], workdir: Path
+) -> None:
+    from flows.evolve import stage_flow
+
+    other_search = write_recipe(workdir, "other-search", search={"mcts": {"rollouts": 2, "width": 2, "max_step_tokens": 40}})
+    state = stage_flow(other_search, "ppm", 2, rounds["home"], return_state=True)
+    assert state.is_failed() and "would also run rollout again" in str(state.message)
+    assert "rollout" not in task_states(state)
+
 def test_round_without_its_promoted_predecessor_fails_before_any_gpu_stage(rounds: dict[str, Any]) -> None:
     from flows.evolve import round_flow
 

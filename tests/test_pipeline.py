@@ -240,6 +240,18 @@ def test_a_round_whose_rerun_failed_its_gate_is_next_even_with_later_rounds_prom
 
 
 
+
+def test_a_home_moved_elsewhere_is_refused_naming_where_it_was(tmp_path: Path) -> None:
+    import shutil
+
+    from models.pipeline import RunStateError
+
+    (tmp_path / "home").mkdir()
+    promoted_rounds(tmp_path / "home", 1)
+    shutil.move(tmp_path / "home", tmp_path / "moved")
+    with pytest.raises(RunStateError, match=f"written in the home {tmp_path / 'home'}, and this home .* is a move"):
+        curriculum_pipeline(tmp_path / "moved").promotion(0)
+
 def test_a_round_left_out_of_order_is_told_the_round_to_run_next(tmp_path: Path) -> None:
     pipeline = promoted_rounds(tmp_path, 2)
     with pytest.raises(MissingInputError, match="the latest promoted round is 1[)]; run round 2 first"):
