@@ -15,9 +15,7 @@ flows in-process (ephemeral Prefect unless PREFECT_API_URL points at a server).
 
 from __future__ import annotations
 
-import binascii
 import json
-import pickle
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
@@ -32,11 +30,13 @@ from models.pipeline import Artifact, Current, Pipeline, RoundRecord, artifacts_
 from models.recipe import Recipe, load_recipe
 from models.report import round_markdown, write_run_report
 from tasks.stages import (
+    UNREADABLE_RESULT,
     bootstrap_task,
     cached,
     evaluate_checkpoint_task,
     evaluate_task,
     has_cache_record,
+    has_run_before,
     mine_task,
     ppm_task,
     problems_task,
@@ -97,17 +97,12 @@ def rollouts_flow(
         return nodes, ran
 
 
-# Prefect fails a task whose cached result it cannot read (a file cut short by a full disk or a power
-# loss), with the decoder's error; the task itself never ran, so running it again is the way out.
-_UNREADABLE_RESULT = (binascii.Error, pickle.UnpicklingError, EOFError)
-
-
 def _unusable_cache_hit(state: Any) -> str | None:
     """Why a result from the cache cannot be used (its files changed since, or it cannot be read), or
     None for a fresh result or a usable cached one (fresh results are not hashed a second time)."""
     if state.is_failed():
         error = state.result(raise_on_failure=False)
-        return f"its cached result cannot be read ({error!r})" if isinstance(error, _UNREADABLE_RESULT) else None
+        return f"its cached result cannot be read ({error!r})" if isinstance(error, UNREADABLE_RESULT) else None
     if state.is_completed() and state.name == "Cached" and not artifacts_current(state.result()):
         return "the cached result's files changed since"
     return None
@@ -138,15 +133,21 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
     def about_to_run(name: str, why: str) -> None:
         if stop_after is not None and name not in refresh:
             raise StageWouldRun(
-                f"re-running {stop_after} of round {round_number} would also run {name} again ({why}): "
-                f"the recipe, --set values or inputs differ from those it ran with. Run the round "
-                f"(kaizen round) to re-run what changed, or re-run {name} first (kaizen stage {name})")
+                f"re-running {stop_after} of round {round_number} would also run {name}: {why}. Run the round "
+                f"(kaizen round) to run what it needs, or re-run {name} first (kaizen stage {name})")
         pipeline.mark_rerunning(round_number)  # before the first stage that rewrites the round's outputs
+
+    def not_cached(name: str, where: int | None) -> str:
+        if not has_run_before(name, pipeline, where):
+            return "it has not run yet"
+        return ("nothing is cached for its present inputs and settings (the recipe, a --set value or an input "
+                "differs from those it ran with)")
 
     def stage(name: str, stage_task: Any, *args: Any, per_round: bool = True) -> Any:
         where = round_number if per_round else None
-        if name in refresh or not has_cache_record(stage_task, pipeline, where, *args):
-            about_to_run(name, "asked for" if name in refresh else "nothing cached for its inputs and settings")
+        announced = name in refresh or not has_cache_record(stage_task, pipeline, where, *args)
+        if announced:
+            about_to_run(name, "asked for" if name in refresh else not_cached(name, where))
         state = cached(stage_task, pipeline, where, refresh=name in refresh)(*args, return_state=True)
         if why := _unusable_cache_hit(state):
             about_to_run(name, why)
@@ -154,6 +155,8 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             executed.append(name)
             return cached(stage_task, pipeline, where, refresh=True)(*args)
         if state.name != "Cached":
+            if not announced:  # Prefect ran what looked cached: mark the round now, late as it is
+                pipeline.mark_rerunning(round_number)
             executed.append(name)
         return state.result()
 
@@ -179,7 +182,7 @@ def _run_round(pipeline: Pipeline, round_number: int, refresh: frozenset[str] = 
             rollout_task, pipeline, round_number, pipeline, round_number, shard, problems, previous.policy, search_ppm)]
         if "rollout" in refresh or uncached:
             about_to_run("rollout", "asked for" if "rollout" in refresh else
-                         f"nothing cached for the inputs and settings of shard {', '.join(map(str, uncached))}")
+                         f"{not_cached('rollout', round_number)} (shard {', '.join(map(str, uncached))})")
         nodes, searched = rollouts_flow.with_options(task_runner=_task_runner(pipeline))(
             pipeline, round_number, problems, previous.policy, search_ppm, refresh="rollout" in refresh,
             cache_only=stop_after is not None and "rollout" not in refresh,

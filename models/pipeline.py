@@ -575,8 +575,8 @@ class Pipeline:
             # from the old place (a copy: the original's checkpoints) or call them missing.
             raise RunStateError(
                 f"{path} was written in the home {recorded_home}, and this home ({self.layout.home}) is a move "
-                f"or copy of it; a home's records name its files by absolute path: use it at {recorded_home} "
-                "(a mount or symlink there will do), or start a new home")
+                f"or copy of it; a home's records and cache keys name its files by absolute path: mount it at "
+                f"{recorded_home}, or start a new home")
         try:
             return Current(
                 round=data["round"], policy=Artifact(**data["policy"]),

@@ -24,6 +24,7 @@ own guess; correctness is decided by actually running the program.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
@@ -202,9 +203,8 @@ class SolutionJudge:
     A completion is written in one go, its `<output>` included, so the output it shows is the
     policy's guess; evaluation instead runs the code and shows the real output before the answer.
     A completion is correct only when its answer equals the reference and rests on the real output:
-    what the program printed equals the reference too (`_held_printed`: for a reference of one
-    value, unless the completion showed exactly that output), so the program is right and the
-    answer does not rest on a guessed output.
+    what the program printed equals the reference too (`_held_printed`, for a reference of one
+    value), so the program is right and the answer does not rest on a guessed output.
 
     The verdicts of the latest batch are kept, so rewards that read the same batch (outcome and
     reflection) run each program once.
@@ -221,21 +221,20 @@ class SolutionJudge:
         if self._latest is not None and self._latest[0] == key:
             return self._latest[1]
         verdicts: list[Verdict | None] = [None] * len(key)
-        runnable: list[tuple[int, str | None, str, str | None]] = []  # index, program, answer text, guessed output
+        runnable: list[tuple[int, str | None, str]] = []  # index, program, answer text
         for index, (prompt, completion, _) in enumerate(key):
             steps, reason = _parse_for_judging(prompt + completion, self.step_format)
             if steps is None:
                 verdicts[index] = Verdict(False, False, reason=reason)
             else:
-                # steps[-2] is the final code step (`_parse_for_judging`); its output is the policy's guess
-                runnable.append((index, solution_program(steps), final_answer(steps) or "", steps[-2].output))
-        programs = [(index, program) for index, program, _, _ in runnable if program is not None]
+                runnable.append((index, solution_program(steps), final_answer(steps) or ""))
+        programs = [(index, program) for index, program, _ in runnable if program is not None]
         results = dict(zip([index for index, _ in programs],
                            self.executor.run_many([program for _, program in programs]) if programs else [],
                            strict=True))
         # index, answer text, the program's printed result as the reference holds it (None: not held)
         to_grade: list[tuple[int, str, str | None]] = []
-        for index, _, answer_text, guessed in runnable:
+        for index, _, answer_text in runnable:
             result = results[index]  # well-formed solutions end in a final code step, so they have a program
             failure = result.error if not result.ok else printed_error(result.stdout)
             if failure is not None:  # it raised, or caught its error and printed it: it computed nothing
@@ -244,7 +243,7 @@ class SolutionJudge:
                 prompt, completion, reference = key[index]
                 question = split_prompt(prompt + completion)[0]  # it parsed as a trajectory above
                 last = last_printed_line(result.stdout)
-                to_grade.append((index, answer_text, _held_printed(last, guessed, reference, question)))
+                to_grade.append((index, answer_text, _held_printed(last, reference, question)))
         pairs = [(text, key[index][2]) for index, answer_text, printed in to_grade
                  for text in (answer_text, printed) if text is not None]
         grades = iter(self.checker.grade_many(pairs) if pairs else [])
@@ -264,22 +263,44 @@ class SolutionJudge:
 
 
 
-def _held_printed(last: str, guessed: str | None, reference: str, question: str) -> str | None:
+def _held_printed(last: str, reference: str, question: str) -> str | None:
     """What the program's last printed line must equal as the reference does (boxed), or None.
 
-    A plain-number reference holds the printed number, as the search does (`printed_result`). Any
-    other reference of one value holds it too, unless the completion's own <output> showed exactly
-    what the program printed (then its answer read the real result): a program prints Python's
-    notation (`6 - 5*I`, `Matrix([[1], [2]])`, `oo`), which the grader cannot match with the
-    reference's LaTeX, and a faithful solution must not lose its reward for that. Printing nothing
-    does not count as faithful, or a policy could print nothing and guess.
+    Stricter than the search (`search.rollout.printed_answer`, plain numbers only): a reference of
+    one value holds whatever was printed last, or a policy could print words and guess. A plain
+    number is rounded as `printed_result` rounds it; other lines are read out of Python's notation
+    first (`python_notation_as_latex`), so a right program is not failed for printing `6 - 5*I`.
     """
     plain = printed_result(last, reference, question)
     if plain is not None or not is_single_value(reference):
         return plain
-    if last and guessed is not None and last_printed_line(guessed) == last:
-        return None
-    return f"\\boxed{{{last}}}"
+    return f"\\boxed{{{python_notation_as_latex(last)}}}"
+
+
+_MATRIX = re.compile(r"Matrix\(\[(\[.*\])\]\)")
+_EQUATION = re.compile(r"Eq\((.*),(.*)\)")
+
+
+def python_notation_as_latex(line: str) -> str:
+    """A printed result in the notation the grader reads, where Python's or SymPy's differs: a Matrix
+    as a pmatrix, Eq(a, b) as a = b, the imaginary unit I (or a complex literal's j) as i, oo as
+    \\infty, asin/acos/atan as \\arcsin/\\arccos/\\arctan. Anything else is left as printed."""
+    text = line.strip()
+    if matrix := _MATRIX.fullmatch(text):
+        rows = [row.strip().strip("[]") for row in re.split(r"\]\s*,\s*\[", matrix.group(1))]
+        entries = [" & ".join(entry.strip() for entry in row.split(",")) for row in rows]
+        text = r"\begin{pmatrix} " + r" \\ ".join(entries) + r" \end{pmatrix}"
+    if equation := _EQUATION.fullmatch(text):
+        text = f"{equation.group(1).strip()} = {equation.group(2).strip()}"
+    if re.fullmatch(r"\(.*j\)", text):  # Python prints a complex number in parentheses: (6-5j)
+        text = text[1:-1]
+    text = re.sub(r"(\d(?:\.\d+)?)j\b", r"\1 i", text)
+    text = re.sub(r"\s*\*\s*I\b", " i", text)  # the grader reads "5 i" as 5i, but "5*i" as a product with a symbol
+    text = re.sub(r"\bI\b", "i", text)
+    text = re.sub(r"\boo\b", r"\\infty", text)
+    return re.sub(r"\ba(sin|cos|tan)\(", r"\\arc\1(", text)
+
+
 
 # --- reward functions -------------------------------------------------------------------------
 

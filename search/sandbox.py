@@ -121,7 +121,11 @@ _FIX_HINT = ("install bubblewrap (`apt-get install bubblewrap`) and make sure us
 
 
 class SandboxUnavailable(RuntimeError):
-    """The requested isolation cannot be set up on this machine."""
+    """The requested isolation cannot be set up on this machine, or a worker failed to start."""
+
+
+class SandboxSetupError(SandboxUnavailable):
+    """This machine lacks what the isolation needs (bubblewrap, a seccomp syscall table): trying again cannot help."""
 
 
 @dataclass(frozen=True)
@@ -612,7 +616,7 @@ class _Launcher:
         if config.isolation == "bwrap":
             self._bwrap = shutil.which("bwrap")
             if self._bwrap is None:
-                raise SandboxUnavailable(f"bubblewrap (bwrap) not found on PATH; {_FIX_HINT}")
+                raise SandboxSetupError(f"bubblewrap (bwrap) not found on PATH; {_FIX_HINT}")
         self._interpreter = _base_interpreter()
         # The host's third-party directories, exactly (not the base interpreter's own, which a
         # venv does not see either).
@@ -817,7 +821,7 @@ def _syscall_numbers() -> tuple[int, dict[str, int]]:
     """(AUDIT_ARCH, syscall numbers) of this machine; SandboxUnavailable when there is no table."""
     machine = os.uname().machine
     if machine not in _SECCOMP_ARCH:
-        raise SandboxUnavailable(f"no seccomp syscall table for {machine}; {_FIX_HINT}")
+        raise SandboxSetupError(f"no seccomp syscall table for {machine}; {_FIX_HINT}")
     column = tuple(_SECCOMP_ARCH).index(machine)
     return _SECCOMP_ARCH[machine], {name: numbers[column] for name, numbers in _SYSCALLS.items()}
 

@@ -11,10 +11,12 @@ hand (`kaizen stage`) gives new output digests, so every stage downstream of it 
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import inspect
 import logging
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, fields, is_dataclass
@@ -25,6 +27,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.results import ResultRecordMetadata
 
 from models.pipeline import (
     LOGGER_NAME, Artifact, Evaluation, MissingInputError, Mined, Pipeline, ProblemPools, content_digest,
@@ -35,7 +38,7 @@ from models.tiny import ModelLoadError
 from models.training import RUN_ONLY_KEYS, TrainingInputError
 from models.vllm_server import PLACEMENT_FIELDS as VLLM_PLACEMENT_FIELDS
 from models.vllm_server import VLLMSetupError
-from search.sandbox import SANDBOX_PLACEMENT_FIELDS, SandboxUnavailable
+from search.sandbox import SANDBOX_PLACEMENT_FIELDS, SandboxSetupError
 
 GPU_TAG = "kaizen-gpu"
 """Tag of the stages that hold an accelerator; a tag concurrency limit of 1 serialises them."""
@@ -174,14 +177,28 @@ def has_cache_record(stage_task: Any, pipeline: Pipeline, round_number: int | No
     bound = inspect.signature(stage_task.fn).bind(*args)
     bound.apply_defaults()
     key = StageCache().compute_key(SimpleNamespace(task=stage_task), dict(bound.arguments), {})
-    return key is not None and (_cache_dir(pipeline, round_number) / key).is_file()
+    if key is None:
+        return False
+    try:  # as Prefect reads it: a record it cannot parse is a miss
+        ResultRecordMetadata.load_bytes((_cache_dir(pipeline, round_number) / key).read_bytes())
+    except Exception:  # noqa: BLE001 - missing, cut short or not a record
+        return False
+    return True
+
+
+def has_run_before(stage_name: str, pipeline: Pipeline, round_number: int | None) -> bool:
+    """Whether the stage has a cache record in that round (for any inputs and settings)."""
+    return any(_cache_dir(pipeline, round_number).glob(f"{stage_name}-*"))
 
 _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
+# Prefect fails a task whose cached result it cannot read (a file cut short by a full disk or a power
+# loss) with the decoder's error; the task itself never ran, and the flow computes it again.
+UNREADABLE_RESULT: tuple[type[BaseException], ...] = (binascii.Error, pickle.UnpicklingError, EOFError)
 # Bad input and a machine set up wrong (no bubblewrap, no vLLM environment) fail the same way every time:
-# retrying only delays the one line that says what is wrong.
+# retrying only delays the one line that says what is wrong; so does retrying an unreadable cached result.
 NOT_RETRIED: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-    MissingInputError, ModelLoadError, TrainingInputError, SandboxUnavailable, VLLMSetupError,
+    MissingInputError, ModelLoadError, TrainingInputError, SandboxSetupError, VLLMSetupError, *UNREADABLE_RESULT,
 )
 
 
@@ -199,7 +216,7 @@ def is_input_error(error: BaseException) -> bool:
         # The system's own names its path; one raised with a message (ours) says it. A bare
         # "Permission denied" from a socket or a signal explains nothing.
         return error.filename is not None or len(error.args) == 1
-    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError, SandboxUnavailable, VLLMSetupError)):
+    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError, SandboxSetupError, VLLMSetupError)):
         return True
     return isinstance(error, ValueError) and type(error).__module__.partition(".")[0] in _OWN_PACKAGES
 

@@ -18,7 +18,7 @@ from models.tiny import ModelLoadError
 from models.training import TrainingInputError, TrainingRunError
 from data_store.problems import ProblemsError
 from models.vllm_server import VLLMServerError, VLLMSetupError
-from search.sandbox import SandboxUnavailable
+from search.sandbox import SandboxSetupError, SandboxUnavailable
 from tasks.stages import worth_retrying
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_a_home_that_is_a_file_is_refused_in_one_line(tmp_path: Path, capsys: py
 
 @pytest.mark.parametrize("error", [ValueError("bad recipe value"), ModelLoadError("no model at ./nomodel"),
                                    TrainingInputError("no rows"), FileNotFoundError("nodes.parquet"),
-                                   SandboxUnavailable("bubblewrap (bwrap) not found on PATH"),
+                                   SandboxSetupError("bubblewrap (bwrap) not found on PATH"),
                                    VLLMSetupError("no vLLM environment at /x/python")])
 def test_bad_input_and_a_machine_set_up_wrong_are_not_retried(error: Exception) -> None:
     assert not worth_retrying(None, None, Failed(data=error))
@@ -216,7 +216,8 @@ def test_bad_input_and_a_machine_set_up_wrong_are_not_retried(error: Exception) 
 
 @pytest.mark.parametrize("error", [TrainingRunError("the trainer was killed"), RuntimeError("CUDA error"),
                                    ConnectionError("vLLM server went away"),
-                                   VLLMServerError("the vLLM server did not come up")])
+                                   VLLMServerError("the vLLM server did not come up"),
+                                   SandboxUnavailable("sandbox worker failed to start: timed out")])
 def test_failures_that_may_pass_next_time_are_retried(error: Exception) -> None:
     assert worth_retrying(None, None, Failed(data=error))
 

@@ -237,7 +237,7 @@ def test_a_stage_rerun_that_would_run_an_earlier_stage_again_is_refused(
 
     other_search = write_recipe(workdir, "other-search", search={"mcts": {"rollouts": 2, "width": 2, "max_step_tokens": 40}})
     state = stage_flow(other_search, "ppm", 2, rounds["home"], return_state=True)
-    assert state.is_failed() and "would also run rollout again" in str(state.message)
+    assert state.is_failed() and "would also run rollout: nothing is cached for its present inputs" in str(state.message)
     assert "rollout" not in task_states(state)
 
 def test_round_without_its_promoted_predecessor_fails_before_any_gpu_stage(rounds: dict[str, Any]) -> None:

@@ -15,7 +15,9 @@ from test_coat import (  # noqa: F401
 from test_training import FAST_SFT, write_table
 
 from data_store.rl_prompts import RestartConfig, prefix_lengths, restart_prompts, write_rl_prompts
-from models.rl import FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge
+from models.rl import (
+    FormatReward, OutcomeReward, ProcessReward, ReflectionBonus, SolutionJudge, python_notation_as_latex,
+)
 from search.rollout import PPMScoreError
 from models.tiny import build_tiny_model, default_corpus
 from search.coat import astro_backtrack
@@ -147,28 +149,43 @@ def test_a_program_that_prints_the_error_it_caught_has_failed(judge: SolutionJud
 EVEN = SolutionStep("<answer>\\boxed{\\text{even}}<end_of_answer>")
 
 
-def test_a_reference_in_words_is_held_to_a_printed_line_the_completion_guessed_wrong(judge: SolutionJudge) -> None:
-    """Stricter than the search: the completion showed 7 where the program printed 6."""
-    completion = render_solution([APPLES, SHARE, SolutionStep(PRINT.text, output="7"), EVEN])
-    [verdict] = judge.judge([PROMPT], [completion], ["\\text{even}"])
+def test_a_reference_in_words_is_held_to_the_printed_line(judge: SolutionJudge) -> None:
+    """Stricter than the search: the program printed 6, not the words the answer gives."""
+    [verdict] = judge.judge([PROMPT], [render_solution([APPLES, SHARE, PRINT, EVEN])], ["\\text{even}"])
+    assert not verdict.correct and "printed" in verdict.reason
+
+
+def test_printing_words_and_showing_them_does_not_let_a_guess_through(judge: SolutionJudge) -> None:
+    """A policy could print anything, show that output faithfully, and guess: the printed line is still held."""
+    done = SolutionStep("# Now finish\nprint('done')\n<end_of_code>", output="done")
+    guess = SolutionStep("<answer>\\boxed{\\frac{\\pi}{4}}<end_of_answer>")
+    [verdict] = judge.judge([PROMPT], [render_solution([APPLES, done, guess])], ["\\frac{\\pi}{4}"])
     assert not verdict.correct and "printed" in verdict.reason
 
 
 def test_a_reference_in_words_is_held_to_the_printed_line_when_nothing_is_printed(judge: SolutionJudge) -> None:
-    """Printing nothing, and showing nothing, must not let a policy guess the words unchecked."""
     silent = SolutionStep("# Now finish\nshare = share\n<end_of_code>", output="")
     [verdict] = judge.judge([PROMPT], [render_solution([APPLES, SHARE, silent, EVEN])], ["\\text{even}"])
     assert not verdict.correct and "printed" in verdict.reason
 
 
-def test_a_result_printed_in_python_notation_and_shown_as_printed_earns_the_reward(judge: SolutionJudge) -> None:
-    """sympy prints 6 - 5*I, which the grader cannot match with the reference 6 - 5i."""
+def test_a_complex_result_printed_in_sympy_notation_backs_the_answer(judge: SolutionJudge) -> None:
+    """sympy prints 12 - 5*I, which the grader does not read as the reference 12 - 5i as printed."""
     code = SolutionStep("# Step 1: the product\nfrom sympy import I, expand\nz = expand((2 - 3*I) * (3 + 2*I))\n"
                         "<end_of_step>")
     shown = SolutionStep("# Now print the final answer\nprint(z)\n<end_of_code>", output="12 - 5*I")
     answer = SolutionStep("<answer>The product is \\boxed{12 - 5i}.<end_of_answer>")
     [verdict] = judge.judge([PROMPT], [render_solution([code, shown, answer])], ["12 - 5i"])
     assert verdict.correct
+
+
+@pytest.mark.parametrize(("printed", "latex"), [
+    ("6 - 5*I", "6 - 5 i"), ("(6-5j)", "6-5 i"), ("oo", "\\infty"), ("Eq(y, 2*x + 1)", "y = 2*x + 1"),
+    ("asin(1/3)", "\\arcsin(1/3)"), ("Matrix([[-1, 0], [0, -1]])", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
+    ("x**2 + 1", "x**2 + 1"), ("Tuesday", "Tuesday"),
+])
+def test_python_notation_is_read_as_the_grader_reads_latex(printed: str, latex: str) -> None:
+    assert python_notation_as_latex(printed) == latex
 
 
 def test_an_answer_without_a_final_code_step_is_malformed(judge: SolutionJudge) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 import search.sandbox as sandbox_module
 from flows.cli import main
-from search.sandbox import ExecResult, Sandbox, SandboxConfig, SandboxUnavailable
+from search.sandbox import ExecResult, Sandbox, SandboxConfig, SandboxSetupError, SandboxUnavailable
 
 LIMITS = SandboxConfig(timeout_s=1.0, memory_mb=256, max_processes=8, max_file_bytes=1_000_000)
 
@@ -557,7 +557,7 @@ def test_a_very_long_exception_message_is_cut_to_the_error_text_limit(sandbox: S
 def test_missing_bwrap_raises_with_the_fix(monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(SandboxUnavailable, match=r"apt-get install bubblewrap.*isolation='none'"):
+    with pytest.raises(SandboxSetupError, match=r"apt-get install bubblewrap.*isolation='none'"):
         Sandbox(LIMITS)
 
 
