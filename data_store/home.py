@@ -23,6 +23,7 @@ home, in `shared_data_dir()`.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import re
@@ -107,6 +108,23 @@ def check_name(value: str, what: str) -> str:
         raise HomeError(f"{what} name {value!r} must be letters, digits, '.', '_' or '-' and not start with '.' or '-'")
     return value
 
+
+
+def add_table_origin_arguments(parser: argparse.ArgumentParser, default_run: str) -> None:
+    """`--run NAME --round N`: the run and round a table written outside a pipeline run records."""
+    parser.add_argument("--run", default=default_run, help="run name recorded in the table")
+    parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
+
+
+def check_table_origin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error for a --run that is no run name or a negative --round: the table may later be
+    copied into a run of a home, whose names become paths."""
+    if args.round_number < 0:
+        parser.error(f"--round must be >= 0, got {args.round_number}")
+    try:
+        check_name(args.run, "run")
+    except HomeError as err:
+        parser.error(str(err))
 
 @dataclass(frozen=True)
 class Layout:

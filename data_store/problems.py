@@ -191,23 +191,24 @@ def _problems_table(
     for where, row in rows:
         if limit is not None and len(seen) >= limit:
             break
+        location = f"{origin} {where}"
         problem_field, problem = _pick(row, "problem", fields)
-        problem = _text(problem, problem_field, f"{origin} {where}")
+        problem = _text(problem, problem_field, location)
         if problem is None:
             raise ProblemsError(
-                f"{origin} {where}: no problem text (field {problem_field or '/'.join(DEFAULT_FIELDS['problem'])})"
+                f"{location}: no problem text (field {problem_field or '/'.join(DEFAULT_FIELDS['problem'])})"
             )
         id_field, raw_id = _pick(row, "id", fields)
-        problem_id = _text(raw_id, id_field, f"{origin} {where}") or content_id(problem)
+        problem_id = _text(raw_id, id_field, location) or content_id(problem)
         answer_field, answer = _pick(row, "answer", fields)
-        answer = _text(answer, answer_field, f"{origin} {where}")
+        answer = _text(answer, answer_field, location)
         if require_answer and answer is None:
             raise ProblemsError(
-                f"{origin} {where}: problem {problem_id} has no answer; rollouts need a reference answer"
+                f"{location}: problem {problem_id} has no answer; rollouts need a reference answer"
             )
         if problem_id in seen:
             if seen[problem_id] != (problem, answer):
-                raise ProblemsError(f"{origin} {where}: problem id {problem_id} appears twice with different content")
+                raise ProblemsError(f"{location}: problem id {problem_id} appears twice with different content")
             continue  # the same problem listed twice
         seen[problem_id] = (problem, answer)
         source_field, source = _pick(row, "source", fields)
@@ -217,7 +218,7 @@ def _problems_table(
         columns["problem_id"].append(problem_id)
         columns["problem"].append(problem)
         columns["answer"].append(answer)
-        columns["source"].append(_text(source, source_field, f"{origin} {where}") or default_source)
+        columns["source"].append(_text(source, source_field, location) or default_source)
         columns["metadata"].append(
             json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
         )

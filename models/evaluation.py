@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_store.home import add_table_origin_arguments, check_table_origin
 from models.backends import BACKENDS, BackendConfig, open_generator, open_ppm_scorer, require_policy_tokens
 from search.arguments import OneLineParser, add_worked_examples_argument
 from search.evaluation import EvalMode, EvalSearchConfig, ModeResult, check_sampling, evaluate_modes, parse_mode
@@ -486,11 +487,10 @@ def cli_eval(argv: list[str]) -> int:
     parser = OneLineParser(prog=PROG, description="Evaluate a checkpoint on benchmarks; writes the eval table.")
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help=f"output directory; {EVAL_FILE} and {SUMMARY_FILE} go there")
-    parser.add_argument("--run", default="eval", help="run name recorded in the table")
-    parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
+    add_table_origin_arguments(parser, default_run="eval")
     args = parser.parse_args(argv)
+    check_table_origin(parser, args)
 
-    from data_store.home import check_name
     from data_store.parquet import check_output_directory
     from models.tiny import ModelLoadError
 
@@ -499,10 +499,6 @@ def cli_eval(argv: list[str]) -> int:
         return code
 
     try:
-        # The table's run and round name a run of the data store when it is copied into one.
-        check_name(args.run, "run")
-        if args.round_number < 0:
-            raise ValueError(f"--round must be >= 0, got {args.round_number}")
         config, benchmarks = checked_evaluation(args)
         check_output_directory(args.out)
     except ValueError as err:

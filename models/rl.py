@@ -8,8 +8,8 @@ this module supplies what is particular to RL. Rewards are plain TRL reward func
 - `outcome`: prompt + completion is parsed in the run's step format (rStar's code-augmented steps
   or Satori's chain-of-action-thought), the program of the solution runs in the sandbox, and the
   grader compares the final answer with the row's reference: `outcome_correct` when it matches,
-  the program ran and what it printed backs the answer (`SolutionJudge`), `outcome_wrong` otherwise (malformed, program failed, no or wrong answer),
-  None where the grader timed out or failed.
+  the program ran and what it printed backs the answer (`SolutionJudge`), `outcome_wrong` otherwise
+  (malformed, program failed, no or wrong answer), None where the grader timed out or failed.
 - `format`: 1 for a completion that is a well-formed solution ending in an answer, else 0.
 - `ppm`: the PPM's values of the solution's step prefixes, aggregated (min, mean or last).
 - `reflection` (Satori): `reflection_bonus` for a restart from a wrong state (`prefix_kind` is
@@ -262,7 +262,6 @@ class SolutionJudge:
         return verdicts  # type: ignore[return-value]
 
 
-
 def _held_printed(last: str, reference: str, question: str) -> str | None:
     """What the program's last printed line must equal as the reference does (boxed), or None.
 
@@ -299,7 +298,6 @@ def python_notation_as_latex(line: str) -> str:
     text = re.sub(r"\bI\b", "i", text)
     text = re.sub(r"\boo\b", r"\\infty", text)
     return re.sub(r"\ba(sin|cos|tan)\(", r"\\arc\1(", text)
-
 
 
 # --- reward functions -------------------------------------------------------------------------
@@ -343,7 +341,7 @@ class ReflectionBonus:
         self, prompts: list[str], completions: list[str], answer: list[str], prefix_kind: list[str], **_: Any
     ) -> list[float | None]:
         verdicts = self.judge.judge(prompts, completions, answer)
-        return [None if kind == "wrong" and v.correct is None else self.bonus if kind == "wrong" and v.correct else 0.0
+        return [(None if v.correct is None else self.bonus if v.correct else 0.0) if kind == "wrong" else 0.0
                 for kind, v in zip(prefix_kind, verdicts)]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_store.home import add_table_origin_arguments, check_table_origin
 from models.backends import (
     BACKENDS,
     BackendConfig,
@@ -366,8 +367,7 @@ def cli_rollout(argv: list[str]) -> int:
                         help="search this many problems at a time, saving each chunk: run again after a crash, it "
                              "resumes after the last saved chunk (default: all at once)")
     add_worked_examples_argument(parser)
-    parser.add_argument("--run", default="adhoc", help="run name recorded in the table")
-    parser.add_argument("--round", type=int, default=0, dest="round_number", help="round recorded in the table")
+    add_table_origin_arguments(parser, default_run="adhoc")
     args = parser.parse_args(argv)
     # MCTSConfig refuses these too, but under its own field names and only after the problems load.
     for flag in ("--limit", "--rollouts", "--width", "--max-depth", "--max-step-tokens", "--chunk-problems"):
@@ -376,16 +376,9 @@ def cli_rollout(argv: list[str]) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.temperature < math.inf:  # also refuses NaN
         parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
-    if args.round_number < 0:
-        parser.error(f"--round must be >= 0, got {args.round_number}")
+    check_table_origin(parser, args)
 
-    from data_store.home import check_name
     from data_store.parquet import check_output_directory
-
-    try:
-        check_name(args.run, "run")
-    except ValueError as err:
-        parser.error(str(err))
     from data_store.problems import load_problems
 
     try:

@@ -170,7 +170,6 @@ def cached(stage_task: Any, pipeline: Pipeline, round_number: int | None, *, ref
     )
 
 
-
 def has_cache_record(stage_task: Any, pipeline: Pipeline, round_number: int | None, *args: Any) -> bool:
     """Whether calling the `cached` stage with `args` would find a cache record, asked before calling:
     the key as Prefect computes it (the parameters, defaults applied), looked up where `cached` keeps it."""
@@ -190,15 +189,21 @@ def has_run_before(stage_name: str, pipeline: Pipeline, round_number: int | None
     """Whether the stage has a cache record in that round (for any inputs and settings)."""
     return any(_cache_dir(pipeline, round_number).glob(f"{stage_name}-*"))
 
+
 _STAGE_OPTIONS: dict[str, Any] = {"persist_result": True, "cache_policy": StageCache()}
 # Prefect fails a task whose cached result it cannot read (a file cut short by a full disk or a power
 # loss) with the decoder's error; the task itself never ran, and the flow computes it again.
 UNREADABLE_RESULT: tuple[type[BaseException], ...] = (binascii.Error, pickle.UnpicklingError, EOFError)
-# Bad input and a machine set up wrong (no bubblewrap, no vLLM environment) fail the same way every time:
-# retrying only delays the one line that says what is wrong; so does retrying an unreadable cached result.
+# Our errors for bad input and a machine set up wrong (no bubblewrap, no vLLM environment): each says in
+# its message what is wrong.
+_EXPLAINED: tuple[type[BaseException], ...] = (
+    MissingInputError, ModelLoadError, TrainingInputError, SandboxSetupError, VLLMSetupError,
+)
+# These fail the same way every time: retrying only delays the one line that says what is wrong; so
+# does retrying an unreadable cached result.
 NOT_RETRIED: tuple[type[BaseException], ...] = (
     ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-    MissingInputError, ModelLoadError, TrainingInputError, SandboxSetupError, VLLMSetupError, *UNREADABLE_RESULT,
+    *_EXPLAINED, *UNREADABLE_RESULT,
 )
 
 
@@ -216,7 +221,7 @@ def is_input_error(error: BaseException) -> bool:
         # The system's own names its path; one raised with a message (ours) says it. A bare
         # "Permission denied" from a socket or a signal explains nothing.
         return error.filename is not None or len(error.args) == 1
-    if isinstance(error, (MissingInputError, ModelLoadError, TrainingInputError, SandboxSetupError, VLLMSetupError)):
+    if isinstance(error, _EXPLAINED):
         return True
     return isinstance(error, ValueError) and type(error).__module__.partition(".")[0] in _OWN_PACKAGES
 
