@@ -194,8 +194,9 @@ def test_ppm_mode_selects_the_child_with_the_best_ppm_score() -> None:
     assert node is not None and node.step == STEP_B
 
 
-def test_ppm_mode_rejects_an_unscored_step() -> None:
-    tree = make_tree(mode=SearchMode.PPM)
+@pytest.mark.parametrize("mode", [SearchMode.PPM, SearchMode.TEST_TIME], ids=["ppm", "test-time"])
+def test_a_mode_scored_by_the_ppm_rejects_an_unscored_step(mode: SearchMode) -> None:
+    tree = make_tree(mode=mode)
     with pytest.raises(ValueError, match="PPM score"):
         expand(tree, [STEP_A])
 
@@ -255,12 +256,6 @@ def test_config_rejects_a_width_below_one() -> None:
 def test_config_defaults_are_the_papers_first_round_values() -> None:
     config = MCTSConfig()
     assert (config.c_puct, config.width, config.rollouts, config.max_depth) == (2.0, 5, 8, 16)
-
-
-def test_test_time_mode_rejects_an_unscored_step() -> None:
-    tree = make_tree(mode=SearchMode.TEST_TIME)
-    with pytest.raises(ValueError, match="PPM score"):
-        expand(tree, [STEP_A])
 
 
 def test_uct_of_a_ppm_initialised_child_under_an_unvisited_parent_is_its_q() -> None:
